@@ -1,0 +1,113 @@
+#include "cpu_dispatch.h"
+
+#include <cstdlib>
+#include <stdexcept>
+
+namespace mtk {
+namespace {
+
+bool has(const char* feature) {
+#if defined(__x86_64__) || defined(_M_X64)
+  // GCC/Clang check the OS has enabled the register state (XGETBV) as well.
+  __builtin_cpu_init();
+  const std::string f(feature);
+  if (f == "avx") return __builtin_cpu_supports("avx");
+  if (f == "avx2") return __builtin_cpu_supports("avx2");
+  if (f == "fma") return __builtin_cpu_supports("fma");
+  if (f == "f16c") return __builtin_cpu_supports("f16c");
+  if (f == "avx512f") return __builtin_cpu_supports("avx512f");
+  if (f == "avx512bw") return __builtin_cpu_supports("avx512bw");
+  if (f == "avx512vl") return __builtin_cpu_supports("avx512vl");
+  if (f == "avx512dq") return __builtin_cpu_supports("avx512dq");
+  if (f == "sse4.2") return __builtin_cpu_supports("sse4.2");
+#endif
+  (void)feature;
+  return false;
+}
+
+Isa best_isa() {
+  for (Isa isa : {Isa::avx512, Isa::avx2})
+    if (isa_supported(isa)) return isa;
+  return Isa::baseline;
+}
+
+Isa initial_isa() {
+  const Isa best = best_isa();
+  const char* env = std::getenv("MTKERNELS_ISA");
+  if (env == nullptr || *env == '\0') return best;
+  const Isa wanted = isa_from_name(env);
+  // Asking for more than the CPU has falls back to the best it has.
+  return int(wanted) < int(best) ? wanted : best;
+}
+
+Isa& current() {
+  static Isa isa = initial_isa();
+  return isa;
+}
+
+}  // namespace
+
+std::map<std::string, bool> cpu_features() {
+  std::map<std::string, bool> out;
+  for (const char* f : {"sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"})
+    out[f] = has(f);
+  return out;
+}
+
+bool isa_supported(Isa isa) {
+  switch (isa) {
+    case Isa::baseline:
+      return true;
+    case Isa::avx2:
+#ifdef MTK_HAVE_AVX2
+      return has("avx2") && has("fma") && has("f16c");
+#else
+      return false;
+#endif
+    case Isa::avx512:
+#ifdef MTK_HAVE_AVX512
+      return has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq") && has("fma") &&
+             has("f16c");
+#else
+      return false;
+#endif
+  }
+  return false;
+}
+
+Isa isa_from_name(const std::string& name) {
+  if (name == "baseline") return Isa::baseline;
+  if (name == "avx2") return Isa::avx2;
+  if (name == "avx512") return Isa::avx512;
+  throw std::invalid_argument("isa must be 'baseline', 'avx2' or 'avx512', got '" + name + "'");
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+    default: return "baseline";
+  }
+}
+
+Isa active_isa() { return current(); }
+
+void set_active_isa(Isa isa) {
+  if (!isa_supported(isa))
+    throw std::invalid_argument(std::string("isa '") + isa_name(isa) + "' is not supported by this CPU or build");
+  current() = isa;
+}
+
+LossForwardFn loss_forward_kernel() {
+  switch (current()) {
+#ifdef MTK_HAVE_AVX512
+    case Isa::avx512: return avx512::multitask_loss_forward;
+#endif
+#ifdef MTK_HAVE_AVX2
+    case Isa::avx2: return avx2::multitask_loss_forward;
+#endif
+    default: return baseline::multitask_loss_forward;
+  }
+}
+
+}  // namespace mtk

@@ -1,0 +1,70 @@
+// pybind11 module mtkernels._C: raw-buffer entry points, no libtorch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_dispatch.h"
+#include "multitask_loss.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <class T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+int64_t multitask_loss_forward(uintptr_t logits, int dtype, int64_t rows, int64_t width, int64_t row_stride,
+                               uintptr_t labels, const std::vector<int64_t>& class_offsets,
+                               const std::vector<float>& task_scale, int kind, float margin, bool reduce,
+                               uintptr_t loss, uintptr_t grad, int num_threads) {
+  const int64_t tasks = int64_t(task_scale.size());
+  if (tasks < 1 || int64_t(class_offsets.size()) != tasks + 1)
+    throw std::invalid_argument("class_offsets must have one entry more than task_scale");
+  if (class_offsets.front() != 0 || class_offsets.back() != width)
+    throw std::invalid_argument("class_offsets must run from 0 to width");
+  for (int64_t t = 0; t < tasks; ++t)
+    if (class_offsets[t + 1] <= class_offsets[t]) throw std::invalid_argument("every task needs at least one class");
+  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
+  if (kind < 0 || kind > 1) throw std::invalid_argument("kind code must be 0 (ce) or 1 (svm)");
+  if (rows < 0 || row_stride < width) throw std::invalid_argument("bad rows or row_stride");
+  if (rows > 0 && (logits == 0 || labels == 0 || loss == 0))
+    throw std::invalid_argument("logits, labels and loss must be non-null");
+
+  const mtk::LossProblem problem{as_ptr<const void>(logits),   mtk::DType(dtype), rows,    width,
+                                 row_stride,                   as_ptr<const int64_t>(labels),
+                                 tasks,                        class_offsets.data(),
+                                 task_scale.data(),            mtk::LossKind(kind),
+                                 margin,                       reduce,
+                                 as_ptr<float>(loss),          as_ptr<void>(grad),
+                                 std::max(1, num_threads)};
+  if (rows == 0) {
+    if (reduce) problem.loss[0] = 0.0f;
+    return 0;
+  }
+  py::gil_scoped_release release;
+  return mtk::loss_forward_kernel()(problem);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mtkernels CPU kernels (raw buffers; validated by the Python wrappers)";
+  m.def("multitask_loss_forward", &multitask_loss_forward, py::arg("logits"), py::arg("dtype"), py::arg("rows"),
+        py::arg("width"), py::arg("row_stride"), py::arg("labels"), py::arg("class_offsets"), py::arg("task_scale"),
+        py::arg("kind"), py::arg("margin"), py::arg("reduce"), py::arg("loss"), py::arg("grad"),
+        py::arg("num_threads"),
+        "Masked multi-task loss and its gradient in one pass; returns the number of out-of-range labels.");
+  m.def("cpu_features", &mtk::cpu_features, "Instruction-set extensions this CPU and OS support.");
+  m.def("isa", []() { return std::string(mtk::isa_name(mtk::active_isa())); },
+        "The kernel variant in use: 'baseline', 'avx2' or 'avx512'.");
+  m.def("set_isa", [](const std::string& name) { mtk::set_active_isa(mtk::isa_from_name(name)); },
+        py::arg("name"), "Select a kernel variant; raises ValueError if this CPU cannot run it.");
+  m.def("isa_supported", [](const std::string& name) { return mtk::isa_supported(mtk::isa_from_name(name)); },
+        py::arg("name"));
+}
