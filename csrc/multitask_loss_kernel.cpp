@@ -2,10 +2,8 @@
 // loss and the gradient together, so backward only scales the stored gradient.
 //
 // This file is compiled once per instruction set (see CMakeLists.txt); MTK_ISA names
-// the namespace. Rows are processed in tiles: each tile is converted to float32 once,
-// the per-segment scalars (max, label score, sums) are computed per (row, task), and
-// the element-wise parts (exp, hinge, gradient) run as flat loops over the whole tile
-// so they vectorise even when a task has only two classes.
+// the namespace. Rows are processed in tiles converted once to float32 and stored
+// column-major, so all arithmetic vectorises across rows (see Scratch).
 #include <omp.h>
 
 #include <algorithm>
@@ -24,7 +22,7 @@ namespace mtk {
 namespace MTK_ISA {
 namespace {
 
-// Floats per tile: the tile's logits, gradient and segment indices stay in L1/L2.
+// Floats per tile: the tile's logits and gradient stay in L1/L2.
 constexpr int64_t kTileElements = 4096;
 // Below this many logits, starting OpenMP threads costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 15;
@@ -44,49 +42,20 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t(u >> 16);
 }
 
-void load_floats(const void* base, DType dtype, int64_t offset, float* dst, int64_t n) {
-  switch (dtype) {
-    case DType::f32:
-      std::memcpy(dst, static_cast<const float*>(base) + offset, n * sizeof(float));
-      break;
-    case DType::f16: {
-      const _Float16* src = static_cast<const _Float16*>(base) + offset;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dst[j] = float(src[j]);
-      break;
-    }
-    case DType::bf16: {
-      const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dst[j] = bf16_to_float(src[j]);
-      break;
-    }
-  }
+// v if keep else +0.0, as a bit mask: GCC vectorises this where it keeps a ternary on
+// floats as a branch, and it yields an exact 0 even when v is inf or NaN.
+inline float keep_if(bool keep, float v) {
+  int32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits &= -int32_t(keep);
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
 }
 
-void store_floats(const float* src, void* base, DType dtype, int64_t offset, int64_t n) {
-  switch (dtype) {
-    case DType::f32:
-      std::memcpy(static_cast<float*>(base) + offset, src, n * sizeof(float));
-      break;
-    case DType::f16: {
-      _Float16* dst = static_cast<_Float16*>(base) + offset;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dst[j] = _Float16(src[j]);
-      break;
-    }
-    case DType::bf16: {
-      uint16_t* dst = static_cast<uint16_t*>(base) + offset;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dst[j] = float_to_bf16(src[j]);
-      break;
-    }
-  }
-}
-
-// exp(x) for x <= 0, written without library calls so the flat loops vectorise on
-// every ISA. Cody-Waite reduction + degree-6 polynomial (Cephes expf), max error
-// about 2 ulp; results below 2^-125 flush to 0.
+// exp(x) for x <= 0, written without library calls so the loops vectorise on every
+// ISA. Cody-Waite reduction + degree-6 polynomial (Cephes expf), max error about
+// 2 ulp; results below 2^-125 flush to 0.
 inline float exp_nonpositive(float x) {
   const float xc = std::min(std::max(x, -87.0f), 0.0f);
   const float n = float(int32_t(xc * 1.44269504088896341f - 0.5f));  // round(), xc <= 0
@@ -102,17 +71,58 @@ inline float exp_nonpositive(float x) {
   const int32_t bits = (int32_t(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
-  return x < -87.0f ? 0.0f : p * two_n;
+  return keep_if(x >= -87.0f, p * two_n);
 }
 
+// log(x) for x >= 1 (a softmax denominator after max-shift), vectorisable: split x =
+// m * 2^e with m in [sqrt(1/2), sqrt(2)), then a degree-9 polynomial in m - 1
+// (Cephes logf), max error about 2 ulp.
+inline float log_at_least_one(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  int32_t mbits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &mbits, sizeof m);
+  const bool small = m < 0.707106781186547524f;
+  e -= small ? 1 : 0;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float p = 7.0376836292e-2f;
+  p = p * m - 1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m - 1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m - 1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m - 2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  const float fe = float(e);
+  float y = p * m * z;
+  y += fe * -2.12194440e-4f;
+  y += -0.5f * z;
+  return m + y + fe * 0.693359375f;
+}
+
+// One tile of rows, stored column-major (x[j * R + r]) so that every loop below runs
+// over the tile's rows with unit stride: they vectorise for 2 classes as well as 1024.
 struct Scratch {
-  std::vector<float> x;             // tile logits in float32
-  std::vector<float> out;           // tile gradient (or exp / hinge before scaling)
-  std::vector<int32_t> segment_of;  // flat element -> (row_in_tile * T + task)
-  std::vector<float> seg_shift;     // per segment: max (ce) or label score - margin (svm)
-  std::vector<float> seg_scale;     // per segment: gradient factor, 0 when masked
-  std::vector<int64_t> seg_label;   // per segment: label if valid, else -1
-  std::vector<float> seg_label_grad;  // per segment (svm): d loss / d z_label
+  std::vector<float> x, g;          // [W][R] logits, then exp / hinge / gradient
+  std::vector<int32_t> label;       // [T][R] resolved labels, -1 = no contribution
+  std::vector<int32_t> label_at;    // [T][R] label's index in the task's [C][R] block
+  std::vector<float> a, b, coef;    // [R] per-row accumulators of the current task
+  std::vector<float> loss;          // [R] loss of the current task
+
+  void reserve(int64_t rows, int64_t width, int64_t tasks) {
+    x.resize(rows * width);
+    g.resize(rows * width);
+    label.resize(rows * tasks);
+    label_at.resize(rows * tasks);
+    a.resize(rows);
+    b.resize(rows);
+    coef.resize(rows);
+    loss.resize(rows);
+  }
 };
 
 struct TileResult {
@@ -120,118 +130,180 @@ struct TileResult {
   int64_t invalid = 0;
 };
 
-// The label if it names a class of the task, else -1 (unlabelled); counts bad labels.
-inline int64_t resolve_label(int64_t label, int64_t classes, int64_t* invalid) {
-  if (label >= 0 && label < classes) return label;
-  if (label != -1) ++*invalid;
-  return -1;
+// Rows innermost: strided gathers / scatters that vectorise where the ISA has them.
+template <class Load>
+void load_tile(const LossProblem& p, int64_t row0, int64_t R, float* xt, Load load) {
+  const int64_t stride = p.row_stride, base = row0 * stride;
+  for (int64_t j = 0; j < p.width; ++j)
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) xt[j * R + r] = load(base + r * stride + j);
 }
 
-TileResult process_tile(const LossProblem& p, int64_t row0, int64_t tile_rows, Scratch& s) {
-  const int64_t W = p.width, T = p.num_tasks, n = tile_rows * W;
-  const int64_t* off = p.class_offsets;
-  float* x = s.x.data();
-  float* out = s.out.data();
-  const int32_t* seg_of = s.segment_of.data();
+template <class Store>
+void store_tile(const LossProblem& p, int64_t row0, int64_t R, const float* gt, Store store) {
+  const int64_t W = p.width, base = row0 * W;
+  for (int64_t j = 0; j < W; ++j)
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) store(base + r * W + j, gt[j * R + r]);
+}
+
+void load_tile(const LossProblem& p, int64_t row0, int64_t R, float* xt) {
+  switch (p.dtype) {
+    case DType::f32: {
+      const float* src = static_cast<const float*>(p.logits);
+      load_tile(p, row0, R, xt, [src](int64_t i) { return src[i]; });
+      break;
+    }
+    case DType::f16: {
+      const _Float16* src = static_cast<const _Float16*>(p.logits);
+      load_tile(p, row0, R, xt, [src](int64_t i) { return float(src[i]); });
+      break;
+    }
+    case DType::bf16: {
+      const uint16_t* src = static_cast<const uint16_t*>(p.logits);
+      load_tile(p, row0, R, xt, [src](int64_t i) { return bf16_to_float(src[i]); });
+      break;
+    }
+  }
+}
+
+void store_tile(const LossProblem& p, int64_t row0, int64_t R, const float* gt) {
+  switch (p.dtype) {
+    case DType::f32: {
+      float* dst = static_cast<float*>(p.grad);
+      store_tile(p, row0, R, gt, [dst](int64_t i, float v) { dst[i] = v; });
+      break;
+    }
+    case DType::f16: {
+      _Float16* dst = static_cast<_Float16*>(p.grad);
+      store_tile(p, row0, R, gt, [dst](int64_t i, float v) { dst[i] = _Float16(v); });
+      break;
+    }
+    case DType::bf16: {
+      uint16_t* dst = static_cast<uint16_t*>(p.grad);
+      store_tile(p, row0, R, gt, [dst](int64_t i, float v) { dst[i] = float_to_bf16(v); });
+      break;
+    }
+  }
+}
+
+// Softmax cross-entropy of one task over the tile; fills loss[r], and g with
+// d(scale * loss)/dz when a gradient is wanted.
+void cross_entropy_task(const float* xt, float* gt, const int32_t* y, const int32_t* y_at, int64_t R, int64_t classes,
+                        float scale, bool want_grad, Scratch& s) {
+  float* run_max = s.a.data();
+  float* run_sum = s.b.data();
+  float* coef = s.coef.data();
+  float* loss = s.loss.data();
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) run_max[r] = xt[r];
+  for (int64_t j = 1; j < classes; ++j)
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) run_max[r] = std::max(run_max[r], xt[j * R + r]);
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) run_sum[r] = 0.0f;
+  for (int64_t j = 0; j < classes; ++j)
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) {
+      const float e = exp_nonpositive(xt[j * R + r] - run_max[r]);
+      gt[j * R + r] = e;
+      run_sum[r] += e;
+    }
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) {
+    const bool valid = y[r] >= 0;
+    loss[r] = keep_if(valid, log_at_least_one(run_sum[r]) + run_max[r] - xt[y_at[r]]);
+    coef[r] = keep_if(valid, scale / run_sum[r]);
+  }
+  if (!want_grad) return;
+  for (int64_t j = 0; j < classes; ++j)
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r)
+      gt[j * R + r] = gt[j * R + r] * coef[r] - keep_if(y[r] == j, scale);
+}
+
+// Squared hinge sum_{j != y} max(0, z_j - z_y + margin)^2 of one task over the tile.
+void squared_hinge_task(const float* xt, float* gt, const int32_t* y, const int32_t* y_at, int64_t R, int64_t classes,
+                        float scale, float margin, bool want_grad, Scratch& s) {
+  float* shift = s.a.data();
+  float* hinge_sum = s.b.data();
+  float* coef = s.coef.data();
+  float* loss = s.loss.data();
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) {
+    shift[r] = xt[y_at[r]] - margin;
+    hinge_sum[r] = 0.0f;
+    loss[r] = 0.0f;
+    coef[r] = keep_if(y[r] >= 0, 2.0f * scale);
+  }
+  for (int64_t j = 0; j < classes; ++j)
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) {
+      const float h = keep_if(y[r] != j && y[r] >= 0, std::max(xt[j * R + r] - shift[r], 0.0f));
+      gt[j * R + r] = h;
+      hinge_sum[r] += h;
+      loss[r] += h * h;
+    }
+  if (!want_grad) return;
+  for (int64_t j = 0; j < classes; ++j)
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r)
+      gt[j * R + r] = coef[r] * (keep_if(y[r] != j, gt[j * R + r]) - keep_if(y[r] == j, hinge_sum[r]));
+}
+
+TileResult process_tile(const LossProblem& p, int64_t row0, int64_t R, Scratch& s) {
   TileResult res;
-
-  if (p.row_stride == W) {
-    load_floats(p.logits, p.dtype, row0 * W, x, n);
-  } else {
-    for (int64_t r = 0; r < tile_rows; ++r)
-      load_floats(p.logits, p.dtype, (row0 + r) * p.row_stride, x + r * W, W);
+  load_tile(p, row0, R, s.x.data());
+  for (int64_t t = 0; t < p.num_tasks; ++t) {
+    const int64_t classes = p.class_offsets[t + 1] - p.class_offsets[t];
+    int32_t* y = s.label.data() + t * R;
+    int32_t* y_at = s.label_at.data() + t * R;
+    const int64_t* labels = p.labels + row0 * p.num_tasks + t;
+    int64_t invalid = 0;
+#pragma omp simd reduction(+ : invalid)
+    for (int64_t r = 0; r < R; ++r) {
+      const int32_t label = int32_t(std::max<int64_t>(std::min<int64_t>(labels[r * p.num_tasks], classes), -2));
+      const bool valid = label >= 0 && label < classes;
+      invalid += (!valid && label != -1) ? 1 : 0;
+      y[r] = valid ? label : -1;
+      y_at[r] = (valid ? label : 0) * int32_t(R) + int32_t(r);  // class 0 stands in for masked rows
+    }
+    res.invalid += invalid;
   }
-
-  // Per-segment scalars.
-  for (int64_t r = 0; r < tile_rows; ++r) {
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t seg = r * T + t, lo = off[t], classes = off[t + 1] - lo;
-      const int64_t y = resolve_label(p.labels[(row0 + r) * T + t], classes, &res.invalid);
-      const float* z = x + r * W + lo;
-      s.seg_label[seg] = y;
-      if (p.kind == LossKind::ce) {
-        float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < classes; ++j) m = std::max(m, z[j]);
-        s.seg_shift[seg] = m;
-      } else {
-        s.seg_shift[seg] = y >= 0 ? z[y] - p.margin : 0.0f;
-      }
+  const bool want_grad = p.grad != nullptr;
+  for (int64_t t = 0; t < p.num_tasks; ++t) {
+    const int64_t lo = p.class_offsets[t], classes = p.class_offsets[t + 1] - lo;
+    const float* xt = s.x.data() + lo * R;
+    float* gt = s.g.data() + lo * R;
+    const int32_t* y = s.label.data() + t * R;
+    const int32_t* y_at = s.label_at.data() + t * R;
+    if (p.kind == LossKind::ce)
+      cross_entropy_task(xt, gt, y, y_at, R, classes, p.task_scale[t], want_grad, s);
+    else
+      squared_hinge_task(xt, gt, y, y_at, R, classes, p.task_scale[t], p.margin, want_grad, s);
+    if (p.reduce) {
+      double task_sum = 0.0;
+#pragma omp simd reduction(+ : task_sum)
+      for (int64_t r = 0; r < R; ++r) task_sum += s.loss[r];
+      res.loss += double(p.task_scale[t]) * task_sum;
+    } else {
+      for (int64_t r = 0; r < R; ++r) p.loss[(row0 + r) * p.num_tasks + t] = s.loss[r];
     }
   }
-
-  // Element-wise over the whole tile: exp(z - max) or max(0, z - z_y + margin).
-  const float* shift = s.seg_shift.data();
-  if (p.kind == LossKind::ce) {
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) out[k] = exp_nonpositive(x[k] - shift[seg_of[k]]);
-  } else {
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) out[k] = std::max(x[k] - shift[seg_of[k]], 0.0f);
-  }
-
-  // Per-segment loss and gradient factor.
-  for (int64_t r = 0; r < tile_rows; ++r) {
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t seg = r * T + t, lo = off[t], classes = off[t + 1] - lo;
-      const int64_t y = s.seg_label[seg];
-      float* e = out + r * W + lo;
-      float loss = 0.0f;
-      if (y < 0) {
-        s.seg_scale[seg] = 0.0f;
-      } else if (p.kind == LossKind::ce) {
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < classes; ++j) sum += e[j];
-        loss = std::log(sum) + shift[seg] - x[r * W + lo + y];
-        s.seg_scale[seg] = p.task_scale[t] / sum;
-      } else {
-        e[y] = 0.0f;  // the true class has no hinge term
-        float sum = 0.0f, sum_sq = 0.0f;
-#pragma omp simd reduction(+ : sum, sum_sq)
-        for (int64_t j = 0; j < classes; ++j) {
-          sum += e[j];
-          sum_sq += e[j] * e[j];
-        }
-        loss = sum_sq;
-        s.seg_scale[seg] = 2.0f * p.task_scale[t];
-        s.seg_label_grad[seg] = -2.0f * p.task_scale[t] * sum;
-      }
-      if (p.reduce)
-        res.loss += double(p.task_scale[t]) * double(loss);
-      else
-        p.loss[(row0 + r) * T + t] = loss;
-    }
-  }
-  if (p.grad == nullptr) return res;
-
-  const float* scale = s.seg_scale.data();
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) out[k] *= scale[seg_of[k]];
-  for (int64_t r = 0; r < tile_rows; ++r) {
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t seg = r * T + t, y = s.seg_label[seg];
-      if (y < 0) continue;
-      float& g = out[r * W + off[t] + y];
-      g = p.kind == LossKind::ce ? g - p.task_scale[t] : s.seg_label_grad[seg];
-    }
-  }
-  store_floats(out, p.grad, p.dtype, row0 * W, n);
+  if (want_grad) store_tile(p, row0, R, s.g.data());
   return res;
 }
 
 }  // namespace
 
 int64_t multitask_loss_forward(const LossProblem& p) {
-  const int64_t W = p.width, T = p.num_tasks;
-  const int64_t tile_rows = std::max<int64_t>(1, kTileElements / W);
+  const int64_t W = p.width;
+  // Rows per tile: a multiple of the widest SIMD (16 floats), at least 16 so wide tasks
+  // still fill vectors, and at most what keeps the tile near L1/L2 size.
+  const int64_t tile_rows = std::min<int64_t>(std::max<int64_t>(16, (kTileElements / W) / 16 * 16), p.rows);
   const int64_t num_tiles = (p.rows + tile_rows - 1) / tile_rows;
-  std::vector<int32_t> column_task(W);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = p.class_offsets[t]; j < p.class_offsets[t + 1]; ++j) column_task[j] = int32_t(t);
-
-  const bool parallel = p.num_threads > 1 && p.rows * W >= kParallelElements;
-  const int threads = parallel ? std::min<int64_t>(p.num_threads, num_tiles) : 1;
+  const bool parallel = p.num_threads > 1 && p.rows * W >= kParallelElements && num_tiles > 1;
+  const int threads = parallel ? int(std::min<int64_t>(p.num_threads, num_tiles)) : 1;
   // Per-thread partial sums added in thread order: the reduced loss is bitwise
   // reproducible for a given thread count.
   std::vector<double> partial_loss(threads, 0.0);
@@ -239,17 +311,9 @@ int64_t multitask_loss_forward(const LossProblem& p) {
 
 #pragma omp parallel num_threads(threads) if (parallel)
   {
-    Scratch s;
-    s.x.resize(tile_rows * W);
-    s.out.resize(tile_rows * W);
-    s.segment_of.resize(tile_rows * W);
-    s.seg_shift.resize(tile_rows * T);
-    s.seg_scale.resize(tile_rows * T);
-    s.seg_label.resize(tile_rows * T);
-    s.seg_label_grad.resize(tile_rows * T);
-    for (int64_t r = 0; r < tile_rows; ++r)
-      for (int64_t j = 0; j < W; ++j) s.segment_of[r * W + j] = int32_t(r * T + column_task[j]);
-
+    // Reused across calls: allocation and zero-fill would dominate small batches.
+    thread_local Scratch s;
+    s.reserve(tile_rows, W, p.num_tasks);
     const int tid = omp_get_thread_num();
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < num_tiles; ++tile) {

@@ -1,0 +1,12 @@
+"""mtkernels: fused kernels for multi-task face-attribute networks.
+
+    loss = mtkernels.multitask_loss(logits, labels, num_classes=(2, 7, 2), kind="ce")
+    crit = mtkernels.MultiTaskLoss(num_classes=(2, 7, 2))
+    ref  = mtkernels.reference.multitask_loss(...)   # plain PyTorch ground truth
+"""
+
+from . import reference
+from .loss import MultiTaskLoss, multitask_loss
+
+__all__ = ["multitask_loss", "MultiTaskLoss", "reference"]
+__version__ = "0.1.0"
