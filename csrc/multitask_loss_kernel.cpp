@@ -110,7 +110,9 @@ struct Scratch {
   std::vector<float> x, g;          // [W][R] logits, then exp / hinge / gradient
   std::vector<int32_t> label;       // [T][R] resolved labels, -1 = no contribution
   std::vector<int32_t> label_at;    // [T][R] label's index in the task's [C][R] block
-  std::vector<float> a, b, coef;    // [R] per-row accumulators of the current task
+  std::vector<float> shift, coef;   // [R] per-row max or label score; gradient factor
+  std::vector<double> sum, sum_sq;  // [R] sums over classes, in double so their error
+                                    // does not grow with the number of classes
   std::vector<float> loss;          // [R] loss of the current task
 
   void reserve(int64_t rows, int64_t width, int64_t tasks) {
@@ -118,9 +120,10 @@ struct Scratch {
     g.resize(rows * width);
     label.resize(rows * tasks);
     label_at.resize(rows * tasks);
-    a.resize(rows);
-    b.resize(rows);
+    shift.resize(rows);
     coef.resize(rows);
+    sum.resize(rows);
+    sum_sq.resize(rows);
     loss.resize(rows);
   }
 };
@@ -191,8 +194,8 @@ void store_tile(const LossProblem& p, int64_t row0, int64_t R, const float* gt) 
 // d(scale * loss)/dz when a gradient is wanted.
 void cross_entropy_task(const float* xt, float* gt, const int32_t* y, const int32_t* y_at, int64_t R, int64_t classes,
                         float scale, bool want_grad, Scratch& s) {
-  float* run_max = s.a.data();
-  float* run_sum = s.b.data();
+  float* run_max = s.shift.data();
+  double* run_sum = s.sum.data();
   float* coef = s.coef.data();
   float* loss = s.loss.data();
 #pragma omp simd
@@ -201,7 +204,7 @@ void cross_entropy_task(const float* xt, float* gt, const int32_t* y, const int3
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) run_max[r] = std::max(run_max[r], xt[j * R + r]);
 #pragma omp simd
-  for (int64_t r = 0; r < R; ++r) run_sum[r] = 0.0f;
+  for (int64_t r = 0; r < R; ++r) run_sum[r] = 0.0;
   for (int64_t j = 0; j < classes; ++j)
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) {
@@ -212,8 +215,9 @@ void cross_entropy_task(const float* xt, float* gt, const int32_t* y, const int3
 #pragma omp simd
   for (int64_t r = 0; r < R; ++r) {
     const bool valid = y[r] >= 0;
-    loss[r] = keep_if(valid, log_at_least_one(run_sum[r]) + run_max[r] - xt[y_at[r]]);
-    coef[r] = keep_if(valid, scale / run_sum[r]);
+    const float sum = float(run_sum[r]);
+    loss[r] = keep_if(valid, log_at_least_one(sum) + run_max[r] - xt[y_at[r]]);
+    coef[r] = keep_if(valid, scale / sum);
   }
   if (!want_grad) return;
   for (int64_t j = 0; j < classes; ++j)
@@ -225,15 +229,16 @@ void cross_entropy_task(const float* xt, float* gt, const int32_t* y, const int3
 // Squared hinge sum_{j != y} max(0, z_j - z_y + margin)^2 of one task over the tile.
 void squared_hinge_task(const float* xt, float* gt, const int32_t* y, const int32_t* y_at, int64_t R, int64_t classes,
                         float scale, float margin, bool want_grad, Scratch& s) {
-  float* shift = s.a.data();
-  float* hinge_sum = s.b.data();
+  float* shift = s.shift.data();
+  double* hinge_sum = s.sum.data();
+  double* hinge_sq = s.sum_sq.data();
   float* coef = s.coef.data();
   float* loss = s.loss.data();
 #pragma omp simd
   for (int64_t r = 0; r < R; ++r) {
     shift[r] = xt[y_at[r]] - margin;
-    hinge_sum[r] = 0.0f;
-    loss[r] = 0.0f;
+    hinge_sum[r] = 0.0;
+    hinge_sq[r] = 0.0;
     coef[r] = keep_if(y[r] >= 0, 2.0f * scale);
   }
   for (int64_t j = 0; j < classes; ++j)
@@ -242,13 +247,15 @@ void squared_hinge_task(const float* xt, float* gt, const int32_t* y, const int3
       const float h = keep_if(y[r] != j && y[r] >= 0, std::max(xt[j * R + r] - shift[r], 0.0f));
       gt[j * R + r] = h;
       hinge_sum[r] += h;
-      loss[r] += h * h;
+      hinge_sq[r] += double(h) * h;
     }
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) loss[r] = float(hinge_sq[r]);
   if (!want_grad) return;
   for (int64_t j = 0; j < classes; ++j)
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r)
-      gt[j * R + r] = coef[r] * (keep_if(y[r] != j, gt[j * R + r]) - keep_if(y[r] == j, hinge_sum[r]));
+      gt[j * R + r] = coef[r] * (keep_if(y[r] != j, gt[j * R + r]) - keep_if(y[r] == j, float(hinge_sum[r])));
 }
 
 TileResult process_tile(const LossProblem& p, int64_t row0, int64_t R, Scratch& s) {

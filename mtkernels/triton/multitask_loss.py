@@ -118,12 +118,11 @@ def _task_tables(num_classes: tuple[int, ...], weights: tuple[float, ...], devic
 
 def multitask_loss_forward(logits: torch.Tensor, labels: torch.Tensor, num_classes: tuple[int, ...],
                            task_weights: tuple[float, ...], row_scale: float, kind: str, margin: float,
-                           compute_grad: bool, kernel=multitask_loss_kernel):
+                           compute_grad: bool):
     """Launch the kernel. Returns per-row losses [N, T] already multiplied by mu_t * row_scale,
     the gradient (or None) and a 1-element int32 count of out-of-range labels.
 
     ``logits`` must have unit column stride; ``labels`` must be contiguous int64.
-    ``kernel`` lets tests run the same launch through Triton's interpreter.
     """
     n_rows, width = logits.shape
     offsets, weights = _task_tables(num_classes, task_weights, logits.device)
@@ -133,7 +132,7 @@ def multitask_loss_forward(logits: torch.Tensor, labels: torch.Tensor, num_class
     block_n, block_c = block_sizes(num_classes)
     grid = (triton.cdiv(n_rows, block_n), len(num_classes))
     if n_rows > 0:
-        kernel[grid](
+        multitask_loss_kernel[grid](
             logits, labels, offsets, weights, row_losses, grad if compute_grad else row_losses, invalid,
             n_rows, logits.stride(0), len(num_classes), row_scale, margin,
             BLOCK_N=block_n, BLOCK_C=block_c, IS_SVM=kind == "svm", COMPUTE_GRAD=compute_grad,
