@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ._validation import Logits, LossSpec, check_label_range, check_tensors, loss_spec
 
-__all__ = ["multitask_loss", "per_task_losses", "loss_dtype"]
+__all__ = ["multitask_loss", "loss_from_spec", "per_task_losses", "loss_dtype"]
 
 
 def loss_dtype(logits_dtype: torch.dtype) -> torch.dtype:
@@ -62,6 +62,12 @@ def multitask_loss(logits: Logits, labels: torch.Tensor, num_classes, kind: str 
     spec = loss_spec(num_classes, kind, task_weights, margin, reduction)
     logits, labels = check_tensors(logits, labels, spec)
     check_label_range(labels, spec)
+    return loss_from_spec(logits, labels, spec)
+
+
+def loss_from_spec(logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """The equations alone, on inputs already checked: what a user writes by hand, and
+    what the benchmarks time (eager and under torch.compile)."""
     losses = per_task_losses(logits, labels, spec).to(loss_dtype(logits.dtype))
     if spec.reduction == "none":
         return losses

@@ -1,0 +1,59 @@
+"""Benchmark harness (used by bench/conftest.py and the suites): every benchmark runs on each device present (cpu always, cuda when
+available; an absent device is skipped, never faked) and records what it measured, so the
+suites can write their tables, with ratios taken within the same run, at the end."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+DEVICES = ["cpu", "cuda"]
+# suite -> device -> list of measurements; each suite's module writes its own report.
+MEASUREMENTS: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+REPORTERS = {}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    return request.param
+
+
+def synchronizer(device: str):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def measure(benchmark, fn, device: str, suite: str, rounds: int, warmup: int = 3, **labels) -> float:
+    """Time ``fn`` with pytest-benchmark; record and return the median in seconds."""
+    sync = synchronizer(device)
+
+    def run():
+        fn()
+        sync()
+
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    median = benchmark.stats.stats.median
+    MEASUREMENTS[suite][device].append(dict(labels, seconds=median))
+    benchmark.extra_info.update(labels)
+    return median
+
+
+def register_report(suite: str):
+    """Decorator for a function(device, measurements) that writes a suite's results."""
+    def wrap(fn):
+        REPORTERS[suite] = fn
+        return fn
+    return wrap
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for suite, by_device in MEASUREMENTS.items():
+        if suite in REPORTERS:
+            for device, rows in by_device.items():
+                path = REPORTERS[suite](device, rows)
+                if path is not None:
+                    print(f"\n[{suite}/{device}] results written to {path}\n{Path(path).read_text()}")

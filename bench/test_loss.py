@@ -1,0 +1,117 @@
+"""Loss forward+backward: eager reference, torch.compile of the reference, mtkernels, and
+a plain copy of the same bytes (read logits, write gradient) as the memory-bound floor."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from harness import measure, register_report
+from results_io import RESULTS_DIR, atomic_write, write_table
+from mtkernels import MultiTaskLoss
+from mtkernels._validation import loss_spec
+from mtkernels.reference import loss_from_spec
+
+SUITE = "loss"
+SIZES = (128, 65536)
+TASKS = ((2, 7, 2), (7, 3, 3, 5))
+KINDS = ("ce", "svm")
+IMPLS = ("eager", "compiled", "mtkernels", "copy")
+
+
+def make_inputs(n, num_classes, device):
+    g = torch.Generator().manual_seed(n)
+    logits = torch.randn(n, sum(num_classes), generator=g) * 3
+    labels = torch.stack([torch.randint(0, c, (n,), generator=g) for c in num_classes], 1)
+    labels[torch.rand(labels.shape, generator=g) < 0.3] = -1  # multi-source: some tasks unlabelled
+    return logits.to(device).requires_grad_(), labels.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_reference(spec):
+    return torch.compile(lambda logits, labels: loss_from_spec(logits, labels, spec))
+
+
+def step_fn(impl, logits, labels, spec):
+    if impl == "copy":
+        src, out = logits.detach(), torch.empty_like(logits)
+        return lambda: out.copy_(src)
+    if impl == "eager":
+        loss_fn = functools.partial(loss_from_spec, spec=spec)
+    elif impl == "compiled":
+        loss_fn = compiled_reference(spec)
+    else:
+        loss_fn = MultiTaskLoss(spec.num_classes, spec.kind)
+
+    def step():
+        logits.grad = None
+        loss_fn(logits, labels).backward()
+    return step
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tasks", TASKS, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("n", SIZES)
+def test_loss_forward_backward(benchmark, device, n, tasks, kind, impl):
+    spec = loss_spec(tasks, kind)
+    logits, labels = make_inputs(n, tasks, device)
+    rounds = 400 if n <= 1024 else 20
+    measure(benchmark, step_fn(impl, logits, labels, spec), device, SUITE, rounds=rounds, warmup=5,
+            n=n, tasks="x".join(map(str, tasks)), kind=kind, impl=impl)
+
+
+@register_report(SUITE)
+def report(device, measurements):
+    cases = {}
+    for m in measurements:
+        cases.setdefault((m["n"], m["tasks"], m["kind"]), {})[m["impl"]] = m["seconds"]
+    rows = []
+    for (n, tasks, kind), t in sorted(cases.items()):
+        row = dict(N=n, tasks=tasks, kind=kind)
+        for impl in IMPLS:
+            if impl in t:
+                row[f"{impl} us"] = f"{t[impl] * 1e6:.1f}"
+        if "mtkernels" in t:
+            for base in ("eager", "compiled"):
+                if base in t:
+                    row[f"vs {base}"] = f"{t[base] / t['mtkernels']:.2f}x"
+            if "copy" in t:
+                row["mtkernels / copy"] = f"{t['mtkernels'] / t['copy']:.2f}"
+        rows.append(row)
+    columns = ["N", "tasks", "kind"] + [f"{i} us" for i in IMPLS] + ["vs eager", "vs compiled", "mtkernels / copy"]
+    notes = ("Forward + backward of the masked multi-task loss, median per call. 'vs X' = time of X / time "
+             "of mtkernels (higher is better); 'mtkernels / copy' = time of mtkernels / time of one copy of "
+             "the logits into a gradient-sized buffer (lower is better). 30% of labels are -1.")
+    path = write_table(SUITE, device, rows, columns, f"Multi-task loss, {device}", notes)
+    plot(device, rows)
+    return path
+
+
+def plot(device, rows):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    import io
+
+    labels = [f"N={r['N']}\n{r['tasks']} {r['kind']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    width = 0.8 / len(IMPLS)
+    for k, impl in enumerate(IMPLS):
+        values = [float(r.get(f"{impl} us", "nan")) for r in rows]
+        ax.bar([i + k * width for i in range(len(rows))], values, width, label=impl)
+    ax.set_yscale("log")
+    ax.set_ylabel("forward + backward, us (log)")
+    ax.set_xticks([i + width * (len(IMPLS) - 1) / 2 for i in range(len(rows))], labels, fontsize=7)
+    ax.legend()
+    ax.set_title(f"Multi-task loss on {device}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(RESULTS_DIR / f"{SUITE}-{device}.png", buf.getvalue())
