@@ -5,6 +5,9 @@
 // the namespace. Rows are processed in tiles converted once to float32 and stored
 // column-major, so all arithmetic vectorises across rows (see Scratch).
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -104,26 +107,22 @@ inline float log_at_least_one(float x) {
   return m + y + fe * 0.693359375f;
 }
 
-// One tile of rows, stored column-major (x[j * R + r]) so that every loop below runs
-// over the tile's rows with unit stride: they vectorise for 2 classes as well as 1024.
+// One tile of rows, stored column-major (x[j * R + r]) so that all arithmetic runs across
+// rows: it vectorises for 2 classes as well as 1024. R is padded to a multiple of kLanes;
+// padding rows hold logits 0 and label -1, so they contribute nothing and are not stored.
+constexpr int kLanes = 16;
+
 struct Scratch {
-  std::vector<float> x, g;          // [W][R] logits, then exp / hinge / gradient
-  std::vector<int32_t> label;       // [T][R] resolved labels, -1 = no contribution
-  std::vector<int32_t> label_at;    // [T][R] label's index in the task's [C][R] block
-  std::vector<float> shift, coef;   // [R] per-row max or label score; gradient factor
-  std::vector<double> sum, sum_sq;  // [R] sums over classes, in double so their error
-                                    // does not grow with the number of classes
-  std::vector<float> loss;          // [R] loss of the current task
+  std::vector<float> x, g;       // [W][R] logits, then exp / hinge / gradient
+  std::vector<int32_t> label;    // [T][R] resolved labels, -1 = no contribution
+  std::vector<int32_t> label_at; // [T][R] label's index in the task's [C][R] block
+  std::vector<float> loss;       // [R] loss of the current task
 
   void reserve(int64_t rows, int64_t width, int64_t tasks) {
     x.resize(rows * width);
     g.resize(rows * width);
     label.resize(rows * tasks);
     label_at.resize(rows * tasks);
-    shift.resize(rows);
-    coef.resize(rows);
-    sum.resize(rows);
-    sum_sq.resize(rows);
     loss.resize(rows);
   }
 };
@@ -135,132 +134,227 @@ struct TileResult {
 
 // Rows innermost: strided gathers / scatters that vectorise where the ISA has them.
 template <class Load>
-void load_tile(const LossProblem& p, int64_t row0, int64_t R, float* xt, Load load) {
+void load_tile(const LossProblem& p, int64_t row0, int64_t rows, int64_t R, float* xt, Load load) {
   const int64_t stride = p.row_stride, base = row0 * stride;
-  for (int64_t j = 0; j < p.width; ++j)
+  for (int64_t j = 0; j < p.width; ++j) {
 #pragma omp simd
-    for (int64_t r = 0; r < R; ++r) xt[j * R + r] = load(base + r * stride + j);
+    for (int64_t r = 0; r < rows; ++r) xt[j * R + r] = load(base + r * stride + j);
+    for (int64_t r = rows; r < R; ++r) xt[j * R + r] = 0.0f;
+  }
 }
 
 template <class Store>
-void store_tile(const LossProblem& p, int64_t row0, int64_t R, const float* gt, Store store) {
+void store_tile(const LossProblem& p, int64_t row0, int64_t rows, int64_t R, const float* gt, Store store) {
   const int64_t W = p.width, base = row0 * W;
   for (int64_t j = 0; j < W; ++j)
 #pragma omp simd
-    for (int64_t r = 0; r < R; ++r) store(base + r * W + j, gt[j * R + r]);
+    for (int64_t r = 0; r < rows; ++r) store(base + r * W + j, gt[j * R + r]);
 }
 
-void load_tile(const LossProblem& p, int64_t row0, int64_t R, float* xt) {
+#if defined(__AVX512F__)
+// In-register transpose of a 16x16 float block (v[i] = row i in, column i out); it is its
+// own inverse. Unpack within 128-bit lanes, then two rounds of 128-bit lane shuffles.
+inline void transpose16x16(__m512 v[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + m], 128-bit lane k: column 4k + m of rows 4i..4i+3
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512 a = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88), b = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88), d = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+    v[m] = _mm512_shuffle_f32x4(a, c, 0x88);
+    v[8 + m] = _mm512_shuffle_f32x4(a, c, 0xDD);
+    v[4 + m] = _mm512_shuffle_f32x4(b, d, 0x88);
+    v[12 + m] = _mm512_shuffle_f32x4(b, d, 0xDD);
+  }
+}
+
+inline __mmask16 first_lanes(int64_t n) { return __mmask16((1u << std::min<int64_t>(n, 16)) - 1u); }
+
+// float32 rows -> column-major tile, 16x16 blocks through registers instead of gathers.
+void load_tile_f32_avx512(const LossProblem& p, int64_t row0, int64_t rows, int64_t R, float* xt) {
+  const float* src = static_cast<const float*>(p.logits);
+  for (int64_t r0 = 0; r0 < R; r0 += 16)
+    for (int64_t c0 = 0; c0 < p.width; c0 += 16) {
+      const __mmask16 cols = first_lanes(p.width - c0);
+      __m512 v[16];
+      for (int i = 0; i < 16; ++i)
+        v[i] = r0 + i < rows ? _mm512_maskz_loadu_ps(cols, src + (row0 + r0 + i) * p.row_stride + c0)
+                             : _mm512_setzero_ps();
+      transpose16x16(v);
+      for (int64_t c = 0; c < std::min<int64_t>(16, p.width - c0); ++c) _mm512_storeu_ps(xt + (c0 + c) * R + r0, v[c]);
+    }
+}
+
+void store_tile_f32_avx512(const LossProblem& p, int64_t row0, int64_t rows, int64_t R, const float* gt) {
+  float* dst = static_cast<float*>(p.grad);
+  for (int64_t r0 = 0; r0 < R; r0 += 16)
+    for (int64_t c0 = 0; c0 < p.width; c0 += 16) {
+      const int64_t ncols = std::min<int64_t>(16, p.width - c0);
+      __m512 v[16];
+      for (int64_t c = 0; c < 16; ++c) v[c] = c < ncols ? _mm512_loadu_ps(gt + (c0 + c) * R + r0) : _mm512_setzero_ps();
+      transpose16x16(v);
+      for (int64_t i = 0; i < std::min<int64_t>(16, rows - r0); ++i)
+        _mm512_mask_storeu_ps(dst + (row0 + r0 + i) * p.width + c0, first_lanes(ncols), v[i]);
+    }
+}
+#endif
+
+void load_tile(const LossProblem& p, int64_t row0, int64_t rows, int64_t R, float* xt) {
   switch (p.dtype) {
     case DType::f32: {
+#if defined(__AVX512F__)
+      load_tile_f32_avx512(p, row0, rows, R, xt);
+#else
       const float* src = static_cast<const float*>(p.logits);
-      load_tile(p, row0, R, xt, [src](int64_t i) { return src[i]; });
+      load_tile(p, row0, rows, R, xt, [src](int64_t i) { return src[i]; });
+#endif
       break;
     }
     case DType::f16: {
       const _Float16* src = static_cast<const _Float16*>(p.logits);
-      load_tile(p, row0, R, xt, [src](int64_t i) { return float(src[i]); });
+      load_tile(p, row0, rows, R, xt, [src](int64_t i) { return float(src[i]); });
       break;
     }
     case DType::bf16: {
       const uint16_t* src = static_cast<const uint16_t*>(p.logits);
-      load_tile(p, row0, R, xt, [src](int64_t i) { return bf16_to_float(src[i]); });
+      load_tile(p, row0, rows, R, xt, [src](int64_t i) { return bf16_to_float(src[i]); });
       break;
     }
   }
 }
 
-void store_tile(const LossProblem& p, int64_t row0, int64_t R, const float* gt) {
+void store_tile(const LossProblem& p, int64_t row0, int64_t rows, int64_t R, const float* gt) {
   switch (p.dtype) {
     case DType::f32: {
+#if defined(__AVX512F__)
+      store_tile_f32_avx512(p, row0, rows, R, gt);
+#else
       float* dst = static_cast<float*>(p.grad);
-      store_tile(p, row0, R, gt, [dst](int64_t i, float v) { dst[i] = v; });
+      store_tile(p, row0, rows, R, gt, [dst](int64_t i, float v) { dst[i] = v; });
+#endif
       break;
     }
     case DType::f16: {
       _Float16* dst = static_cast<_Float16*>(p.grad);
-      store_tile(p, row0, R, gt, [dst](int64_t i, float v) { dst[i] = _Float16(v); });
+      store_tile(p, row0, rows, R, gt, [dst](int64_t i, float v) { dst[i] = _Float16(v); });
       break;
     }
     case DType::bf16: {
       uint16_t* dst = static_cast<uint16_t*>(p.grad);
-      store_tile(p, row0, R, gt, [dst](int64_t i, float v) { dst[i] = float_to_bf16(v); });
+      store_tile(p, row0, rows, R, gt, [dst](int64_t i, float v) { dst[i] = float_to_bf16(v); });
       break;
     }
   }
 }
 
-// Softmax cross-entropy of one task over the tile; fills loss[r], and g with
-// d(scale * loss)/dz when a gradient is wanted.
-void cross_entropy_task(const float* xt, float* gt, const int32_t* y, const int32_t* y_at, int64_t R, int64_t classes,
-                        float scale, bool want_grad, Scratch& s) {
-  float* run_max = s.shift.data();
-  double* run_sum = s.sum.data();
-  float* coef = s.coef.data();
-  float* loss = s.loss.data();
+// The task functions walk the tile kLanes rows at a time with the class loop outside
+// the lane loop: the per-row accumulators are fixed-size local arrays that stay in
+// registers (GCC does not vectorise the outer row loop of a class loop by itself).
+// Sums over classes are in double so their error does not grow with the class count.
+
+// Softmax cross-entropy of one task; fills loss[r], and g with d(scale * loss)/dz.
+template <bool kWantGrad>
+void cross_entropy_task(const float* xt, float* gt, const int32_t* y, const int32_t* y_at, int64_t R,
+                        int64_t classes, float scale, float* loss) {
+  for (int64_t r0 = 0; r0 < R; r0 += kLanes) {
+    const float* x = xt + r0;
+    float* g = gt + r0;
+    float run_max[kLanes], coef[kLanes];
+    double run_sum[kLanes];
 #pragma omp simd
-  for (int64_t r = 0; r < R; ++r) run_max[r] = xt[r];
-  for (int64_t j = 1; j < classes; ++j)
-#pragma omp simd
-    for (int64_t r = 0; r < R; ++r) run_max[r] = std::max(run_max[r], xt[j * R + r]);
-#pragma omp simd
-  for (int64_t r = 0; r < R; ++r) run_sum[r] = 0.0;
-  for (int64_t j = 0; j < classes; ++j)
-#pragma omp simd
-    for (int64_t r = 0; r < R; ++r) {
-      const float e = exp_nonpositive(xt[j * R + r] - run_max[r]);
-      gt[j * R + r] = e;
-      run_sum[r] += e;
+    for (int l = 0; l < kLanes; ++l) {
+      run_max[l] = x[l];
+      run_sum[l] = 0.0;
     }
+    for (int64_t j = 1; j < classes; ++j)
 #pragma omp simd
-  for (int64_t r = 0; r < R; ++r) {
-    const bool valid = y[r] >= 0;
-    const float sum = float(run_sum[r]);
-    loss[r] = keep_if(valid, log_at_least_one(sum) + run_max[r] - xt[y_at[r]]);
-    coef[r] = keep_if(valid, scale / sum);
+      for (int l = 0; l < kLanes; ++l) run_max[l] = std::max(run_max[l], x[j * R + l]);
+    for (int64_t j = 0; j < classes; ++j)
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const float e = exp_nonpositive(x[j * R + l] - run_max[l]);
+        g[j * R + l] = e;
+        run_sum[l] += e;
+      }
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const bool valid = y[r0 + l] >= 0;
+      const float sum = float(run_sum[l]);
+      loss[r0 + l] = keep_if(valid, log_at_least_one(sum) + run_max[l] - xt[y_at[r0 + l]]);
+      coef[l] = keep_if(valid, scale / sum);
+    }
+    if (!kWantGrad) continue;
+    for (int64_t j = 0; j < classes; ++j)
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) g[j * R + l] = g[j * R + l] * coef[l] - keep_if(y[r0 + l] == j, scale);
   }
-  if (!want_grad) return;
-  for (int64_t j = 0; j < classes; ++j)
-#pragma omp simd
-    for (int64_t r = 0; r < R; ++r)
-      gt[j * R + r] = gt[j * R + r] * coef[r] - keep_if(y[r] == j, scale);
 }
 
-// Squared hinge sum_{j != y} max(0, z_j - z_y + margin)^2 of one task over the tile.
-void squared_hinge_task(const float* xt, float* gt, const int32_t* y, const int32_t* y_at, int64_t R, int64_t classes,
-                        float scale, float margin, bool want_grad, Scratch& s) {
-  float* shift = s.shift.data();
-  double* hinge_sum = s.sum.data();
-  double* hinge_sq = s.sum_sq.data();
-  float* coef = s.coef.data();
-  float* loss = s.loss.data();
+// Squared hinge sum_{j != y} max(0, z_j - z_y + margin)^2 of one task.
+template <bool kWantGrad>
+void squared_hinge_task(const float* xt, float* gt, const int32_t* y, const int32_t* y_at, int64_t R,
+                        int64_t classes, float scale, float margin, float* loss) {
+  for (int64_t r0 = 0; r0 < R; r0 += kLanes) {
+    const float* x = xt + r0;
+    float* g = gt + r0;
+    float shift[kLanes], coef[kLanes], label_grad[kLanes];
+    double hinge_sum[kLanes], hinge_sq[kLanes];
 #pragma omp simd
-  for (int64_t r = 0; r < R; ++r) {
-    shift[r] = xt[y_at[r]] - margin;
-    hinge_sum[r] = 0.0;
-    hinge_sq[r] = 0.0;
-    coef[r] = keep_if(y[r] >= 0, 2.0f * scale);
-  }
-  for (int64_t j = 0; j < classes; ++j)
-#pragma omp simd
-    for (int64_t r = 0; r < R; ++r) {
-      const float h = keep_if(y[r] != j && y[r] >= 0, std::max(xt[j * R + r] - shift[r], 0.0f));
-      gt[j * R + r] = h;
-      hinge_sum[r] += h;
-      hinge_sq[r] += double(h) * h;
+    for (int l = 0; l < kLanes; ++l) {
+      shift[l] = xt[y_at[r0 + l]] - margin;
+      hinge_sum[l] = 0.0;
+      hinge_sq[l] = 0.0;
     }
+    for (int64_t j = 0; j < classes; ++j)
 #pragma omp simd
-  for (int64_t r = 0; r < R; ++r) loss[r] = float(hinge_sq[r]);
-  if (!want_grad) return;
-  for (int64_t j = 0; j < classes; ++j)
+      for (int l = 0; l < kLanes; ++l) {
+        const int32_t label = y[r0 + l];
+        const float h = keep_if(label != j && label >= 0, std::max(x[j * R + l] - shift[l], 0.0f));
+        g[j * R + l] = h;
+        hinge_sum[l] += h;
+        hinge_sq[l] += double(h) * h;
+      }
 #pragma omp simd
-    for (int64_t r = 0; r < R; ++r)
-      gt[j * R + r] = coef[r] * (keep_if(y[r] != j, gt[j * R + r]) - keep_if(y[r] == j, float(hinge_sum[r])));
+    for (int l = 0; l < kLanes; ++l) {
+      loss[r0 + l] = float(hinge_sq[l]);
+      coef[l] = keep_if(y[r0 + l] >= 0, 2.0f * scale);
+      label_grad[l] = -coef[l] * float(hinge_sum[l]);
+    }
+    if (!kWantGrad) continue;
+    for (int64_t j = 0; j < classes; ++j)
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const bool is_label = y[r0 + l] == j;
+        g[j * R + l] = keep_if(!is_label, coef[l] * g[j * R + l]) + keep_if(is_label, label_grad[l]);
+      }
+  }
 }
 
-TileResult process_tile(const LossProblem& p, int64_t row0, int64_t R, Scratch& s) {
+template <bool kWantGrad>
+void task_loss(const LossProblem& p, int64_t t, int64_t R, Scratch& s) {
+  const int64_t lo = p.class_offsets[t], classes = p.class_offsets[t + 1] - lo;
+  const float* xt = s.x.data() + lo * R;
+  float* gt = s.g.data() + lo * R;
+  const int32_t* y = s.label.data() + t * R;
+  const int32_t* y_at = s.label_at.data() + t * R;
+  if (p.kind == LossKind::ce)
+    cross_entropy_task<kWantGrad>(xt, gt, y, y_at, R, classes, p.task_scale[t], s.loss.data());
+  else
+    squared_hinge_task<kWantGrad>(xt, gt, y, y_at, R, classes, p.task_scale[t], p.margin, s.loss.data());
+}
+
+TileResult process_tile(const LossProblem& p, int64_t row0, int64_t rows, Scratch& s) {
   TileResult res;
-  load_tile(p, row0, R, s.x.data());
+  const int64_t R = (rows + kLanes - 1) / kLanes * kLanes;
+  load_tile(p, row0, rows, R, s.x.data());
   for (int64_t t = 0; t < p.num_tasks; ++t) {
     const int64_t classes = p.class_offsets[t + 1] - p.class_offsets[t];
     int32_t* y = s.label.data() + t * R;
@@ -268,36 +362,36 @@ TileResult process_tile(const LossProblem& p, int64_t row0, int64_t R, Scratch& 
     const int64_t* labels = p.labels + row0 * p.num_tasks + t;
     int64_t invalid = 0;
 #pragma omp simd reduction(+ : invalid)
-    for (int64_t r = 0; r < R; ++r) {
-      const int32_t label = int32_t(std::max<int64_t>(std::min<int64_t>(labels[r * p.num_tasks], classes), -2));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t raw = labels[r * p.num_tasks];  // clamped so it fits int32, still invalid
+      const int32_t label = int32_t(raw < -2 ? -2 : (raw > classes ? classes : raw));
       const bool valid = label >= 0 && label < classes;
       invalid += (!valid && label != -1) ? 1 : 0;
       y[r] = valid ? label : -1;
       y_at[r] = (valid ? label : 0) * int32_t(R) + int32_t(r);  // class 0 stands in for masked rows
     }
+    for (int64_t r = rows; r < R; ++r) {
+      y[r] = -1;
+      y_at[r] = int32_t(r);
+    }
     res.invalid += invalid;
   }
   const bool want_grad = p.grad != nullptr;
   for (int64_t t = 0; t < p.num_tasks; ++t) {
-    const int64_t lo = p.class_offsets[t], classes = p.class_offsets[t + 1] - lo;
-    const float* xt = s.x.data() + lo * R;
-    float* gt = s.g.data() + lo * R;
-    const int32_t* y = s.label.data() + t * R;
-    const int32_t* y_at = s.label_at.data() + t * R;
-    if (p.kind == LossKind::ce)
-      cross_entropy_task(xt, gt, y, y_at, R, classes, p.task_scale[t], want_grad, s);
+    if (want_grad)
+      task_loss<true>(p, t, R, s);
     else
-      squared_hinge_task(xt, gt, y, y_at, R, classes, p.task_scale[t], p.margin, want_grad, s);
+      task_loss<false>(p, t, R, s);
     if (p.reduce) {
       double task_sum = 0.0;
 #pragma omp simd reduction(+ : task_sum)
       for (int64_t r = 0; r < R; ++r) task_sum += s.loss[r];
       res.loss += double(p.task_scale[t]) * task_sum;
     } else {
-      for (int64_t r = 0; r < R; ++r) p.loss[(row0 + r) * p.num_tasks + t] = s.loss[r];
+      for (int64_t r = 0; r < rows; ++r) p.loss[(row0 + r) * p.num_tasks + t] = s.loss[r];
     }
   }
-  if (want_grad) store_tile(p, row0, R, s.g.data());
+  if (want_grad) store_tile(p, row0, rows, R, s.g.data());
   return res;
 }
 
@@ -320,7 +414,7 @@ int64_t multitask_loss_forward(const LossProblem& p) {
   {
     // Reused across calls: allocation and zero-fill would dominate small batches.
     thread_local Scratch s;
-    s.reserve(tile_rows, W, p.num_tasks);
+    s.reserve((tile_rows + kLanes - 1) / kLanes * kLanes, W, p.num_tasks);
     const int tid = omp_get_thread_num();
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < num_tiles; ++tile) {
