@@ -51,6 +51,26 @@ class PreActBottleneck(nn.Module):
         out = self.conv3(torch.relu(self.bn3(out)))
         return out + skip
 
+    def fuse_for_inference(self, fuser) -> nn.Module:
+        """bn2 / bn3 follow conv1 / conv2 and fold into them exactly; bn1 precedes a ReLU
+        and the convs, so it becomes one affine + ReLU (see mtkernels.fuse)."""
+        return FusedPreActBottleneck(
+            fuser.affine_relu(self.bn1), fuser.conv(self.conv1, self.bn2, relu=True),
+            fuser.conv(self.conv2, self.bn3, relu=True), fuser.conv(self.conv3),
+            None if self.shortcut is None else fuser.conv(self.shortcut))
+
+
+class FusedPreActBottleneck(nn.Module):
+    def __init__(self, pre: nn.Module, conv1: nn.Module, conv2: nn.Module, conv3: nn.Module,
+                 shortcut: nn.Module | None):
+        super().__init__()
+        self.pre, self.conv1, self.conv2, self.conv3, self.shortcut = pre, conv1, conv2, conv3, shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre(x)
+        skip = x if self.shortcut is None else self.shortcut(pre)
+        return self.conv3(self.conv2(self.conv1(pre))) + skip
+
 
 def stage(in_channels: int, depth: int, blocks: int, stride: int) -> nn.Sequential:
     layers = [PreActBottleneck(in_channels, depth, stride)]

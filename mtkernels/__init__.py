@@ -3,10 +3,12 @@
     loss = mtkernels.multitask_loss(logits, labels, num_classes=(2, 7, 2), kind="ce")
     crit = mtkernels.MultiTaskLoss(num_classes=(2, 7, 2))
     ref  = mtkernels.reference.multitask_loss(...)   # plain PyTorch ground truth
+    fast = mtkernels.fuse_for_inference(model)       # eval-mode copy, same outputs
 """
 
 from . import reference
+from .fuse import fuse_for_inference
 from .loss import MultiTaskLoss, multitask_loss
 
-__all__ = ["multitask_loss", "MultiTaskLoss", "reference"]
+__all__ = ["multitask_loss", "MultiTaskLoss", "fuse_for_inference", "reference"]
 __version__ = "0.1.0"
