@@ -4,11 +4,13 @@ the same outputs with fewer, fused operations.
 What is fused (all exact up to float rounding):
 
 * BatchNorm after a conv / linear is folded into its weights and bias.
-* conv + bias + ReLU run as one op: oneDNN's fused convolution with a ReLU post-op and
-  weights pre-packed once per input shape (CPU), or ``F.conv2d`` + in-place ReLU -- each
-  layer times both on its first call for an input shape and keeps the faster.
-  A 2x2/2 max-pool after the ReLU is applied to that layer's output in the same module
-  (CPU: a separate pooling op; the Triton path writes only the pooled output).
+* conv + bias + ReLU run as one op. CPU: oneDNN's fused convolution with a ReLU post-op
+  and weights pre-packed once per input shape, or ``F.conv2d`` + in-place ReLU -- each
+  layer times both on its first call for an input shape and keeps the faster. CUDA: the
+  Triton implicit-GEMM kernel of ``mtkernels.triton.conv`` (float32 / TF32, float16,
+  bfloat16). A 2x2/2 max-pool after the ReLU belongs to the same module: the Triton
+  kernel reduces it in its epilogue and writes only the pooled output; on CPU it is a
+  separate pooling op on the conv's output.
 * BatchNorm that cannot be folded (pre-activation, between a residual add and a conv
   with zero padding) runs as one per-channel affine + ReLU.
 * Dropout is removed.
@@ -25,6 +27,7 @@ The model given is never modified.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from typing import Callable, Optional, Sequence
 
@@ -36,6 +39,7 @@ __all__ = ["fuse_for_inference", "Fuser", "FusedConv2d", "FusedLinear", "AffineR
            "FusedMultiTaskNet", "fold_batchnorm"]
 
 
+@functools.lru_cache(maxsize=None)
 def _onednn_available() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
             and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
@@ -59,25 +63,20 @@ def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch
     return scale.detach().clone(), shift.detach().clone()
 
 
-class _Timed:
-    """Per input shape, time each candidate implementation once and keep the fastest."""
-
-    def __init__(self):
-        self.choice: dict[tuple, int] = {}
-
-    def pick(self, key: tuple, candidates: Sequence[Callable[[], torch.Tensor]]) -> int:
-        if key not in self.choice:
-            best, best_time = 0, float("inf")
-            for i, run in enumerate(candidates):
-                run()  # warm-up (and oneDNN primitive creation)
-                start = time.perf_counter()
-                for _ in range(3):
-                    run()
-                elapsed = time.perf_counter() - start
-                if elapsed < best_time:
-                    best, best_time = i, elapsed
-            self.choice[key] = best
-        return self.choice[key]
+def fastest(candidates: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
+            runs: int = 5) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The candidate with the lowest best-of-``runs`` time on ``x`` (after one warm-up run,
+    which also builds oneDNN primitives and packed weights)."""
+    best, best_time = candidates[0], float("inf")
+    for run in candidates:
+        run(x)
+        for _ in range(runs):
+            start = time.perf_counter()
+            run(x)
+            elapsed = time.perf_counter() - start
+            if elapsed < best_time:
+                best, best_time = run, elapsed
+    return best
 
 
 class FusedConv2d(nn.Module):
@@ -99,7 +98,10 @@ class FusedConv2d(nn.Module):
             raise ValueError(f"FusedConv2d supports numeric zero padding, got {conv.padding!r}/{conv.padding_mode!r}")
         self.relu, self.pool = relu, pool
         self._packed: dict[tuple, torch.Tensor] = {}
-        self._timer = _Timed()
+        self._k_major: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.chosen: dict[tuple, Callable] = {}  # input shape -> implementation measured fastest
+        self.triton_ok = (self.groups == 1 and self.dilation == [1, 1] and len(set(self.stride)) == 1
+                          and len(set(self.padding)) == 1)
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}, "
@@ -120,13 +122,25 @@ class FusedConv2d(nn.Module):
             x, packed, self.bias, self.padding, self.stride, self.dilation, self.groups,
             "relu" if self.relu else "none", [], "")
 
+    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+        from .triton.conv import conv2d_bias_act, conv_weight_k_major
+
+        if x.dtype not in self._k_major:
+            self._k_major[x.dtype] = (conv_weight_k_major(self.weight).to(x.dtype), self.bias.to(x.dtype))
+        weight, bias = self._k_major[x.dtype]
+        return conv2d_bias_act(x, weight, bias, tuple(self.weight.shape[2:]), self.stride[0], self.padding[0],
+                               self.relu, self.pool)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        if x.device.type == "cpu" and x.dtype == torch.float32 and _onednn_available():
-            impls = (self._onednn, self._aten)
-            y = impls[self._timer.pick(tuple(x.shape), [lambda f=f: f(x) for f in impls])](x)
-        else:
-            y = self._aten(x)
+        if x.is_cuda and self.triton_ok:
+            return self._triton(x)  # pool fused in the kernel's epilogue
+        impl = self.chosen.get(x.shape)
+        if impl is None:
+            onednn = x.device.type == "cpu" and x.dtype == torch.float32 and _onednn_available()
+            impl = fastest((self._onednn, self._aten), x) if onednn else self._aten
+            self.chosen[x.shape] = impl
+        y = impl(x)
         return F.max_pool2d(y, 2, 2) if self.pool else y
 
 
@@ -153,6 +167,10 @@ class FusedLinear(nn.Module):
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, relu={self.relu}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from .triton.conv import linear_bias_act
+
+            return linear_bias_act(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.relu)
         y = torch.addmm(self.bias, x, self.weight.t())
         return F.relu_(y) if self.relu else y
 
@@ -222,8 +240,9 @@ class FusedMultiTaskNet(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if not x.dtype.is_floating_point:
             raise TypeError(f"input must be a floating tensor, got {x.dtype}")
-        if x.dtype != self.heads_dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the model's {self.heads_dtype}")
+        allowed = (torch.float32, torch.float16, torch.bfloat16) if x.is_cuda else (self.heads_dtype,)
+        if x.dtype not in allowed:
+            raise TypeError(f"input dtype {x.dtype} is not supported on {x.device.type}; use one of {allowed}")
         if self.in_channels is not None and x.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.shape[1]} channels, the model takes {self.in_channels}")
         if self.input_size is not None and tuple(x.shape[2:]) != (self.input_size, self.input_size):

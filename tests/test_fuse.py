@@ -108,3 +108,104 @@ def test_plain_sequential_is_fused():
     with torch.no_grad():
         torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-5)
     assert [type(m).__name__ for m in fused] == ["FusedConv2d", "FusedConv2d", "Flatten", "FusedLinear", "FusedLinear"]
+
+
+# --- Triton kernels of the CUDA path: interpreter numerics and ahead-of-time compilation ---------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+CONV_CASES = [  # (n, c_in, h, w, c_out, kernel, stride, padding, relu, pool)
+    (2, 3, 8, 10, 20, 3, 1, 1, True, True),
+    (1, 1, 6, 6, 16, 3, 1, 1, True, False),
+    (2, 5, 7, 7, 12, 3, 2, 1, False, False),
+    (1, 8, 4, 4, 24, 1, 1, 0, True, False),
+]
+
+
+def check_triton_kernels_under_interpreter(dtype_name):
+    """Runs in a subprocess: TRITON_INTERPRET=1 must be set before triton is imported."""
+    import torch.nn.functional as F
+
+    from mtkernels.triton.conv import conv2d_bias_act, conv_weight_k_major, linear_bias_act
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    dtype = getattr(torch, dtype_name)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    g = torch.Generator().manual_seed(0)
+    for n, c_in, h, w, c_out, k, stride, pad, relu, pool in CONV_CASES:
+        x = torch.randn(n, c_in, h, w, generator=g).to(dtype)
+        weight = torch.randn(c_out, c_in, k, k, generator=g).to(dtype)
+        bias = torch.randn(c_out, generator=g).to(dtype)
+        want = F.conv2d(x.double(), weight.double(), bias.double(), stride=stride, padding=pad)
+        want = F.relu(want) if relu else want
+        want = F.max_pool2d(want, 2) if pool else want
+        got = conv2d_bias_act(x.to(memory_format=torch.channels_last), conv_weight_k_major(weight), bias,
+                              (k, k), stride, pad, relu, pool)
+        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    x, weight, bias = torch.randn(5, 70, generator=g), torch.randn(33, 70, generator=g), torch.randn(33, generator=g)
+    want = F.relu(F.linear(x.double(), weight.double(), bias.double()))
+    got = linear_bias_act(x.to(dtype), weight.to(dtype), bias.to(dtype), True)
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_triton_kernels_under_interpreter(dtype):
+    code = f"import test_fuse as t; t.check_triton_kernels_under_interpreter({dtype!r})"
+    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), capture_output=True,
+                            text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_conv_kernel_compiles_ahead_of_time(pool, dtype, capability):
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from mtkernels.triton.conv import conv2d_bias_act_kernel
+
+    signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+                 **{name: "i32" for name in ("n_out_rows", "height", "width", "c_in", "c_out", "out_h", "out_w",
+                                             "stride", "pad")},
+                 **{name: "constexpr" for name in ("KH", "KW", "RELU", "POOL", "BLOCK_M", "BLOCK_N", "BLOCK_K")}}
+    constexprs = {"KH": 3, "KW": 3, "RELU": True, "POOL": pool, "BLOCK_M": 16 if pool else 64, "BLOCK_N": 64,
+                  "BLOCK_K": 32}
+    compiled = triton.compile(triton.compiler.ASTSource(conv2d_bias_act_kernel, signature, constexprs),
+                              target=GPUTarget("cuda", capability, 32))
+    assert ".entry conv2d_bias_act_kernel" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_linear_kernel_compiles_ahead_of_time(dtype, capability):
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from mtkernels.triton.conv import linear_bias_act_kernel
+
+    signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+                 "rows": "i32", "n_out": "i32", "n_in": "i32",
+                 "RELU": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    compiled = triton.compile(
+        triton.compiler.ASTSource(linear_bias_act_kernel, signature,
+                                  {"RELU": True, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}),
+        target=GPUTarget("cuda", capability, 32))
+    assert ".entry linear_bias_act_kernel" in compiled.asm["ptx"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_cuda_fused_equals_eager(name):
+    torch.manual_seed(1)
+    model = randomise_batchnorm(models.build_model(name)).eval().cuda()
+    fused = mtkernels.fuse_for_inference(model)
+    x = torch.randn(7, 1, model.input_size, model.input_size, device="cuda")
+    with torch.no_grad():
+        want = model(x)
+        got = fused(x)
+    # the kernels use TF32 for float32: 10-bit mantissa products, float32 accumulation
+    torch.testing.assert_close(got, want, rtol=5e-3, atol=5e-3 * want.abs().max().item())
