@@ -1,0 +1,159 @@
+"""Table 3: inference time per image of Multi-task BKNet and ResNet ver1 / ver2.
+
+Eager fp32 (NCHW), eager channels_last, torch.compile, ONNX Runtime (CPU execution
+provider, model exported here) and mtkernels.fuse_for_inference, all in one run, at batch
+1 and 128; plus the achieved GFLOP/s against this machine's fp32 matmul rate, measured in
+the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+
+import pytest
+import torch
+
+import models
+import mtkernels
+from harness import measure, register_report
+from models.summary import count_macs
+from results_io import RESULTS_DIR, atomic_write, write_table
+
+SUITE = "inference"
+NETWORKS = ("bknet", "resnet-v1", "resnet-v2")
+BATCHES = (1, 128)
+IMPLS = ("eager", "channels_last", "compile", "onnxruntime", "fused")
+PAPER_SECONDS = {"bknet": 0.02, "resnet-v1": 0.065, "resnet-v2": 0.071}  # TITAN X, paper 1 Table 3
+MATMUL_SIZE = 2048
+
+
+@functools.lru_cache(maxsize=None)
+def network(name: str):
+    torch.manual_seed(0)
+    return models.build_model(name).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def macs(name: str) -> int:
+    m = network(name)
+    return count_macs(m, (m.in_channels, m.input_size, m.input_size))
+
+
+def onnx_session(model, example):
+    ort = pytest.importorskip("onnxruntime")
+    buf = io.BytesIO()
+    torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+
+
+def runner(impl: str, name: str, batch: int, device: str):
+    model = network(name).to(device)
+    x = torch.randn(batch, 1, model.input_size, model.input_size, device=device)
+    if impl == "onnxruntime":
+        if device != "cpu":
+            pytest.skip("ONNX Runtime is measured with its CPU execution provider")
+        session = onnx_session(model, x)
+        feed = {"x": x.numpy()}
+        return lambda: session.run(None, feed)
+    if impl == "eager":
+        fn = model
+    elif impl == "channels_last":
+        fn = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    elif impl == "compile":
+        fn = torch.compile(copy.deepcopy(model), dynamic=False)
+    else:
+        fn = mtkernels.fuse_for_inference(model)
+
+    def run():
+        with torch.inference_mode():
+            fn(x)
+    return run
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", NETWORKS)
+def test_inference(benchmark, device, name, batch, impl):
+    run = runner(impl, name, batch, device)
+    heavy = batch > 1 and name != "bknet"
+    rounds = 30 if batch == 1 else (3 if heavy else 6)
+    measure(benchmark, run, device, SUITE, rounds=rounds, warmup=1 if heavy else 3,
+            network=name, batch=batch, impl=impl)
+
+
+def test_matmul_peak(benchmark, device):
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    measure(benchmark, lambda: torch.mm(a, b), device, SUITE, rounds=10, warmup=2,
+            network="matmul", batch=MATMUL_SIZE, impl="torch.mm")
+
+
+@register_report(SUITE)
+def report(device, measurements):
+    peak = [m for m in measurements if m["network"] == "matmul"]
+    peak_gflops = 2 * MATMUL_SIZE ** 3 / peak[0]["seconds"] / 1e9 if peak else None
+    times = {(m["network"], m["batch"], m["impl"]): m["seconds"] / m["batch"]
+             for m in measurements if m["network"] != "matmul"}
+    rows = []
+    for name in NETWORKS:
+        for batch in BATCHES:
+            if (name, batch, "eager") not in times:
+                continue
+            row = {"network": name, "batch": batch, "paper TITAN X ms/img": f"{PAPER_SECONDS[name] * 1e3:.0f}"}
+            for impl in IMPLS:
+                t = times.get((name, batch, impl))
+                if t is not None:
+                    row[f"{impl} ms/img"] = f"{t * 1e3:.3f}"
+            fused = times.get((name, batch, "fused"))
+            if fused:
+                for base in ("eager", "compile", "onnxruntime"):
+                    if (name, batch, base) in times:
+                        row[f"fused vs {base}"] = f"{times[(name, batch, base)] / fused:.2f}x"
+                gflops = 2 * macs(name) / fused / 1e9
+                row["fused GFLOP/s"] = f"{gflops:.1f}"
+                if peak_gflops:
+                    row["of matmul peak"] = f"{100 * gflops / peak_gflops:.0f}%"
+            rows.append(row)
+    columns = (["network", "batch", "paper TITAN X ms/img"] + [f"{i} ms/img" for i in IMPLS]
+               + ["fused vs eager", "fused vs compile", "fused vs onnxruntime", "fused GFLOP/s", "of matmul peak"])
+    notes = ("Inference time per image (median of runs, divided by the batch), float32. 'fused vs X' = time of X "
+             "/ time of fused (higher is better). GFLOP/s counts 2 x multiply-accumulates of the conv and linear "
+             "layers (python -m models summary)."
+             + (f" This machine's fp32 matmul ({MATMUL_SIZE}^3, torch.mm) ran at {peak_gflops:.1f} GFLOP/s in the "
+                "same run." if peak_gflops else "")
+             + " Paper: Sang & Cuong 2018, Table 3, TITAN X, batch size not stated.")
+    path = write_table(SUITE, device, rows, columns, f"Table 3: inference time per image, {device}", notes)
+    plot(device, rows)
+    return path
+
+
+def plot(device, rows):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(BATCHES), figsize=(11, 4), sharey=False)
+    for ax, batch in zip(axes, BATCHES):
+        sub = [r for r in rows if r["batch"] == batch]
+        width = 0.8 / len(IMPLS)
+        for k, impl in enumerate(IMPLS):
+            values = [float(r.get(f"{impl} ms/img", "nan")) for r in sub]
+            ax.bar([i + k * width for i in range(len(sub))], values, width, label=impl)
+        ax.set_xticks([i + width * (len(IMPLS) - 1) / 2 for i in range(len(sub))], [r["network"] for r in sub])
+        ax.set_title(f"batch {batch}")
+        ax.set_ylabel("ms / image (lower is better)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Inference time per image on {device}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(RESULTS_DIR / f"{SUITE}-{device}.png", buf.getvalue())
