@@ -98,16 +98,22 @@ void set_active_isa(Isa isa) {
   current() = isa;
 }
 
-LossForwardFn loss_forward_kernel() {
-  switch (current()) {
-#ifdef MTK_HAVE_AVX512
-    case Isa::avx512: return avx512::multitask_loss_forward;
-#endif
+#define MTK_TABLE(isa) \
+  KernelTable { isa::multitask_loss_forward, isa::maxpool2x2_nhwc, isa::conv3x3_single_channel_nhwc }
+
+const KernelTable& kernels() {
+  static const KernelTable baseline_table = MTK_TABLE(baseline);
 #ifdef MTK_HAVE_AVX2
-    case Isa::avx2: return avx2::multitask_loss_forward;
+  static const KernelTable avx2_table = MTK_TABLE(avx2);
+  if (current() == Isa::avx2) return avx2_table;
 #endif
-    default: return baseline::multitask_loss_forward;
-  }
+#ifdef MTK_HAVE_AVX512
+  static const KernelTable avx512_table = MTK_TABLE(avx512);
+  if (current() == Isa::avx512) return avx512_table;
+#endif
+  return baseline_table;
 }
+
+#undef MTK_TABLE
 
 }  // namespace mtk

@@ -4,6 +4,7 @@
 #include <map>
 #include <string>
 
+#include "conv.h"
 #include "multitask_loss.h"
 
 namespace mtk {
@@ -16,6 +17,12 @@ Isa isa_from_name(const std::string& name);  // throws std::invalid_argument
 const char* isa_name(Isa isa);
 Isa active_isa();
 void set_active_isa(Isa isa);  // throws std::invalid_argument if unsupported here
-LossForwardFn loss_forward_kernel();
+// The active variant's kernels.
+struct KernelTable {
+  LossForwardFn multitask_loss_forward;
+  MaxPoolFn maxpool2x2_nhwc;
+  Conv3x3SingleChannelFn conv3x3_single_channel_nhwc;
+};
+const KernelTable& kernels();
 
 }  // namespace mtk

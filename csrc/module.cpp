@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "conv.h"
 #include "cpu_dispatch.h"
 #include "multitask_loss.h"
 
@@ -48,7 +49,28 @@ int64_t multitask_loss_forward(uintptr_t logits, int dtype, int64_t rows, int64_
     return 0;
   }
   py::gil_scoped_release release;
-  return mtk::loss_forward_kernel()(problem);
+  return mtk::kernels().multitask_loss_forward(problem);
+}
+
+void maxpool2x2_nhwc(uintptr_t src, uintptr_t dst, int64_t batch, int64_t height, int64_t width,
+                     int64_t channels, int num_threads) {
+  if (batch < 0 || height < 0 || width < 0 || channels < 0) throw std::invalid_argument("negative size");
+  if (batch * (height / 2) * (width / 2) * channels == 0) return;
+  const mtk::MaxPoolProblem problem{as_ptr<const float>(src), as_ptr<float>(dst), batch, height, width, channels,
+                                    std::max(1, num_threads)};
+  py::gil_scoped_release release;
+  mtk::kernels().maxpool2x2_nhwc(problem);
+}
+
+void conv3x3_single_channel_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch,
+                                 int64_t height, int64_t width, int64_t out_channels, bool relu, int num_threads) {
+  if (batch < 0 || height < 0 || width < 0 || out_channels < 0) throw std::invalid_argument("negative size");
+  if (batch * height * width * out_channels == 0) return;
+  const mtk::Conv3x3SingleChannelProblem problem{as_ptr<const float>(src), as_ptr<const float>(weight),
+                                                 as_ptr<const float>(bias), as_ptr<float>(dst), batch, height,
+                                                 width, out_channels, relu, std::max(1, num_threads)};
+  py::gil_scoped_release release;
+  mtk::kernels().conv3x3_single_channel_nhwc(problem);
 }
 
 }  // namespace
@@ -60,6 +82,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("kind"), py::arg("margin"), py::arg("reduce"), py::arg("loss"), py::arg("grad"),
         py::arg("num_threads"),
         "Masked multi-task loss and its gradient in one pass; returns the number of out-of-range labels.");
+  m.def("maxpool2x2_nhwc", &maxpool2x2_nhwc, py::arg("src"), py::arg("dst"), py::arg("batch"), py::arg("height"),
+        py::arg("width"), py::arg("channels"), py::arg("num_threads"),
+        "2x2 / stride 2 max-pool of a contiguous NHWC float32 buffer.");
+  m.def("conv3x3_single_channel_nhwc", &conv3x3_single_channel_nhwc, py::arg("src"), py::arg("weight"),
+        py::arg("bias"), py::arg("dst"), py::arg("batch"), py::arg("height"), py::arg("width"),
+        py::arg("out_channels"), py::arg("relu"), py::arg("num_threads"),
+        "3x3 / stride 1 / pad 1 convolution of a one-channel float32 image to NHWC, + bias (+ ReLU).");
   m.def("cpu_features", &mtk::cpu_features, "Instruction-set extensions this CPU and OS support.");
   m.def("isa", []() { return std::string(mtk::isa_name(mtk::active_isa())); },
         "The kernel variant in use: 'baseline', 'avx2' or 'avx512'.");

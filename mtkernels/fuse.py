@@ -8,9 +8,10 @@ What is fused (all exact up to float rounding):
   and weights pre-packed once per input shape, or ``F.conv2d`` + in-place ReLU -- each
   layer times both on its first call for an input shape and keeps the faster. CUDA: the
   Triton implicit-GEMM kernel of ``mtkernels.triton.conv`` (float32 / TF32, float16,
-  bfloat16). A 2x2/2 max-pool after the ReLU belongs to the same module: the Triton
-  kernel reduces it in its epilogue and writes only the pooled output; on CPU it is a
-  separate pooling op on the conv's output.
+  bfloat16). A one-input-channel 3x3 conv (the first layer) also has a direct C++ NHWC
+  kernel among the CPU candidates. A 2x2/2 max-pool after the ReLU belongs to the same
+  module: the Triton kernel reduces it in its epilogue and writes only the pooled output;
+  on CPU it is a separate C++ NHWC pooling pass over the conv's output.
 * BatchNorm that cannot be folded (pre-activation, between a residual add and a conv
   with zero padding) runs as one per-channel affine + ReLU.
 * Dropout is removed.
@@ -102,6 +103,8 @@ class FusedConv2d(nn.Module):
         self.chosen: dict[tuple, Callable] = {}  # input shape -> implementation measured fastest
         self.triton_ok = (self.groups == 1 and self.dilation == [1, 1] and len(set(self.stride)) == 1
                           and len(set(self.padding)) == 1)
+        self.single_channel_3x3 = (tuple(weight.shape[1:]) == (1, 3, 3) and self.stride == [1, 1]
+                                   and self.padding == [1, 1] and self.dilation == [1, 1] and self.groups == 1)
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}, "
@@ -122,12 +125,21 @@ class FusedConv2d(nn.Module):
             x, packed, self.bias, self.padding, self.stride, self.dilation, self.groups,
             "relu" if self.relu else "none", [], "")
 
-    def _triton(self, x: torch.Tensor) -> torch.Tensor:
-        from .triton.conv import conv2d_bias_act, conv_weight_k_major
+    def _weight_k_major(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype not in self._k_major:
+            k_major = self.weight.permute(2, 3, 1, 0).reshape(-1, self.weight.shape[0]).contiguous()
+            self._k_major[dtype] = (k_major.to(dtype), self.bias.to(dtype))
+        return self._k_major[dtype]
 
-        if x.dtype not in self._k_major:
-            self._k_major[x.dtype] = (conv_weight_k_major(self.weight).to(x.dtype), self.bias.to(x.dtype))
-        weight, bias = self._k_major[x.dtype]
+    def _direct_single_channel(self, x: torch.Tensor) -> torch.Tensor:
+        from .ops.conv import conv3x3_single_channel
+
+        return conv3x3_single_channel(x, *self._weight_k_major(torch.float32), self.relu)
+
+    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+        from .triton.conv import conv2d_bias_act
+
+        weight, bias = self._weight_k_major(x.dtype)
         return conv2d_bias_act(x, weight, bias, tuple(self.weight.shape[2:]), self.stride[0], self.padding[0],
                                self.relu, self.pool)
 
@@ -135,13 +147,24 @@ class FusedConv2d(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         if x.is_cuda and self.triton_ok:
             return self._triton(x)  # pool fused in the kernel's epilogue
+        cpu_f32 = x.device.type == "cpu" and x.dtype == torch.float32
         impl = self.chosen.get(x.shape)
         if impl is None:
-            onednn = x.device.type == "cpu" and x.dtype == torch.float32 and _onednn_available()
-            impl = fastest((self._onednn, self._aten), x) if onednn else self._aten
+            candidates = [self._aten]
+            if cpu_f32 and _onednn_available():
+                candidates.append(self._onednn)
+            if cpu_f32 and self.single_channel_3x3:
+                candidates.append(self._direct_single_channel)
+            impl = fastest(candidates, x) if len(candidates) > 1 else self._aten
             self.chosen[x.shape] = impl
         y = impl(x)
-        return F.max_pool2d(y, 2, 2) if self.pool else y
+        if not self.pool:
+            return y
+        if cpu_f32:
+            from .ops.conv import maxpool2x2
+
+            return maxpool2x2(y)
+        return F.max_pool2d(y, 2, 2)
 
 
 class FusedLinear(nn.Module):

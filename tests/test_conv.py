@@ -1,0 +1,49 @@
+"""CPU NHWC kernels of the inference path (csrc/conv_kernel.cpp via mtkernels.ops.conv)
+against PyTorch's own ops, for every ISA variant this CPU runs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtkernels import _C
+from mtkernels.ops.conv import conv3x3_single_channel, maxpool2x2
+
+ISAS = [isa for isa in ("baseline", "avx2", "avx512") if _C.isa_supported(isa)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = _C.isa()
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(before)
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 48, 48), (3, 5, 7, 9), (2, 256, 6, 6), (1, 1, 2, 2), (130, 8, 4, 4)])
+def test_maxpool_matches_torch(isa, shape):
+    x = torch.randn(shape).to(memory_format=torch.channels_last)
+    got = maxpool2x2(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, F.max_pool2d(x, 2, 2))
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("shape,c_out", [((1, 1, 48, 48), 32), ((3, 1, 5, 7), 13), ((130, 1, 8, 8), 16)])
+def test_single_channel_conv_matches_torch(isa, shape, c_out, relu):
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(shape, generator=g), torch.randn(c_out, 1, 3, 3, generator=g), torch.randn(c_out, generator=g)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    want = F.relu(want) if relu else want
+    k_major = weight.permute(2, 3, 1, 0).reshape(9, c_out)
+    got = conv3x3_single_channel(x, k_major, bias, relu)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_reported():
+    with pytest.raises(TypeError, match="float32 CPU tensor"):
+        maxpool2x2(torch.zeros(1, 2, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[N, 1, H, W\]"):
+        conv3x3_single_channel(torch.zeros(1, 2, 4, 4), torch.zeros(9, 3), torch.zeros(3), True)
+    with pytest.raises(ValueError, match=r"weight_k_major must be \[9, C_out\]"):
+        conv3x3_single_channel(torch.zeros(1, 1, 4, 4), torch.zeros(8, 3), torch.zeros(3), True)
