@@ -73,3 +73,31 @@ def write_table(suite: str, device: str, rows: list[dict], columns: list[str], t
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
     atomic_write(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     return stem.with_suffix(".md")
+
+
+def save_bar_chart(path: Path, panels, ylabel: str, title: str, log: bool = False) -> None:
+    """Grouped bars, one panel per (panel_title, categories, {series: values}); PNG, atomic.
+    Skipped without matplotlib: the CSV and markdown hold the same numbers."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 5.5 * len(panels)), 4), squeeze=False)
+    for ax, (panel_title, categories, series) in zip(axes[0], panels):
+        width = 0.8 / max(1, len(series))
+        for k, (name, values) in enumerate(series.items()):
+            ax.bar([i + k * width for i in range(len(categories))], values, width, label=name)
+        ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(categories))], categories, fontsize=7)
+        ax.set_title(panel_title)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())

@@ -19,7 +19,7 @@ import models
 import mtkernels
 from harness import measure, register_report
 from models.summary import count_macs
-from results_io import RESULTS_DIR, atomic_write, write_table
+from results_io import RESULTS_DIR, save_bar_chart, write_table
 
 SUITE = "inference"
 NETWORKS = ("bknet", "resnet-v1", "resnet-v2")
@@ -129,31 +129,11 @@ def report(device, measurements):
                 "same run." if peak_gflops else "")
              + " Paper: Sang & Cuong 2018, Table 3, TITAN X, batch size not stated.")
     path = write_table(SUITE, device, rows, columns, f"Table 3: inference time per image, {device}", notes)
-    plot(device, rows)
-    return path
-
-
-def plot(device, rows):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, len(BATCHES), figsize=(11, 4), sharey=False)
-    for ax, batch in zip(axes, BATCHES):
+    panels = []
+    for batch in BATCHES:
         sub = [r for r in rows if r["batch"] == batch]
-        width = 0.8 / len(IMPLS)
-        for k, impl in enumerate(IMPLS):
-            values = [float(r.get(f"{impl} ms/img", "nan")) for r in sub]
-            ax.bar([i + k * width for i in range(len(sub))], values, width, label=impl)
-        ax.set_xticks([i + width * (len(IMPLS) - 1) / 2 for i in range(len(sub))], [r["network"] for r in sub])
-        ax.set_title(f"batch {batch}")
-        ax.set_ylabel("ms / image (lower is better)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Inference time per image on {device}")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(RESULTS_DIR / f"{SUITE}-{device}.png", buf.getvalue())
+        panels.append((f"batch {batch}", [r["network"] for r in sub],
+                       {impl: [float(r.get(f"{impl} ms/img", "nan")) for r in sub] for impl in IMPLS}))
+    save_bar_chart(RESULTS_DIR / f"{SUITE}-{device}.png", panels, "ms / image (lower is better)",
+                   f"Inference time per image on {device}")
+    return path

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness import measure, register_report
-from results_io import RESULTS_DIR, atomic_write, write_table
+from results_io import RESULTS_DIR, save_bar_chart, write_table
 from mtkernels import MultiTaskLoss
 from mtkernels._validation import loss_spec
 from mtkernels.reference import loss_from_spec
@@ -86,32 +86,8 @@ def report(device, measurements):
              "of mtkernels (higher is better); 'mtkernels / copy' = time of mtkernels / time of one copy of "
              "the logits into a gradient-sized buffer (lower is better). 30% of labels are -1.")
     path = write_table(SUITE, device, rows, columns, f"Multi-task loss, {device}", notes)
-    plot(device, rows)
+    categories = [f"N={r['N']}\n{r['tasks']} {r['kind']}" for r in rows]
+    series = {impl: [float(r.get(f"{impl} us", "nan")) for r in rows] for impl in IMPLS}
+    save_bar_chart(RESULTS_DIR / f"{SUITE}-{device}.png", [("", categories, series)],
+                   "forward + backward, us (log)", f"Multi-task loss on {device}", log=True)
     return path
-
-
-def plot(device, rows):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    import io
-
-    labels = [f"N={r['N']}\n{r['tasks']} {r['kind']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    width = 0.8 / len(IMPLS)
-    for k, impl in enumerate(IMPLS):
-        values = [float(r.get(f"{impl} us", "nan")) for r in rows]
-        ax.bar([i + k * width for i in range(len(rows))], values, width, label=impl)
-    ax.set_yscale("log")
-    ax.set_ylabel("forward + backward, us (log)")
-    ax.set_xticks([i + width * (len(IMPLS) - 1) / 2 for i in range(len(rows))], labels, fontsize=7)
-    ax.legend()
-    ax.set_title(f"Multi-task loss on {device}")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(RESULTS_DIR / f"{SUITE}-{device}.png", buf.getvalue())

@@ -6,10 +6,8 @@
 #include <algorithm>
 
 #include "conv.h"
+#include "isa_variant.h"
 
-#ifndef MTK_ISA
-#error "MTK_ISA must name the instruction-set variant being compiled"
-#endif
 
 namespace mtk {
 namespace MTK_ISA {

@@ -15,11 +15,9 @@
 #include <limits>
 #include <vector>
 
+#include "isa_variant.h"
 #include "multitask_loss.h"
 
-#ifndef MTK_ISA
-#error "MTK_ISA must name the instruction-set variant being compiled"
-#endif
 
 namespace mtk {
 namespace MTK_ISA {

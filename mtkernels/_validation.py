@@ -56,31 +56,22 @@ class LossSpec:
         return list(self.task_weights)
 
 
-def _as_int_tuple(name: str, value) -> tuple[int, ...]:
+def _as_tuple(name: str, value, element: type, element_name: str, cast) -> tuple:
+    """``value`` (a sequence or tensor) as a tuple of ``cast`` values, or TypeError naming ``name``."""
     if isinstance(value, torch.Tensor):
         value = value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a sequence of ints, got {type(value).__name__}")
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value):
-        raise TypeError(f"{name} must be a sequence of ints, got {list(value)!r}")
-    return tuple(int(v) for v in value)
-
-
-def _as_float_tuple(name: str, value) -> tuple[float, ...]:
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a sequence of numbers, got {type(value).__name__}")
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in value):
-        raise TypeError(f"{name} must be a sequence of numbers, got {list(value)!r}")
-    return tuple(float(v) for v in value)
+        raise TypeError(f"{name} must be a sequence of {element_name}, got {type(value).__name__}")
+    if any(isinstance(v, bool) or not isinstance(v, element) for v in value):
+        raise TypeError(f"{name} must be a sequence of {element_name}, got {list(value)!r}")
+    return tuple(cast(v) for v in value)
 
 
 def loss_spec(num_classes, kind: str = "ce", task_weights=None, margin: float = 1.0,
               reduction: str = "mean") -> LossSpec:
     """Validate the static arguments of ``multitask_loss`` and return their cached spec."""
-    classes = _as_int_tuple("num_classes", num_classes)
-    weights = None if task_weights is None else _as_float_tuple("task_weights", task_weights)
+    classes = _as_tuple("num_classes", num_classes, numbers.Integral, "ints", int)
+    weights = None if task_weights is None else _as_tuple("task_weights", task_weights, numbers.Real, "numbers", float)
     if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
         raise TypeError(f"margin must be a real number, got {type(margin).__name__}")
     for name, value in (("kind", kind), ("reduction", reduction)):

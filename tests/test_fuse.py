@@ -113,8 +113,8 @@ def test_plain_sequential_is_fused():
 # --- Triton kernels of the CUDA path: interpreter numerics and ahead-of-time compilation ---------
 
 import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+
+from triton_checks import compile_ptx, run_under_interpreter  # noqa: E402
 
 CONV_CASES = [  # (n, c_in, h, w, c_out, kernel, stride, padding, relu, pool)
     (2, 3, 8, 10, 20, 3, 1, 1, True, True),
@@ -153,19 +153,14 @@ def check_triton_kernels_under_interpreter(dtype_name):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_triton_kernels_under_interpreter(dtype):
-    code = f"import test_fuse as t; t.check_triton_kernels_under_interpreter({dtype!r})"
-    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), capture_output=True,
-                            text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_under_interpreter("test_fuse", "check_triton_kernels_under_interpreter", dtype)
 
 
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("pool", [False, True])
 def test_conv_kernel_compiles_ahead_of_time(pool, dtype, capability):
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-
+    pytest.importorskip("triton")
     from mtkernels.triton.conv import conv2d_bias_act_kernel
 
     signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
@@ -174,27 +169,20 @@ def test_conv_kernel_compiles_ahead_of_time(pool, dtype, capability):
                  **{name: "constexpr" for name in ("KH", "KW", "RELU", "POOL", "BLOCK_M", "BLOCK_N", "BLOCK_K")}}
     constexprs = {"KH": 3, "KW": 3, "RELU": True, "POOL": pool, "BLOCK_M": 16 if pool else 64, "BLOCK_N": 64,
                   "BLOCK_K": 32}
-    compiled = triton.compile(triton.compiler.ASTSource(conv2d_bias_act_kernel, signature, constexprs),
-                              target=GPUTarget("cuda", capability, 32))
-    assert ".entry conv2d_bias_act_kernel" in compiled.asm["ptx"]
+    assert ".entry conv2d_bias_act_kernel" in compile_ptx(conv2d_bias_act_kernel, signature, constexprs, capability)
 
 
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_linear_kernel_compiles_ahead_of_time(dtype, capability):
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-
+    pytest.importorskip("triton")
     from mtkernels.triton.conv import linear_bias_act_kernel
 
     signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
                  "rows": "i32", "n_out": "i32", "n_in": "i32",
                  "RELU": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-    compiled = triton.compile(
-        triton.compiler.ASTSource(linear_bias_act_kernel, signature,
-                                  {"RELU": True, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}),
-        target=GPUTarget("cuda", capability, 32))
-    assert ".entry linear_bias_act_kernel" in compiled.asm["ptx"]
+    constexprs = {"RELU": True, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}
+    assert ".entry linear_bias_act_kernel" in compile_ptx(linear_bias_act_kernel, signature, constexprs, capability)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import loss_oracle
+from triton_checks import compile_ptx, run_under_interpreter
 import mtkernels
 from mtkernels import _C, reference
 from mtkernels.ops.multitask_loss import multitask_loss_op
@@ -288,18 +289,13 @@ def check_triton_kernel_under_interpreter(kind, dtype_name):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("kind", ["ce", "svm"])
 def test_triton_kernel_under_interpreter(kind, dtype):
-    code = f"import test_multitask_loss as t; t.check_triton_kernel_under_interpreter({kind!r}, {dtype!r})"
-    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), capture_output=True,
-                            text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_under_interpreter("test_multitask_loss", "check_triton_kernel_under_interpreter", kind, dtype)
 
 
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["ce", "svm"])
 def test_triton_kernel_compiles_ahead_of_time(kind, dtype, capability):
-    from triton.backends.compiler import GPUTarget
-
     kernel = triton_loss.multitask_loss_kernel
     block_n, block_c = triton_loss.block_sizes((2, 7, 2))
     signature = {
@@ -309,9 +305,7 @@ def test_triton_kernel_compiles_ahead_of_time(kind, dtype, capability):
         "BLOCK_N": "constexpr", "BLOCK_C": "constexpr", "IS_SVM": "constexpr", "COMPUTE_GRAD": "constexpr",
     }
     constexprs = {"BLOCK_N": block_n, "BLOCK_C": block_c, "IS_SVM": kind == "svm", "COMPUTE_GRAD": True}
-    compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs),
-                              target=GPUTarget("cuda", capability, 32))
-    ptx = compiled.asm["ptx"]
+    ptx = compile_ptx(kernel, signature, constexprs, capability)
     assert ".entry multitask_loss_kernel" in ptx and f".target sm_{capability}" in ptx
 
 
