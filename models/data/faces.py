@@ -1,0 +1,142 @@
+"""Face crops for training and analysis: facenet-pytorch's MTCNN (its weights ship with
+the package; nothing is downloaded) finds the most confident face, which is optionally
+rotated so the eye line is level (paper 2, capped at 10 degrees), cropped, converted to
+gray and resized. ``crop_dataset`` runs once per source and settings and caches the
+result in one ``.npz``; an interrupted run resumes from its last saved chunk."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .formats import SkipReport
+
+CHUNK = 64  # images between two saves of a running crop job
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    size: int = 48
+    level_eyes: bool = False
+    max_rotation: float = 10.0
+
+    def key(self) -> str:
+        return f"s{self.size}-eyes{int(self.level_eyes)}-r{self.max_rotation:g}"
+
+
+@dataclass
+class Face:
+    box: tuple[float, float, float, float]   # x0, y0, x1, y1 in the source image
+    landmarks: np.ndarray                    # [5, 2]: eyes, nose, mouth corners
+    confidence: float
+
+
+class FaceCropper:
+    def __init__(self, settings: CropSettings = CropSettings(), device: str = "cpu"):
+        from facenet_pytorch import MTCNN
+
+        self.settings = settings
+        self.detector = MTCNN(keep_all=True, device=device)
+
+    def detect(self, image: Image.Image) -> list[Face]:
+        boxes, probs, points = self.detector.detect(image.convert("RGB"), landmarks=True)
+        if boxes is None:
+            return []
+        order = np.argsort(-np.asarray(probs, dtype=np.float64))
+        return [Face(tuple(float(v) for v in boxes[i]), np.asarray(points[i]), float(probs[i])) for i in order]
+
+    def crop(self, image: Image.Image, face: Face) -> np.ndarray:
+        """uint8 [size, size] gray crop of ``face``."""
+        gray = image.convert("L")
+        x0, y0, x1, y1 = face.box
+        if self.settings.level_eyes:
+            (lx, ly), (rx, ry) = face.landmarks[0], face.landmarks[1]
+            angle = math.degrees(math.atan2(ry - ly, rx - lx))
+            angle = max(-self.settings.max_rotation, min(self.settings.max_rotation, angle))
+            centre = ((lx + rx) / 2, (ly + ry) / 2)
+            gray = gray.rotate(angle, resample=Image.BILINEAR, center=centre, fillcolor=0)
+        crop = gray.crop((round(x0), round(y0), round(x1), round(y1)))
+        return np.asarray(crop.resize((self.settings.size, self.settings.size), Image.BILINEAR), dtype=np.uint8)
+
+    def crop_file(self, path: Path) -> tuple[Optional[np.ndarray], str]:
+        """(crop, "") or (None, reason): "missing file", "unreadable image" or "no face"."""
+        try:
+            with Image.open(path) as image:
+                image.load()
+                faces = self.detect(image)
+                return (self.crop(image, faces[0]), "") if faces else (None, "no face")
+        except FileNotFoundError:
+            return None, "missing file"
+        except (UnidentifiedImageError, OSError, ValueError):
+            return None, "unreadable image"
+
+
+def _cache_key(name: str, paths: Sequence[Path], settings: CropSettings) -> str:
+    digest = hashlib.sha1(json.dumps([name, settings.key(), [str(p) for p in paths]]).encode()).hexdigest()
+    return f"{name}-{settings.key()}-{digest[:12]}"
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def crop_dataset(name: str, paths: Sequence[Path], cache_dir, settings: CropSettings = CropSettings(),
+                 cropper: Optional[FaceCropper] = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, SkipReport]:
+    """Crops of every image: (uint8 [n_ok, S, S], indices into ``paths`` of those crops,
+    report of the rest). Cached in ``cache_dir``; resumes a partial run."""
+    cache_dir = Path(cache_dir)
+    key = _cache_key(name, paths, settings)
+    final, partial = cache_dir / f"{key}.npz", cache_dir / f"{key}.partial.npz"
+    if final.exists():
+        data = np.load(final, allow_pickle=False)
+        return data["images"], data["kept"], _report(paths, data["reasons"])
+    side = settings.size
+    images = np.zeros((len(paths), side, side), np.uint8)
+    reasons = np.full(len(paths), "", dtype="<U32")
+    done = 0
+    if partial.exists():
+        data = np.load(partial, allow_pickle=False)
+        done = int(data["done"])
+        images[:done], reasons[:done] = data["images"][:done], data["reasons"][:done]
+    cropper = cropper or FaceCropper(settings)
+    from tqdm import tqdm
+
+    with tqdm(total=len(paths), initial=done, desc=f"cropping {name}", disable=not progress, unit="img") as bar:
+        for start in range(done, len(paths), CHUNK):
+            for i in range(start, min(start + CHUNK, len(paths))):
+                crop, reason = cropper.crop_file(Path(paths[i]))
+                if crop is None:
+                    reasons[i] = reason
+                else:
+                    images[i] = crop
+                bar.update(1)
+            done = min(start + CHUNK, len(paths))
+            _save_npz(partial, done=np.array(done), images=images[:done], reasons=reasons[:done])
+    kept = np.flatnonzero(reasons == "")
+    _save_npz(final, images=images[kept], kept=kept, reasons=reasons)
+    partial.unlink(missing_ok=True)
+    return images[kept], kept, _report(paths, reasons)
+
+
+def _report(paths: Sequence[Path], reasons: np.ndarray) -> SkipReport:
+    report = SkipReport()
+    for path, reason in zip(paths, reasons):
+        if reason:
+            report.add(str(path), str(reason))
+    return report
