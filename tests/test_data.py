@@ -93,6 +93,9 @@ def test_crop_dataset_caches_resumes_and_reports(tmp_path):
         settings = CropSettings(size=8)
         calls = 0
 
+        def crop_files(self, paths):
+            return [self.crop_file(p) for p in paths]
+
         def crop_file(self, path):
             CountingCropper.calls += 1
             return (None, "no face") if "x" in path.name else (np.full((8, 8), len(path.name), np.uint8), "")
@@ -234,3 +237,48 @@ def test_augmentation_is_deterministic_under_a_seed():
 def test_augment_rejects_bad_input():
     with pytest.raises(ValueError, match="float"):
         augment_batch(torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
+
+
+def test_eye_line_rotation_is_capped(tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    from models.data.faces import CropSettings, FaceCropper
+
+    tilted = Image.fromarray(data.astronaut()).rotate(-25, resample=Image.BILINEAR, center=(225, 115))
+    level = FaceCropper(CropSettings(size=48, level_eyes=True, max_rotation=10.0))
+    plain = FaceCropper(CropSettings(size=48))
+    face = level.detect(tilted)[0]
+    (lx, ly), (rx, ry) = face.landmarks[0], face.landmarks[1]
+    assert abs(math.degrees(math.atan2(ry - ly, rx - lx))) > 15  # really tilted
+    levelled, unlevelled = level.crop(tilted, face), plain.crop(tilted, face)
+    capped = plain.crop(tilted.rotate(10 * np.sign(ry - ly), resample=Image.BILINEAR,
+                                      center=((lx + rx) / 2, (ly + ry) / 2)), face)
+    assert not np.array_equal(levelled, unlevelled)
+    assert np.abs(levelled.astype(int) - capped.astype(int)).mean() < 1.0  # rotated by exactly the 10 degree cap
+
+
+def test_prepare_source_crops_and_reports(tmp_path):
+    from models.data.faces import CropSettings, prepare_source
+
+    synthetic.write_genki4k(tmp_path / "genki", n=6, missing=1, corrupt=1, faceless=1)
+    records = read_genki4k(tmp_path / "genki")
+    images, labels, split, report = prepare_source(records, tmp_path / "cache", CropSettings(size=48), progress=False)
+    assert report.counts() == {"missing file": 1, "unreadable image": 1, "no face": 1}
+    assert images.shape == (4, 48, 48) and len(labels["smile"]) == 4 and len(split) == 4
+    fer = read_fer2013(synthetic.write_fer2013(tmp_path / "fer", n=5, bad_rows=0))
+    pixels, _, _, _ = prepare_source(fer, tmp_path / "cache", CropSettings(size=50), progress=False)
+    assert pixels.shape == (5, 50, 50)
+
+
+def test_synth_and_prepare_commands(tmp_path, capsys):
+    from models.__main__ import main
+
+    assert main(["synth", "--out", str(tmp_path), "--sources", "fer2013", "rafdb"]) == 0
+    assert (tmp_path / "fer2013" / "fer2013.csv").exists()
+    assert (tmp_path / "rafdb" / "EmoLabel" / "list_patition_label.txt").exists()
+    assert main(["prepare", "--data-root", str(tmp_path), "--sources", "fer2013", "--cache",
+                 str(tmp_path / "cache"), "--quiet"]) == 0
+    assert "fer2013: 39 faces" in capsys.readouterr().out
+    assert main(["prepare", "--data-root", str(tmp_path), "--sources", "genki4k", "--quiet"]) == 2
+    assert "genki4k: not found" in capsys.readouterr().err

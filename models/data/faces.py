@@ -49,11 +49,8 @@ class FaceCropper:
         self.detector = MTCNN(keep_all=True, device=device)
 
     def detect(self, image: Image.Image) -> list[Face]:
-        boxes, probs, points = self.detector.detect(image.convert("RGB"), landmarks=True)
-        if boxes is None:
-            return []
-        order = np.argsort(-np.asarray(probs, dtype=np.float64))
-        return [Face(tuple(float(v) for v in boxes[i]), np.asarray(points[i]), float(probs[i])) for i in order]
+        """Every face MTCNN finds, most confident first."""
+        return _faces_by_confidence(*self.detector.detect(image.convert("RGB"), landmarks=True))
 
     def crop(self, image: Image.Image, face: Face) -> np.ndarray:
         """uint8 [size, size] gray crop of ``face``."""
@@ -69,16 +66,35 @@ class FaceCropper:
         return np.asarray(crop.resize((self.settings.size, self.settings.size), Image.BILINEAR), dtype=np.uint8)
 
     def crop_file(self, path: Path) -> tuple[Optional[np.ndarray], str]:
-        """(crop, "") or (None, reason): "missing file", "unreadable image" or "no face"."""
-        try:
-            with Image.open(path) as image:
-                image.load()
-                faces = self.detect(image)
-                return (self.crop(image, faces[0]), "") if faces else (None, "no face")
-        except FileNotFoundError:
-            return None, "missing file"
-        except (UnidentifiedImageError, OSError, ValueError):
-            return None, "unreadable image"
+        return self.crop_files([path])[0]
+
+    def crop_files(self, paths: Sequence[Path]) -> list[tuple[Optional[np.ndarray], str]]:
+        """(crop, "") or (None, reason) per file, reason one of "missing file",
+        "unreadable image", "no face". Images of equal size go through MTCNN as one batch."""
+        results: list[tuple[Optional[np.ndarray], str]] = [(None, "")] * len(paths)
+        loaded: dict[tuple[int, int], list[tuple[int, Image.Image]]] = {}
+        for i, path in enumerate(paths):
+            try:
+                with Image.open(path) as image:
+                    rgb = image.convert("RGB")
+                loaded.setdefault(rgb.size, []).append((i, rgb))
+            except FileNotFoundError:
+                results[i] = (None, "missing file")
+            except (UnidentifiedImageError, OSError, ValueError):
+                results[i] = (None, "unreadable image")
+        for group in loaded.values():
+            boxes, probs, points = self.detector.detect([image for _, image in group], landmarks=True)
+            for (i, image), b, p, pts in zip(group, boxes, probs, points):
+                faces = _faces_by_confidence(b, p, pts)
+                results[i] = (self.crop(image, faces[0]), "") if faces else (None, "no face")
+        return results
+
+
+def _faces_by_confidence(boxes, probs, points) -> list[Face]:
+    if boxes is None:
+        return []
+    order = np.argsort(-np.asarray(probs, dtype=np.float64))
+    return [Face(tuple(float(v) for v in boxes[i]), np.asarray(points[i]), float(probs[i])) for i in order]
 
 
 def _cache_key(name: str, paths: Sequence[Path], settings: CropSettings) -> str:
@@ -119,14 +135,14 @@ def crop_dataset(name: str, paths: Sequence[Path], cache_dir, settings: CropSett
 
     with tqdm(total=len(paths), initial=done, desc=f"cropping {name}", disable=not progress, unit="img") as bar:
         for start in range(done, len(paths), CHUNK):
-            for i in range(start, min(start + CHUNK, len(paths))):
-                crop, reason = cropper.crop_file(Path(paths[i]))
+            stop = min(start + CHUNK, len(paths))
+            for i, (crop, reason) in enumerate(cropper.crop_files([Path(p) for p in paths[start:stop]]), start):
                 if crop is None:
                     reasons[i] = reason
                 else:
                     images[i] = crop
-                bar.update(1)
-            done = min(start + CHUNK, len(paths))
+            bar.update(stop - start)
+            done = stop
             _save_npz(partial, done=np.array(done), images=images[:done], reasons=reasons[:done])
     kept = np.flatnonzero(reasons == "")
     _save_npz(final, images=images[kept], kept=kept, reasons=reasons)
@@ -140,3 +156,18 @@ def _report(paths: Sequence[Path], reasons: np.ndarray) -> SkipReport:
         if reason:
             report.add(str(path), str(reason))
     return report
+
+
+def prepare_source(records, cache_dir, settings: CropSettings = CropSettings(), cropper: Optional[FaceCropper] = None,
+                   progress: bool = True):
+    """(images uint8 [n, S, S], {task: labels [n]}, split [n], report) for a reader's
+    records: FER-2013's pixels resized to S if needed, image files through MTCNN crops."""
+    if records.pixels is not None:
+        pixels = records.pixels
+        if pixels.shape[1:] != (settings.size, settings.size):
+            pixels = np.stack([np.asarray(Image.fromarray(p).resize((settings.size, settings.size), Image.BILINEAR))
+                               for p in pixels]) if len(pixels) else np.zeros((0, settings.size, settings.size), np.uint8)
+        return pixels, records.labels, records.split, records.report
+    images, kept, report = crop_dataset(records.name, records.paths, cache_dir, settings, cropper, progress)
+    report.skipped = records.report.skipped + report.skipped
+    return images, {t: v[kept] for t, v in records.labels.items()}, records.split[kept], report
