@@ -10,9 +10,7 @@
 #endif
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #include "isa_variant.h"

@@ -46,22 +46,22 @@ def _onednn_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
 
 
-def fold_batchnorm(weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``bn(layer(x))`` for a conv / linear ``layer`` (eval-mode BN)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
-    shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
-    folded_w = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
-    folded_b = shift if bias is None else bias * scale + shift
-    return folded_w.detach().clone(), folded_b.detach().clone()
-
-
 def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as y = scale * x + shift, per channel."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.affine:
         scale = scale * bn.weight
     shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0.0)
     return scale.detach().clone(), shift.detach().clone()
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(layer(x))`` for a conv / linear ``layer`` (eval-mode BN)."""
+    scale, shift = _bn_affine(bn)
+    folded_w = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+    folded_b = shift if bias is None else bias * scale + shift
+    return folded_w.detach().clone(), folded_b.detach().clone()
 
 
 def fastest(candidates: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
