@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
 
+from models.io import atomic_write
+
 RESULTS_DIR = Path(__file__).parent / "results"
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file beside ``path`` and rename it: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def cpu_model() -> str:

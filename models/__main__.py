@@ -45,6 +45,65 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _override(config, assignments: list[str]):
+    """Apply --set key=value pairs, typed from the config's own fields."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    changes = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set expects KEY=VALUE with KEY one of {sorted(fields)}, got {item!r}")
+        current = getattr(config, key)
+        if isinstance(current, bool):
+            value = raw.lower() in ("1", "true", "yes")
+        elif isinstance(current, tuple) or (current is None and key == "task_weights"):
+            value = tuple(float(v) if key == "task_weights" else v for v in raw.split(","))
+        elif isinstance(current, (int, float, str)):
+            value = type(current)(raw)
+        else:
+            value = raw
+        changes[key] = value
+    return config.replace(**changes)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import build_model
+    from .data.faces import CropSettings, prepare_source
+    from .data.merge import merge_sources
+    from .data.sources import read_source
+    from .train import config_by_name, train
+
+    config = config_by_name(args.config)
+    if args.epochs is not None:
+        config = config.replace(epochs=args.epochs)
+    config = _override(config, args.set)
+    tasks = build_model(config.model).task_names
+    settings = CropSettings(size=config.image_size, level_eyes=config.model == "emotion-cnn")
+    train_parts, test_parts = [], []
+    for name in config.sources:
+        images, labels, split, report = prepare_source(read_source(name, args.data_root), args.cache, settings,
+                                                       progress=not args.quiet)
+        print(f"{name}: {len(images)} faces; skipped: {report.summary()}")
+        is_train = split == "train"
+        train_parts.append((name, images[is_train], {t: v[is_train] for t, v in labels.items()}))
+        test_parts.append((name, images[~is_train], {t: v[~is_train] for t, v in labels.items()}))
+    train_set = merge_sources(train_parts, tasks)
+    test_parts = [p for p in test_parts if len(p[1])]
+    val_set = merge_sources(test_parts, tasks, balance=False) if test_parts else None
+    out = args.out or f"runs/{config.name}"
+    result = train(config, train_set, out, val_set=val_set, resume=args.resume, loss_impl=args.loss_impl,
+                   progress=not args.quiet)
+    last = result.history[-1] if result.history else {}
+    print(f"{result.stopped} after {result.epochs_run} epochs; checkpoints and metrics.csv in {result.out_dir}; "
+          + " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith(("acc_", "val_acc_"))
+                     and not np.isnan(v)))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m models",
@@ -61,13 +120,16 @@ def make_parser() -> argparse.ArgumentParser:
 
     from .data.sources import READERS
 
+    def sources_argument(p, **kwargs):
+        p.add_argument("--sources", nargs="+", choices=sorted(READERS), metavar="NAME", **kwargs)
+
     p = sub.add_parser("synth", help="write synthetic datasets in the real formats (to try the pipeline)",
                        description="Write small GENKI-4K, FER-2013, Wiki, IMDB and RAF-DB datasets in their exact "
                                    "on-disk formats, with real faces from scikit-image, class-dependent (learnable) "
                                    "pixels, and a few rows each reader must report and skip.")
     p.add_argument("--out", required=True, metavar="DATA_ROOT", help="folder to write DATA_ROOT/<source>/ into")
-    p.add_argument("--sources", nargs="+", choices=sorted(READERS), default=sorted(READERS), metavar="NAME",
-                   help=f"datasets to write (default: all of {', '.join(sorted(READERS))})")
+    sources_argument(p, default=sorted(READERS),
+                     help=f"datasets to write (default: all of {', '.join(sorted(READERS))})")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="read datasets, crop faces with MTCNN once, cache them",
@@ -75,14 +137,32 @@ def make_parser() -> argparse.ArgumentParser:
                                    "and crop faces (MTCNN, gray, SIZE x SIZE) and cache the crops in CACHE; a rerun "
                                    "uses the cache, an interrupted run resumes. Prints kept and skipped counts.")
     p.add_argument("--data-root", required=True, help="folder holding genki4k/, fer2013/, wiki/, imdb/, rafdb/")
-    p.add_argument("--sources", nargs="+", choices=sorted(READERS), required=True, metavar="NAME",
-                   help=f"datasets to prepare: {', '.join(sorted(READERS))}")
+    sources_argument(p, required=True, help=f"datasets to prepare: {', '.join(sorted(READERS))}")
     p.add_argument("--cache", default="cache", help="folder for the cropped-face cache (default: ./cache)")
     p.add_argument("--size", type=int, default=48, help="crop side in pixels (paper 1: 48, paper 2: 50)")
     p.add_argument("--level-eyes", action="store_true", help="rotate so the eye line is level (paper 2)")
     p.add_argument("--max-rotation", type=float, default=10.0, help="cap on that rotation, degrees (default 10)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
+
+    from .train import CONFIGS
+
+    p = sub.add_parser("train", help="train a paper's config (Table 1 A1-B4, ResNet, paper 2)",
+                       description="Train one of the papers' recipes on the datasets under DATA_ROOT (faces "
+                                   "are cropped once and cached). Writes an atomic checkpoint and a metrics.csv "
+                                   "row every epoch; --resume continues a stopped or killed run exactly.")
+    p.add_argument("--config", required=True, choices=sorted(CONFIGS), help="recipe to train")
+    p.add_argument("--data-root", required=True, help="folder holding the datasets (see `prepare --help`)")
+    p.add_argument("--epochs", type=int, help="number of epochs (default: the paper's)")
+    p.add_argument("--out", help="run directory (default: runs/CONFIG)")
+    p.add_argument("--cache", default="cache", help="cropped-face cache folder (default: ./cache)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--loss-impl", choices=["fused", "reference"], default="fused",
+                   help="mtkernels' fused loss (default) or the plain-PyTorch reference, for comparison")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set lr=0.02 --set batch_size=64 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

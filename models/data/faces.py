@@ -10,8 +10,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..io import atomic_write
 from .formats import SkipReport
 
 CHUNK = 64  # images between two saves of a running crop job
@@ -103,13 +102,9 @@ def _cache_key(name: str, paths: Sequence[Path], settings: CropSettings) -> str:
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
 
 
 def crop_dataset(name: str, paths: Sequence[Path], cache_dir, settings: CropSettings = CropSettings(),

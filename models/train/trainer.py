@@ -1,0 +1,244 @@
+"""The training loop: one epoch = one seeded pass over the merged dataset, then an atomic
+checkpoint holding everything needed to continue bit-for-bit (weights, optimiser,
+scheduler, the global RNG that drives dropout); data order and augmentation of epoch e
+come from a generator seeded with (seed, e), so they need no saved state."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import mtkernels
+
+from .. import build_model
+from ..data.augment import augment_batch
+from ..data.merge import MultiTaskDataset
+from ..io import atomic_write
+from .config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stops, earlier checkpoints are kept."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    epochs_run: int
+    stopped: str                           # "completed", "lr below min_lr"
+    history: list[dict] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+def epoch_generator(config: TrainConfig, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+
+
+def _check_out_dir(out_dir: Path, model: torch.nn.Module) -> None:
+    """Fail before training, with a clear message, if checkpoints could not be written."""
+    try:
+        (out_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write to the output directory {out_dir}: {e.strerror or e}") from e
+    # weights + optimiser state (momentum) + a temporary copy while replacing a file
+    needed = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + (1 << 20)
+    free = shutil.disk_usage(out_dir).free
+    if free < needed:
+        raise OSError(f"only {free / 2**20:.1f} MiB free in {out_dir}; a checkpoint needs about "
+                      f"{needed / 2**20:.1f} MiB")
+
+
+def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    if config.schedule == "exponential":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: config.decay_rate ** (step / config.decay_steps))
+    if config.schedule in ("plateau", "val_plateau"):
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min" if config.schedule == "plateau" else "max", factor=config.plateau_factor,
+            patience=config.patience)
+    raise ValueError(f"schedule must be 'exponential', 'plateau' or 'val_plateau', got {config.schedule!r}")
+
+
+def _loss_fn(config: TrainConfig, num_classes, loss_impl: str):
+    if loss_impl == "fused":
+        return mtkernels.MultiTaskLoss(num_classes, kind=config.loss, task_weights=config.task_weights)
+    if loss_impl == "reference":
+        return lambda logits, labels: mtkernels.reference.multitask_loss(
+            logits, labels, num_classes, kind=config.loss, task_weights=config.task_weights)
+    raise ValueError(f"loss_impl must be 'fused' or 'reference', got {loss_impl!r}")
+
+
+def _as_batch(images: np.ndarray, index: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(images[index.numpy()]).unsqueeze(1).float().div_(255.0)
+
+
+def _correct(logits: torch.Tensor, labels: torch.Tensor, num_classes) -> tuple[np.ndarray, np.ndarray]:
+    """Per task: number of labelled rows predicted right, and number of labelled rows."""
+    right, seen = np.zeros(len(num_classes)), np.zeros(len(num_classes))
+    for t, scores in enumerate(logits.split(tuple(num_classes), dim=1)):
+        labelled = labels[:, t] >= 0
+        right[t] = (scores.argmax(dim=1)[labelled] == labels[labelled, t]).sum().item()
+        seen[t] = labelled.sum().item()
+    return right, seen
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: MultiTaskDataset, batch_size: int = 256) -> dict[str, float]:
+    """Accuracy per task over the rows labelled for it (NaN when none is)."""
+    model.eval()
+    right, seen = np.zeros(len(dataset.task_names)), np.zeros(len(dataset.task_names))
+    for start in range(0, len(dataset), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(dataset)))
+        labels = torch.from_numpy(dataset.labels[index.numpy()])
+        r, s = _correct(model(_as_batch(dataset.images, index)), labels, model.num_classes)
+        right, seen = right + r, seen + s
+    return {t: (r / s if s else math.nan) for t, r, s in zip(dataset.task_names, right, seen)}
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    return sorted((out_dir / CHECKPOINTS).glob("epoch-*.pt"))
+
+
+def _save_checkpoint(out_dir: Path, epoch: int, model, optimizer, scheduler, config: TrainConfig, history) -> Path:
+    state = {
+        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(config),
+        "model_name": config.model, "task_names": model.task_names, "class_names": model.class_names,
+        "num_classes": model.num_classes, "history": history,
+    }
+    path = out_dir / CHECKPOINTS / f"epoch-{epoch:04d}.pt"
+    atomic_write(path, _serialise(state))
+    for old in _checkpoints(out_dir)[:-max(1, config.ensemble_size)]:  # the ensemble's last N stay
+        old.unlink()
+    return path
+
+
+def _write_metrics(out_dir: Path, history: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(out_dir / "metrics.csv", buf.getvalue())
+
+
+def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Optional[MultiTaskDataset] = None,
+          resume: bool = False, loss_impl: str = "fused", progress: bool = True) -> TrainResult:
+    """Train ``config.model`` on ``train_set`` for ``config.epochs`` epochs, writing a checkpoint
+    and a metrics row per epoch to ``out_dir``. ``resume`` continues from the last checkpoint."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model)
+    if tuple(train_set.task_names) != tuple(model.task_names):
+        raise ValueError(f"dataset tasks {train_set.task_names} do not match {config.model}'s {model.task_names}")
+    if config.schedule == "val_plateau" and val_set is None:
+        raise ValueError("schedule 'val_plateau' needs a validation set (val_set)")
+    _check_out_dir(out_dir, model)
+    optimizer = _optimizer(config, model)
+    scheduler = _scheduler(config, optimizer)
+    crit = _loss_fn(config, model.num_classes, loss_impl)
+    history: list[dict] = []
+    start_epoch = 1
+    existing = _checkpoints(out_dir)
+    if resume and existing:
+        state = torch.load(existing[-1], weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+    elif existing:
+        raise FileExistsError(f"{out_dir} already holds checkpoints; pass resume=True (--resume) to continue, "
+                              f"or choose another output directory")
+
+    stopped = "completed"
+    epoch = start_epoch - 1
+    best_val, best_state = -math.inf, None
+    for epoch in range(start_epoch, config.epochs + 1):
+        model.train()
+        gen = epoch_generator(config, epoch)
+        order = torch.randperm(len(train_set), generator=gen)
+        total_loss, right, seen, began = 0.0, 0.0, 0.0, time.perf_counter()
+        batches = range(0, len(order), config.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, unit="batch", leave=False)
+        for start in bar:
+            index = order[start:start + config.batch_size]
+            images = _as_batch(train_set.images, index)
+            if config.augment:
+                images = augment_batch(images, gen)
+            labels = torch.from_numpy(train_set.labels[index.numpy()])
+            logits = model(images)
+            loss = crit(logits, labels)
+            if not torch.isfinite(loss):
+                last = _checkpoints(out_dir)
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch}, batch {start // config.batch_size + 1}; "
+                    f"stopping. Last good checkpoint: {last[-1] if last else 'none (diverged in the first epoch)'}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if config.schedule == "exponential":
+                scheduler.step()
+            total_loss += loss.item() * len(index)
+            r, s = _correct(logits.detach(), labels, model.num_classes)
+            right, seen = right + r, seen + s
+            bar.set_postfix(loss=f"{total_loss / (start + len(index)):.4f}",
+                            samples_per_s=f"{(start + len(index)) / (time.perf_counter() - began):.0f}")
+        seconds = time.perf_counter() - began
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": total_loss / len(train_set),
+               "seconds": seconds, "samples_per_s": len(train_set) / seconds}
+        row.update({f"acc_{t}": (r / s if s else math.nan) for t, r, s in zip(train_set.task_names, right, seen)})
+        if val_set is not None:
+            row.update({f"val_acc_{t}": a for t, a in evaluate(model, val_set).items()})
+        if config.schedule == "plateau":
+            scheduler.step(row["loss"])
+        elif config.schedule == "val_plateau":
+            val = row[f"val_acc_{train_set.task_names[0]}"]
+            scheduler.step(val)
+            if val > best_val:
+                best_val, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
+        history.append(row)
+        _save_checkpoint(out_dir, epoch, model, optimizer, scheduler, config, history)
+        _write_metrics(out_dir, history)
+        if progress:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if optimizer.param_groups[0]["lr"] < config.min_lr:
+            stopped = "lr below min_lr"
+            break
+    if best_state is not None:  # paper 2: keep the weights of the best validation epoch
+        model.load_state_dict(best_state)
+        atomic_write(out_dir / "best.pt", _serialise({"model": best_state, "config": dataclasses.asdict(config)}))
+    return TrainResult(out_dir, epoch, stopped, history, _checkpoints(out_dir))
+
+
+def _serialise(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
