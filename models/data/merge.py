@@ -26,6 +26,13 @@ def split_by_fraction(n: int, train_fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
+def balancing_copies(sizes: Sequence[int]) -> list[int]:
+    """How many times each source is repeated so tasks see about as many samples each:
+    round(largest / size), at least 1 (paper 1, section 4.2: 3000 vs 30000 -> 10 copies)."""
+    largest = max(sizes)
+    return [max(1, int(round(largest / size))) for size in sizes]
+
+
 @dataclass
 class MultiTaskDataset:
     images: np.ndarray        # uint8 [N, H, W]
@@ -49,9 +56,9 @@ def merge_sources(sources: Sequence[tuple[str, np.ndarray, Mapping[str, np.ndarr
     if any(s == 0 for s in sizes):
         empty = [name for (name, _, _), s in zip(sources, sizes) if s == 0]
         raise ValueError(f"sources without samples: {empty}")
-    largest = max(sizes)
+    copies_per_source = balancing_copies(sizes) if balance else [1] * len(sizes)
     images, labels, origin = [], [], []
-    for index, ((name, pixels, task_labels), size) in enumerate(zip(sources, sizes)):
+    for index, ((name, pixels, task_labels), size, copies) in enumerate(zip(sources, sizes, copies_per_source)):
         unknown = set(task_labels) - set(task_names)
         if unknown:
             raise ValueError(f"source {name!r} labels tasks {sorted(unknown)} not in task_names {task_names}")
@@ -60,7 +67,6 @@ def merge_sources(sources: Sequence[tuple[str, np.ndarray, Mapping[str, np.ndarr
             if len(values) != size:
                 raise ValueError(f"source {name!r}: {len(values)} {task} labels for {size} images")
             matrix[:, task_names.index(task)] = values
-        copies = max(1, int(round(largest / size))) if balance else 1
         images.append(np.concatenate([pixels] * copies))
         labels.append(np.concatenate([matrix] * copies))
         origin.append(np.full(size * copies, index))

@@ -1,0 +1,92 @@
+"""Table 4: training time. Seconds per SGD step at batch 128 for BKNet and Multi-task ResNet
+ver1 / ver2, with the plain-PyTorch reference loss (the eager baseline), the fused loss,
+and the fused loss with channels_last activations, in one run; and the projected minutes
+per epoch of config B4, whose size follows from paper 1's dataset sizes (section 4.2)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import models
+import mtkernels
+from harness import measure, register_report
+from models.data.merge import balancing_copies
+from results_io import RESULTS_DIR, save_bar_chart, write_table
+
+SUITE = "training"
+BATCH = 128
+NETWORKS = ("bknet", "resnet-v1", "resnet-v2")
+VARIANTS = ("reference", "fused", "fused+channels_last")
+# Paper 1, section 4.2, config B4 training splits: GENKI-4K 3000, FER-2013 (Kaggle) 28709, Wiki 30000.
+B4_TRAIN_SIZES = {"genki4k": 3000, "fer2013": 28709, "wiki": 30000}
+PAPER_TABLE4 = {"bknet": (250, 3.42, 854), "resnet-v1": (100, 8.12, 817), "resnet-v2": (80, 8.67, 693)}
+
+
+def b4_epoch_samples() -> int:
+    sizes = list(B4_TRAIN_SIZES.values())
+    return sum(s * c for s, c in zip(sizes, balancing_copies(sizes)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", NETWORKS)
+def test_training_step(benchmark, device, name, variant):
+    torch.manual_seed(0)
+    model = models.build_model(name).to(device).train()
+    x = torch.rand(BATCH, 1, model.input_size, model.input_size, device=device)
+    labels = torch.stack([torch.randint(0, c, (BATCH,)) for c in model.num_classes], 1).to(device)
+    labels[torch.rand(labels.shape) < 2 / 3] = -1  # multi-source batches: one task labelled per sample
+    if variant.endswith("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01)
+    if variant == "reference":
+        def loss_fn(logits):
+            return mtkernels.reference.multitask_loss(logits, labels, model.num_classes)
+    else:
+        crit = mtkernels.MultiTaskLoss(model.num_classes)
+
+        def loss_fn(logits):
+            return crit(logits, labels)
+
+    def step():
+        optimiser.zero_grad(set_to_none=True)
+        loss_fn(model(x)).backward()
+        optimiser.step()
+
+    heavy = name != "bknet"
+    measure(benchmark, step, device, SUITE, rounds=3 if heavy else 6, warmup=1, network=name, variant=variant)
+
+
+@register_report(SUITE)
+def report(device, measurements):
+    t = {(m["network"], m["variant"]): m["seconds"] for m in measurements}
+    steps = math.ceil(b4_epoch_samples() / BATCH)
+    rows = []
+    for name in NETWORKS:
+        if (name, "reference") not in t:
+            continue
+        epochs, paper_minutes, paper_total = PAPER_TABLE4[name]
+        row = {"network": name, "paper epochs": epochs, "paper min/epoch (TITAN X)": paper_minutes,
+               "paper total min": paper_total}
+        for variant in VARIANTS:
+            if (name, variant) in t:
+                row[f"{variant} s/step"] = f"{t[(name, variant)]:.3f}"
+                row[f"{variant} min/epoch"] = f"{t[(name, variant)] * steps / 60:.1f}"
+        best = min((t[(name, v)] for v in VARIANTS[1:] if (name, v) in t), default=None)
+        if best:
+            row["mtkernels vs reference"] = f"{t[(name, 'reference')] / best:.2f}x"
+        rows.append(row)
+    columns = (["network", "paper epochs", "paper min/epoch (TITAN X)", "paper total min"]
+               + [f"{v} {u}" for v in VARIANTS for u in ("s/step", "min/epoch")] + ["mtkernels vs reference"])
+    notes = (f"One SGD step (forward, loss, backward, update) at batch {BATCH}, median. Epoch = config B4's merged, "
+             f"balanced training set from paper 1's sizes {B4_TRAIN_SIZES} = {b4_epoch_samples()} samples = "
+             f"{steps} steps. 'mtkernels vs reference' = reference step time / the faster mtkernels variant.")
+    path = write_table(SUITE, device, rows, columns, f"Table 4: training time, {device}", notes)
+    save_bar_chart(RESULTS_DIR / f"{SUITE}-{device}.png",
+                   [("", [r["network"] for r in rows],
+                     {v: [float(r.get(f"{v} s/step", "nan")) for r in rows] for v in VARIANTS})],
+                   "seconds per step (lower is better)", f"Training step at batch {BATCH} on {device}")
+    return path
