@@ -163,3 +163,27 @@ def test_train_command_with_overrides_and_resume(tmp_path, capsys):
     assert state["config"]["batch_size"] == 16 and state["config"]["sources"] == ("fer2013",)
     with pytest.raises(SystemExit, match="--set expects KEY=VALUE"):
         main(args + ["--set", "nonsense=1"])
+
+
+@pytest.mark.parametrize("kind", ["ce", "svm"])
+def test_ensemble_is_the_average_of_the_checkpoints(tmp_path, kind):
+    from models.train.evaluate import accuracy, ensemble_scores, load_model, task_scores
+
+    data = learnable_dataset(per_source=32)
+    result = train(small_config(epochs=3, loss=kind, ensemble=True), data, tmp_path, progress=False)
+    assert len(result.checkpoints) == 3
+    images = data.images[:50]
+    each = [task_scores(load_model(c), images, kind) for c in result.checkpoints]
+    together = ensemble_scores(result.checkpoints, images, kind)
+    torch.testing.assert_close(together, (each[0] + each[1] + each[2]) / 3)
+    if kind == "ce":  # per-task probabilities sum to 1
+        for part in together.split((2, 7, 2), dim=1):
+            torch.testing.assert_close(part.sum(dim=1), torch.ones(50))
+    acc = accuracy(together, data.labels[:50], (2, 7, 2), TASKS)
+    assert set(acc) == set(TASKS) and all(0.0 <= v <= 1.0 for v in acc.values() if not math.isnan(v))
+
+
+def test_only_the_last_checkpoints_are_kept(tmp_path):
+    result = train(small_config(epochs=4, ensemble_size=2), learnable_dataset(per_source=16), tmp_path,
+                   progress=False)
+    assert [p.name for p in result.checkpoints] == ["epoch-0003.pt", "epoch-0004.pt"]
