@@ -56,6 +56,7 @@ def test_loss_falls_and_accuracy_beats_chance(tmp_path):
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[-1]["acc_smile"] > 0.75 and history[-1]["acc_gender"] > 0.75 and history[-1]["acc_emotion"] > 0.3
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("epoch,lr,loss")
+    assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in result.checkpoints] == [f"epoch-{e:04d}.pt" for e in range(1, 5)]
     state = torch.load(result.checkpoints[-1], weights_only=False)
     assert state["task_names"] == TASKS and state["model_name"] == "bknet" and state["num_classes"] == (2, 7, 2)

@@ -144,6 +144,34 @@ def _write_metrics(out_dir: Path, history: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(history)
     atomic_write(out_dir / "metrics.csv", buf.getvalue())
+    _plot_learning_curves(out_dir, history)
+
+
+def _plot_learning_curves(out_dir: Path, history: list[dict]) -> None:
+    """learning_curves.png: loss, and accuracy per task (train solid, validation dashed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # metrics.csv holds the same numbers
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    loss_ax.plot(epochs, [row["loss"] for row in history], marker="o")
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for key in history[-1]:
+        if key.startswith("acc_") and not all(math.isnan(row.get(key, math.nan)) for row in history):
+            line, = acc_ax.plot(epochs, [row.get(key, math.nan) for row in history], marker="o", label=key[4:])
+            if f"val_{key}" in history[-1]:
+                acc_ax.plot(epochs, [row.get(f"val_{key}", math.nan) for row in history], linestyle="--",
+                            color=line.get_color())
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy (dashed: validation)", ylim=(0, 1))
+    acc_ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(out_dir / "learning_curves.png", buf.getvalue())
 
 
 def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Optional[MultiTaskDataset] = None,
