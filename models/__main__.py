@@ -69,7 +69,10 @@ def _override(config, assignments: list[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     import numpy as np
+    import torch
 
     from . import build_model
     from .data.faces import CropSettings, prepare_source
@@ -95,8 +98,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     test_parts = [p for p in test_parts if len(p[1])]
     val_set = merge_sources(test_parts, tasks, balance=False) if test_parts else None
     out = args.out or f"runs/{config.name}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one process per rank
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     result = train(config, train_set, out, val_set=val_set, resume=args.resume, loss_impl=args.loss_impl,
                    progress=not args.quiet)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     last = result.history[-1] if result.history else {}
     print(f"{result.stopped} after {result.epochs_run} epochs; checkpoints and metrics.csv in {result.out_dir}; "
           + " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith(("acc_", "val_acc_"))

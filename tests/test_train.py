@@ -188,3 +188,57 @@ def test_only_the_last_checkpoints_are_kept(tmp_path):
     result = train(small_config(epochs=4, ensemble_size=2), learnable_dataset(per_source=16), tmp_path,
                    progress=False)
     assert [p.name for p in result.checkpoints] == ["epoch-0003.pt", "epoch-0004.pt"]
+
+
+# --- data parallel (torchrun, gloo) ----------------------------------------------------------------
+
+GLOBAL_BATCH = 32
+
+
+def frozen_statistics_model():
+    """BKNet with BatchNorm on running statistics and no dropout: on CPU each DDP rank
+    would otherwise normalise with its own half-batch (SyncBatchNorm is GPU-only)."""
+    import models
+
+    torch.manual_seed(0)
+    model = models.MultiTaskBKNet().train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+            m.eval()
+        elif isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def loss_on(net, data, index):
+    import mtkernels
+
+    x = torch.from_numpy(data.images[index.numpy()]).unsqueeze(1).float() / 255
+    return mtkernels.multitask_loss(net(x), torch.from_numpy(data.labels[index.numpy()]), (2, 7, 2))
+
+
+def torchrun(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_ddp_gradients_equal_single_process_on_the_global_batch(tmp_path):
+    result = torchrun("ddp_gradients.py", str(tmp_path / "grads.pt"), cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stderr[-3000:]
+    distributed = torch.load(tmp_path / "grads.pt")
+    model = frozen_statistics_model()
+    loss_on(model, learnable_dataset(), torch.arange(GLOBAL_BATCH)).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(distributed[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_train_command_under_torchrun(tmp_path):
+    from models.__main__ import main
+
+    assert main(["synth", "--out", str(tmp_path / "data"), "--sources", "fer2013"]) == 0
+    result = torchrun("-m", "models", "train", "--config", "B4", "--data-root", str(tmp_path / "data"),
+                      "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--epochs", "1",
+                      "--set", "sources=fer2013", "--set", "batch_size=16", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt")] == ["epoch-0001.pt"]
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 2  # written once, by rank 0

@@ -42,6 +42,30 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torch.distributed was initialised (torchrun)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(index: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of a global batch. Every rank draws the same global order; with the
+    loss's "mean" over the local rows and DDP's gradient average, the update equals the
+    single-process one on the whole batch (when the batch divides evenly)."""
+    return index[rank::world]
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    rank, world = _world()
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 def epoch_generator(config: TrainConfig, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
 
@@ -187,7 +211,9 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
         raise ValueError(f"dataset tasks {train_set.task_names} do not match {config.model}'s {model.task_names}")
     if config.schedule == "val_plateau" and val_set is None:
         raise ValueError("schedule 'val_plateau' needs a validation set (val_set)")
-    _check_out_dir(out_dir, model)
+    rank, world = _world()
+    if rank == 0:
+        _check_out_dir(out_dir, model)
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer)
     crit = _loss_fn(config, model.num_classes, loss_impl)
@@ -206,6 +232,10 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
         raise FileExistsError(f"{out_dir} already holds checkpoints; pass resume=True (--resume) to continue, "
                               f"or choose another output directory")
 
+    net = model
+    if world > 1:
+        # CPU (gloo) keeps per-rank BatchNorm statistics: SyncBatchNorm is GPU-only in torch.
+        net = torch.nn.parallel.DistributedDataParallel(model)
     stopped = "completed"
     epoch = start_epoch - 1
     best_val, best_state = -math.inf, None
@@ -217,12 +247,12 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
         batches = range(0, len(order), config.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, unit="batch", leave=False)
         for start in bar:
-            index = order[start:start + config.batch_size]
+            index = shard(order[start:start + config.batch_size], rank, world)
             images = _as_batch(train_set.images, index)
             if config.augment:
                 images = augment_batch(images, gen)
             labels = torch.from_numpy(train_set.labels[index.numpy()])
-            logits = model(images)
+            logits = net(images)
             loss = crit(logits, labels)
             if not torch.isfinite(loss):
                 last = _checkpoints(out_dir)
@@ -240,6 +270,8 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
             bar.set_postfix(loss=f"{total_loss / (start + len(index)):.4f}",
                             samples_per_s=f"{(start + len(index)) / (time.perf_counter() - began):.0f}")
         seconds = time.perf_counter() - began
+        total_loss, *counts = _all_sum([total_loss, *right, *seen])
+        right, seen = np.array(counts[:len(right)]), np.array(counts[len(right):])
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": total_loss / len(train_set),
                "seconds": seconds, "samples_per_s": len(train_set) / seconds}
         row.update({f"acc_{t}": (r / s if s else math.nan) for t, r, s in zip(train_set.task_names, right, seen)})
@@ -253,16 +285,21 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
             if val > best_val:
                 best_val, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
         history.append(row)
-        _save_checkpoint(out_dir, epoch, model, optimizer, scheduler, config, history)
-        _write_metrics(out_dir, history)
-        if progress:
+        if rank == 0:
+            _save_checkpoint(out_dir, epoch, model, optimizer, scheduler, config, history)
+            _write_metrics(out_dir, history)
+        if world > 1:
+            torch.distributed.barrier()
+        if progress and rank == 0:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if optimizer.param_groups[0]["lr"] < config.min_lr:
             stopped = "lr below min_lr"
             break
     if best_state is not None:  # paper 2: keep the weights of the best validation epoch
         model.load_state_dict(best_state)
-        atomic_write(out_dir / "best.pt", _serialise({"model": best_state, "config": dataclasses.asdict(config)}))
+        if rank == 0:
+            atomic_write(out_dir / "best.pt",
+                         _serialise({"model": best_state, "config": dataclasses.asdict(config)}))
     return TrainResult(out_dir, epoch, stopped, history, _checkpoints(out_dir))
 
 
