@@ -242,3 +242,23 @@ def test_train_command_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt")] == ["epoch-0001.pt"]
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 2  # written once, by rank 0
+
+
+def test_validation_plateau_reduces_lr_stops_and_keeps_the_best_weights(tmp_path):
+    data = learnable_dataset(per_source=32)
+    config = small_config(epochs=30, schedule="val_plateau", patience=0, plateau_factor=0.1, min_lr=0.01,
+                          lr=0.05)
+    result = train(config, data, tmp_path, val_set=data, progress=False)
+    assert result.stopped == "lr below min_lr" and result.epochs_run < 30
+    val = [row["val_acc_smile"] for row in result.history]
+    lrs = [row["lr"] for row in result.history]
+    # rows record the lr each epoch ran with; the cut to 0.005 < min_lr follows the first
+    # epoch without a better validation accuracy, and stops the run
+    assert all(lr == 0.05 for lr in lrs)
+    assert val[-1] <= max(val[:-1])
+    best_epoch = 1 + max(range(len(val) - 1), key=lambda i: (val[i], -i))
+    best = torch.load(tmp_path / "best.pt", weights_only=False)["model"]
+    kept = torch.load(tmp_path / "checkpoints" / f"epoch-{best_epoch:04d}.pt", weights_only=False)["model"]
+    assert all(torch.equal(best[k], kept[k]) for k in best)
+    with pytest.raises(ValueError, match="needs a validation set"):
+        train(config, data, tmp_path / "other", progress=False)
