@@ -68,6 +68,21 @@ def _override(config, assignments: list[str]):
     return config.replace(**changes)
 
 
+def load_sources(config, data_root, cache, quiet: bool):
+    """(name, images, {task: labels}, split) per source of ``config``, faces cropped and cached."""
+    from .data.faces import CropSettings, prepare_source
+    from .data.sources import read_source
+
+    settings = CropSettings(size=config.image_size, level_eyes=config.model == "emotion-cnn")
+    loaded = []
+    for name in config.sources:
+        images, labels, split, report = prepare_source(read_source(name, data_root), cache, settings,
+                                                       progress=not quiet)
+        print(f"{name}: {len(images)} faces; skipped: {report.summary()}")
+        loaded.append((name, images, labels, split))
+    return loaded
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
@@ -75,9 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from . import build_model
-    from .data.faces import CropSettings, prepare_source
     from .data.merge import merge_sources
-    from .data.sources import read_source
     from .train import config_by_name, train
 
     config = config_by_name(args.config)
@@ -85,17 +98,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config.replace(epochs=args.epochs)
     config = _override(config, args.set)
     tasks = build_model(config.model).task_names
-    settings = CropSettings(size=config.image_size, level_eyes=config.model == "emotion-cnn")
     train_parts, test_parts = [], []
-    for name in config.sources:
-        images, labels, split, report = prepare_source(read_source(name, args.data_root), args.cache, settings,
-                                                       progress=not args.quiet)
-        print(f"{name}: {len(images)} faces; skipped: {report.summary()}")
+    for name, images, labels, split in load_sources(config, args.data_root, args.cache, args.quiet):
         is_train = split == "train"
         train_parts.append((name, images[is_train], {t: v[is_train] for t, v in labels.items()}))
-        test_parts.append((name, images[~is_train], {t: v[~is_train] for t, v in labels.items()}))
+        if (~is_train).any():
+            test_parts.append((name, images[~is_train], {t: v[~is_train] for t, v in labels.items()}))
     train_set = merge_sources(train_parts, tasks)
-    test_parts = [p for p in test_parts if len(p[1])]
     val_set = merge_sources(test_parts, tasks, balance=False) if test_parts else None
     out = args.out or f"runs/{config.name}"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one process per rank
@@ -108,6 +117,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{result.stopped} after {result.epochs_run} epochs; checkpoints and metrics.csv in {result.out_dir}; "
           + " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith(("acc_", "val_acc_"))
                      and not np.isnan(v)))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .train.evaluate import evaluate_run, run_config
+
+    config = run_config(args.run)
+    rows = evaluate_run(args.run, load_sources(config, args.data_root, args.cache, args.quiet))
+    for row in rows:
+        print(f"{row['source']:>8} {row['split']:>13} {row['task']:>8}: {100 * row['accuracy']:.2f}% of {row['n']}")
     return 0
 
 
@@ -170,6 +189,17 @@ def make_parser() -> argparse.ArgumentParser:
                    help="override any config field, e.g. --set lr=0.02 --set batch_size=64 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy of a trained run on each dataset's test splits",
+                       description="Score every test split of the run's datasets (FER-2013 public and private "
+                                   "separately) with the run's last checkpoint, or the average of its last "
+                                   "checkpoints when the config uses the ensemble; writes evaluation.json and "
+                                   "evaluation.md to the run directory.")
+    p.add_argument("--run", required=True, help="run directory written by `train`")
+    p.add_argument("--data-root", required=True, help="folder holding the datasets")
+    p.add_argument("--cache", default="cache", help="cropped-face cache folder (default: ./cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

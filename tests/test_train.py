@@ -262,3 +262,32 @@ def test_validation_plateau_reduces_lr_stops_and_keeps_the_best_weights(tmp_path
     assert all(torch.equal(best[k], kept[k]) for k in best)
     with pytest.raises(ValueError, match="needs a validation set"):
         train(config, data, tmp_path / "other", progress=False)
+
+
+def test_evaluate_command_scores_each_test_split_with_the_ensemble(tmp_path, capsys):
+    import json
+
+    from models.__main__ import main
+    from models.data.formats import read_fer2013
+    from models.train.evaluate import accuracy, ensemble_scores
+
+    data_root = tmp_path / "data"
+    assert main(["synth", "--out", str(data_root), "--sources", "fer2013"]) == 0
+    common = ["--data-root", str(data_root), "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert main(["train", "--config", "B4", "--out", str(tmp_path / "run"), "--epochs", "3",
+                 "--set", "sources=fer2013", "--set", "batch_size=16", *common]) == 0
+    assert main(["evaluate", "--run", str(tmp_path / "run"), *common]) == 0
+    rows = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert [(r["source"], r["split"], r["task"]) for r in rows] == [
+        ("fer2013", "private_test", "emotion"), ("fer2013", "public_test", "emotion")]
+    assert all(r["checkpoints"] == 3 for r in rows)  # B4 uses the ensemble: all 3 epochs here
+    fer = read_fer2013(data_root / "fer2013")
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    for row in rows:
+        mask = fer.split == row["split"]
+        labels = np.full((int(mask.sum()), 3), -1)
+        labels[:, 1] = fer.labels["emotion"][mask]
+        want = accuracy(ensemble_scores(checkpoints, fer.pixels[mask], "ce"), labels, (2, 7, 2), TASKS)["emotion"]
+        assert row["accuracy"] == pytest.approx(want) and row["n"] == int(mask.sum())
+    with pytest.raises(FileNotFoundError, match="train a model first"):
+        main(["evaluate", "--run", str(tmp_path / "nothing"), *common])

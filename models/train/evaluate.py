@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import build_model
+from ..io import atomic_write
 
 
 def load_model(checkpoint) -> torch.nn.Module:
@@ -50,3 +52,45 @@ def accuracy(scores: torch.Tensor, labels: np.ndarray, num_classes: Sequence[int
         n = int(labelled.sum())
         out[name] = float((s.argmax(dim=1)[labelled] == labels[labelled, t]).float().mean()) if n else float("nan")
     return out
+
+
+def run_config(run_dir) -> dict:
+    """The training config stored in a run's last checkpoint."""
+    checkpoints = sorted((Path(run_dir) / "checkpoints").glob("epoch-*.pt"))
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoints in {run_dir}/checkpoints: train a model first "
+                                f"(python -m models train --config B4 --data-root DATA --out {run_dir})")
+    from .config import TrainConfig
+
+    stored = torch.load(checkpoints[-1], weights_only=False)["config"]
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+
+
+def evaluate_run(run_dir, sources) -> list[dict]:
+    """Accuracy per (source, test split, task the source labels) of a run: its last
+    checkpoint, or the mean of its last ``ensemble_size`` ones if ``config.ensemble``.
+    ``sources``: (name, images, {task: labels}, split) as the CLI's ``load_sources`` gives.
+    Also writes evaluation.json and evaluation.md into ``run_dir``."""
+    run_dir = Path(run_dir)
+    config = run_config(run_dir)
+    checkpoints = sorted((run_dir / "checkpoints").glob("epoch-*.pt"))
+    used = checkpoints[-config.ensemble_size:] if config.ensemble else checkpoints[-1:]
+    model = load_model(used[-1])
+    rows = []
+    for name, images, labels, split in sources:
+        for part in sorted(set(split) - {"train"}):
+            mask = split == part
+            scores = ensemble_scores(used, images[mask], config.loss)
+            matrix = np.full((int(mask.sum()), len(model.task_names)), -1, dtype=np.int64)
+            for task, values in labels.items():
+                matrix[:, model.task_names.index(task)] = values[mask]
+            for task, acc in accuracy(scores, matrix, model.num_classes, model.task_names).items():
+                if task in labels:
+                    rows.append({"source": name, "split": part, "task": task, "accuracy": acc,
+                                 "n": int(mask.sum()), "checkpoints": len(used)})
+    atomic_write(run_dir / "evaluation.json", json.dumps(rows, indent=2))
+    lines = [f"# Evaluation of {run_dir.name} (config {config.name}, {len(used)} checkpoint(s))", "",
+             "| dataset | split | task | accuracy | images |", "|---|---|---|---:|---:|"]
+    lines += [f"| {r['source']} | {r['split']} | {r['task']} | {100 * r['accuracy']:.2f}% | {r['n']} |" for r in rows]
+    atomic_write(run_dir / "evaluation.md", "\n".join(lines) + "\n")
+    return rows
