@@ -127,8 +127,9 @@ class FusedConv2d(nn.Module):
 
     def _weight_k_major(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if dtype not in self._k_major:
-            k_major = self.weight.permute(2, 3, 1, 0).reshape(-1, self.weight.shape[0]).contiguous()
-            self._k_major[dtype] = (k_major.to(dtype), self.bias.to(dtype))
+            from .ops.conv import conv_weight_k_major
+
+            self._k_major[dtype] = (conv_weight_k_major(self.weight).to(dtype), self.bias.to(dtype))
         return self._k_major[dtype]
 
     def _direct_single_channel(self, x: torch.Tensor) -> torch.Tensor:

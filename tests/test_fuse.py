@@ -128,7 +128,8 @@ def check_triton_kernels_under_interpreter(dtype_name):
     """Runs in a subprocess: TRITON_INTERPRET=1 must be set before triton is imported."""
     import torch.nn.functional as F
 
-    from mtkernels.triton.conv import conv2d_bias_act, conv_weight_k_major, linear_bias_act
+    from mtkernels.ops.conv import conv_weight_k_major
+    from mtkernels.triton.conv import conv2d_bias_act, linear_bias_act
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
     dtype = getattr(torch, dtype_name)

@@ -12,6 +12,12 @@ import torch
 from .. import _C
 
 
+def conv_weight_k_major(weight: torch.Tensor) -> torch.Tensor:
+    """[C_out, C_in, KH, KW] -> [KH * KW * C_in, C_out]: the GEMM operand of the NHWC kernels
+    (the Triton implicit-GEMM conv and the single-channel C++ conv)."""
+    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+
+
 def _check(name: str, x: torch.Tensor, channels: int | None = None) -> None:
     if x.device.type != "cpu" or x.dtype != torch.float32:
         raise TypeError(f"{name} must be a float32 CPU tensor, got {x.dtype} on {x.device}")
@@ -33,7 +39,7 @@ def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
 def conv3x3_single_channel(x: torch.Tensor, weight_k_major: torch.Tensor, bias: torch.Tensor,
                            relu: bool) -> torch.Tensor:
     """3x3 / stride 1 / padding 1 convolution of [N, 1, H, W] + bias (+ ReLU), channels-last
-    output. ``weight_k_major`` is [9, C_out] (see ``mtkernels.triton.conv.conv_weight_k_major``)."""
+    output. ``weight_k_major`` is [9, C_out] (see :func:`conv_weight_k_major`)."""
     _check("x", x, channels=1)
     if weight_k_major.shape[0] != 9 or weight_k_major.dim() != 2 or bias.shape != (weight_k_major.shape[1],):
         raise ValueError(f"weight_k_major must be [9, C_out] and bias [C_out], got "

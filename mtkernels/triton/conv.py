@@ -101,16 +101,11 @@ def _block_n(c_out: int) -> int:
     return max(16, min(64, triton.next_power_of_2(c_out)))
 
 
-def conv_weight_k_major(weight: torch.Tensor) -> torch.Tensor:
-    """[C_out, C_in, KH, KW] -> [KH * KW * C_in, C_out], the kernel's B operand."""
-    c_out = weight.shape[0]
-    return weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
-
-
 def conv2d_bias_act(x: torch.Tensor, weight_k_major: torch.Tensor, bias: torch.Tensor, kernel_size: tuple[int, int],
                     stride: int, padding: int, relu: bool, pool: bool) -> torch.Tensor:
     """NHWC conv (groups=1, square stride and padding) + bias (+ ReLU) (+ 2x2/2 max-pool).
-    ``x`` is [N, C, H, W] in channels_last memory; returns the same layout."""
+    ``x`` is [N, C, H, W] in channels_last memory; returns the same layout. ``weight_k_major``
+    comes from ``mtkernels.ops.conv.conv_weight_k_major``."""
     n, c_in, height, width = x.shape
     kh, kw = kernel_size
     c_out = weight_k_major.shape[1]
