@@ -42,6 +42,18 @@ def measure(benchmark, fn, device: str, suite: str, rounds: int, warmup: int = 3
     return median
 
 
+def sgd_step(model: torch.nn.Module, x: torch.Tensor, loss_fn):
+    """One training step with paper 1's optimiser (SGD, lr 0.01, momentum 0.9, weight decay
+    0.01): forward, ``loss_fn(logits)``, backward, update. Returns the step to time."""
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01)
+
+    def step():
+        optimiser.zero_grad(set_to_none=True)
+        loss_fn(model(x)).backward()
+        optimiser.step()
+    return step
+
+
 def register_report(suite: str):
     """Decorator for a function(device, measurements) that writes a suite's results."""
     def wrap(fn):

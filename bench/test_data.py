@@ -10,8 +10,8 @@ import torch
 
 import models
 import mtkernels
-from harness import measure, register_report
-from models.data import augment_batch
+from harness import measure, register_report, sgd_step
+from models.data import augment_batch, to_model_input
 from results_io import write_table
 
 SUITE = "data"
@@ -25,19 +25,12 @@ def test_data_vs_training_step(benchmark, device, stage):
     labels = torch.stack([torch.randint(0, c, (BATCH,), generator=g) for c in (2, 7, 2)], 1).to(device)
     if stage == "augment":
         def run():
-            x = images.to(device).unsqueeze(1).float().div_(255.0)
-            augment_batch(x, g if device == "cpu" else None)
+            augment_batch(to_model_input(images.to(device)), g if device == "cpu" else None)
     else:
         torch.manual_seed(0)
         model = models.MultiTaskBKNet().to(device).train()
-        optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01)
         crit = mtkernels.MultiTaskLoss(model.num_classes)
-        x = images.to(device).unsqueeze(1).float().div_(255.0)
-
-        def run():
-            optimiser.zero_grad(set_to_none=True)
-            crit(model(x), labels).backward()
-            optimiser.step()
+        run = sgd_step(model, to_model_input(images.to(device)), lambda logits: crit(logits, labels))
     measure(benchmark, run, device, SUITE, rounds=20 if stage == "augment" else 5, warmup=2, stage=stage)
 
 

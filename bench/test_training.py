@@ -12,7 +12,7 @@ import torch
 
 import models
 import mtkernels
-from harness import measure, register_report
+from harness import measure, register_report, sgd_step
 from models.data.merge import balancing_copies
 from results_io import RESULTS_DIR, save_bar_chart, write_table
 
@@ -41,7 +41,6 @@ def test_training_step(benchmark, device, name, variant):
     if variant.endswith("channels_last"):
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01)
     if variant == "reference":
         def loss_fn(logits):
             return mtkernels.reference.multitask_loss(logits, labels, model.num_classes)
@@ -51,13 +50,8 @@ def test_training_step(benchmark, device, name, variant):
         def loss_fn(logits):
             return crit(logits, labels)
 
-    def step():
-        optimiser.zero_grad(set_to_none=True)
-        loss_fn(model(x)).backward()
-        optimiser.step()
-
     heavy = name != "bknet"
-    measure(benchmark, step, device, SUITE, rounds=3 if heavy else 6, warmup=1, network=name, variant=variant)
+    measure(benchmark, sgd_step(model, x, loss_fn), device, SUITE, rounds=3 if heavy else 6, warmup=1, network=name, variant=variant)
 
 
 @register_report(SUITE)

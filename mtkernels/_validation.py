@@ -46,14 +46,19 @@ class LossSpec:
     def width(self) -> int:
         return self.offsets[-1]
 
+    def row_scale(self, rows: int) -> float:
+        """1 / N for "mean" (N = all rows, labelled or not), else 1."""
+        return 1.0 / max(rows, 1) if self.reduction == "mean" else 1.0
+
+    @property
+    def output_weights(self) -> tuple[float, ...]:
+        """mu_t, or all 1 for "none" (its [N, T] losses are unweighted)."""
+        return self.task_weights if self.reduction != "none" else (1.0,) * self.num_tasks
+
     def task_scale(self, rows: int) -> list[float]:
-        """mu_t / N for "mean" (N = all rows), mu_t for "sum", 1 for "none"."""
-        if self.reduction == "none":
-            return [1.0] * self.num_tasks
-        if self.reduction == "mean":
-            inv_rows = 1.0 / max(rows, 1)
-            return [w * inv_rows for w in self.task_weights]
-        return list(self.task_weights)
+        """mu_t / N for "mean", mu_t for "sum", 1 for "none"."""
+        scale = self.row_scale(rows)
+        return [w * scale for w in self.output_weights]
 
 
 def _as_tuple(name: str, value, element: type, element_name: str, cast) -> tuple:

@@ -7,8 +7,15 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def to_model_input(pixels) -> torch.Tensor:
+    """uint8 gray faces [N, H, W] (NumPy or torch) -> float [N, 1, H, W] in [0, 1], the networks' input."""
+    pixels = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
+    return pixels.unsqueeze(1).float().div_(255.0)
 
 
 def augment_batch(images: torch.Tensor, generator: Optional[torch.Generator] = None, margin: int = 4,

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import build_model
+from ..data.augment import to_model_input
 from ..io import atomic_write
 
 
@@ -27,43 +28,67 @@ def task_scores(model: torch.nn.Module, images: np.ndarray, kind: str, batch_siz
     """[N, sum(C)]: per-task softmax probabilities (``kind="ce"``) or raw scores (``"svm"``)."""
     outputs = []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size]).unsqueeze(1).float().div_(255.0)
-        logits = model(x)
+        logits = model(to_model_input(images[start:start + batch_size]))
         if kind == "ce":
             logits = torch.cat([s.softmax(dim=1) for s in logits.split(tuple(model.num_classes), dim=1)], dim=1)
         outputs.append(logits)
     return torch.cat(outputs) if outputs else torch.zeros(0, sum(model.num_classes))
 
 
+def mean_scores(checkpoints: Sequence, image_sets: Sequence[np.ndarray], kind: str) -> list[torch.Tensor]:
+    """For each image set, the mean of ``task_scores`` over the checkpoints; each checkpoint
+    is loaded once, and one model is in memory at a time."""
+    if not checkpoints:
+        raise ValueError("need at least one checkpoint to score with")
+    totals = None
+    for checkpoint in checkpoints:
+        model = load_model(checkpoint)
+        scores = [task_scores(model, images, kind) for images in image_sets]
+        totals = scores if totals is None else [t + s for t, s in zip(totals, scores)]
+    return [t / len(checkpoints) for t in totals]
+
+
 def ensemble_scores(checkpoints: Sequence, images: np.ndarray, kind: str) -> torch.Tensor:
     """Mean of ``task_scores`` over the checkpoints (probabilities for ce, scores for svm)."""
-    if not checkpoints:
-        raise ValueError("ensemble_scores needs at least one checkpoint")
-    return torch.stack([task_scores(load_model(c), images, kind) for c in checkpoints]).mean(dim=0)
+    return mean_scores(checkpoints, [images], kind)[0]
 
 
-def accuracy(scores: torch.Tensor, labels: np.ndarray, num_classes: Sequence[int],
+def correct_counts(scores: torch.Tensor, labels, num_classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per task: how many labelled rows the argmax gets right, and how many rows are labelled."""
+    labels = torch.as_tensor(labels)
+    right, seen = np.zeros(len(num_classes)), np.zeros(len(num_classes))
+    for t, task in enumerate(scores.split(tuple(num_classes), dim=1)):
+        labelled = labels[:, t] >= 0
+        right[t] = (task.argmax(dim=1)[labelled] == labels[labelled, t]).sum().item()
+        seen[t] = labelled.sum().item()
+    return right, seen
+
+
+def accuracy(scores: torch.Tensor, labels, num_classes: Sequence[int],
              task_names: Sequence[str]) -> dict[str, float]:
     """Accuracy per task over the rows labelled for it (NaN where none is)."""
-    out = {}
-    labels = torch.from_numpy(np.asarray(labels))
-    for t, (name, s) in enumerate(zip(task_names, scores.split(tuple(num_classes), dim=1))):
-        labelled = labels[:, t] >= 0
-        n = int(labelled.sum())
-        out[name] = float((s.argmax(dim=1)[labelled] == labels[labelled, t]).float().mean()) if n else float("nan")
-    return out
+    right, seen = correct_counts(scores, labels, num_classes)
+    return {name: (r / s if s else float("nan")) for name, r, s in zip(task_names, right, seen)}
 
 
-def run_config(run_dir) -> dict:
-    """The training config stored in a run's last checkpoint."""
+def _last_checkpoint(run_dir) -> tuple[list[Path], dict]:
+    """All epoch checkpoints of a run and the contents of the last one."""
     checkpoints = sorted((Path(run_dir) / "checkpoints").glob("epoch-*.pt"))
     if not checkpoints:
         raise FileNotFoundError(f"no checkpoints in {run_dir}/checkpoints: train a model first "
                                 f"(python -m models train --config B4 --data-root DATA --out {run_dir})")
+    return checkpoints, torch.load(checkpoints[-1], weights_only=False)
+
+
+def _config_of(state: dict):
     from .config import TrainConfig
 
-    stored = torch.load(checkpoints[-1], weights_only=False)["config"]
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+
+
+def run_config(run_dir):
+    """The training config (a TrainConfig) stored in a run's last checkpoint."""
+    return _config_of(_last_checkpoint(run_dir)[1])
 
 
 def evaluate_run(run_dir, sources) -> list[dict]:
@@ -72,22 +97,25 @@ def evaluate_run(run_dir, sources) -> list[dict]:
     ``sources``: (name, images, {task: labels}, split) as the CLI's ``load_sources`` gives.
     Also writes evaluation.json and evaluation.md into ``run_dir``."""
     run_dir = Path(run_dir)
-    config = run_config(run_dir)
-    checkpoints = sorted((run_dir / "checkpoints").glob("epoch-*.pt"))
+    checkpoints, state = _last_checkpoint(run_dir)
+    config = _config_of(state)
+    task_names, num_classes = tuple(state["task_names"]), tuple(state["num_classes"])
     used = checkpoints[-config.ensemble_size:] if config.ensemble else checkpoints[-1:]
-    model = load_model(used[-1])
-    rows = []
+    parts = []  # (source, split, images, [N, T] labels, tasks the source labels)
     for name, images, labels, split in sources:
         for part in sorted(set(split) - {"train"}):
             mask = split == part
-            scores = ensemble_scores(used, images[mask], config.loss)
-            matrix = np.full((int(mask.sum()), len(model.task_names)), -1, dtype=np.int64)
+            matrix = np.full((int(mask.sum()), len(task_names)), -1, dtype=np.int64)
             for task, values in labels.items():
-                matrix[:, model.task_names.index(task)] = values[mask]
-            for task, acc in accuracy(scores, matrix, model.num_classes, model.task_names).items():
-                if task in labels:
-                    rows.append({"source": name, "split": part, "task": task, "accuracy": acc,
-                                 "n": int(mask.sum()), "checkpoints": len(used)})
+                matrix[:, task_names.index(task)] = values[mask]
+            parts.append((name, part, images[mask], matrix, set(labels)))
+    rows = []
+    for (name, part, images, matrix, labelled), scores in zip(
+            parts, mean_scores(used, [p[2] for p in parts], config.loss) if parts else []):
+        for task, acc in accuracy(scores, matrix, num_classes, task_names).items():
+            if task in labelled:
+                rows.append({"source": name, "split": part, "task": task, "accuracy": acc,
+                             "n": len(images), "checkpoints": len(used)})
     atomic_write(run_dir / "evaluation.json", json.dumps(rows, indent=2))
     lines = [f"# Evaluation of {run_dir.name} (config {config.name}, {len(used)} checkpoint(s))", "",
              "| dataset | split | task | accuracy | images |", "|---|---|---|---:|---:|"]

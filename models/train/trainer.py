@@ -21,10 +21,11 @@ import torch
 import mtkernels
 
 from .. import build_model
-from ..data.augment import augment_batch
+from ..data.augment import augment_batch, to_model_input
 from ..data.merge import MultiTaskDataset
 from ..io import atomic_write
 from .config import TrainConfig
+from .evaluate import accuracy, correct_counts, task_scores
 
 CHECKPOINTS = "checkpoints"
 
@@ -114,33 +115,6 @@ def _loss_fn(config: TrainConfig, num_classes, loss_impl: str):
         return lambda logits, labels: mtkernels.reference.multitask_loss(
             logits, labels, num_classes, kind=config.loss, task_weights=config.task_weights)
     raise ValueError(f"loss_impl must be 'fused' or 'reference', got {loss_impl!r}")
-
-
-def _as_batch(images: np.ndarray, index: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(images[index.numpy()]).unsqueeze(1).float().div_(255.0)
-
-
-def _correct(logits: torch.Tensor, labels: torch.Tensor, num_classes) -> tuple[np.ndarray, np.ndarray]:
-    """Per task: number of labelled rows predicted right, and number of labelled rows."""
-    right, seen = np.zeros(len(num_classes)), np.zeros(len(num_classes))
-    for t, scores in enumerate(logits.split(tuple(num_classes), dim=1)):
-        labelled = labels[:, t] >= 0
-        right[t] = (scores.argmax(dim=1)[labelled] == labels[labelled, t]).sum().item()
-        seen[t] = labelled.sum().item()
-    return right, seen
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: MultiTaskDataset, batch_size: int = 256) -> dict[str, float]:
-    """Accuracy per task over the rows labelled for it (NaN when none is)."""
-    model.eval()
-    right, seen = np.zeros(len(dataset.task_names)), np.zeros(len(dataset.task_names))
-    for start in range(0, len(dataset), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(dataset)))
-        labels = torch.from_numpy(dataset.labels[index.numpy()])
-        r, s = _correct(model(_as_batch(dataset.images, index)), labels, model.num_classes)
-        right, seen = right + r, seen + s
-    return {t: (r / s if s else math.nan) for t, r, s in zip(dataset.task_names, right, seen)}
 
 
 def _checkpoints(out_dir: Path) -> list[Path]:
@@ -248,7 +222,7 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, unit="batch", leave=False)
         for start in bar:
             index = shard(order[start:start + config.batch_size], rank, world)
-            images = _as_batch(train_set.images, index)
+            images = to_model_input(train_set.images[index.numpy()])
             if config.augment:
                 images = augment_batch(images, gen)
             labels = torch.from_numpy(train_set.labels[index.numpy()])
@@ -265,7 +239,7 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
             if config.schedule == "exponential":
                 scheduler.step()
             total_loss += loss.item() * len(index)
-            r, s = _correct(logits.detach(), labels, model.num_classes)
+            r, s = correct_counts(logits.detach(), labels, model.num_classes)
             right, seen = right + r, seen + s
             bar.set_postfix(loss=f"{total_loss / (start + len(index)):.4f}",
                             samples_per_s=f"{(start + len(index)) / (time.perf_counter() - began):.0f}")
@@ -276,7 +250,10 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
                "seconds": seconds, "samples_per_s": len(train_set) / seconds}
         row.update({f"acc_{t}": (r / s if s else math.nan) for t, r, s in zip(train_set.task_names, right, seen)})
         if val_set is not None:
-            row.update({f"val_acc_{t}": a for t, a in evaluate(model, val_set).items()})
+            model.eval()
+            val_scores = task_scores(model, val_set.images, config.loss)
+            row.update({f"val_acc_{t}": a for t, a in accuracy(val_scores, val_set.labels, model.num_classes,
+                                                                val_set.task_names).items()})
         if config.schedule == "plateau":
             scheduler.step(row["loss"])
         elif config.schedule == "val_plateau":

@@ -58,16 +58,13 @@ def _cpu_forward(logits, labels, spec: LossSpec, compute_grad: bool, validate: b
 def _cuda_forward(logits, labels, spec: LossSpec, compute_grad: bool, validate: bool):
     from ..triton.multitask_loss import multitask_loss_forward
 
-    rows = logits.shape[0]
-    reduce = spec.reduction != "none"
-    row_scale = (1.0 / max(rows, 1)) if spec.reduction == "mean" else 1.0
-    weights = spec.task_weights if reduce else (1.0,) * spec.num_tasks
+    # Weights and 1/N go in separately: the device weight table then does not depend on N.
     row_losses, grad, invalid = multitask_loss_forward(
-        _unit_column_stride(logits), _int64_labels(labels), spec.num_classes, weights, row_scale,
-        spec.kind, spec.margin, compute_grad)
+        _unit_column_stride(logits), _int64_labels(labels), spec.num_classes, spec.output_weights,
+        spec.row_scale(logits.shape[0]), spec.kind, spec.margin, compute_grad)
     if validate and bool(invalid.item()):  # validate=True is the opt-in host sync
         check_label_range(labels, spec)
-    return (row_losses.sum() if reduce else row_losses), grad
+    return (row_losses.sum() if spec.reduction != "none" else row_losses), grad
 
 
 def _reference_forward(logits, labels, spec: LossSpec, compute_grad: bool, validate: bool):
