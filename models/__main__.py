@@ -70,10 +70,10 @@ def _override(config, assignments: list[str]):
 
 def load_sources(config, data_root, cache, quiet: bool):
     """(name, images, {task: labels}, split) per source of ``config``, faces cropped and cached."""
-    from .data.faces import CropSettings, prepare_source
+    from .data.faces import crop_settings_for, prepare_source
     from .data.sources import read_source
 
-    settings = CropSettings(size=config.image_size, level_eyes=config.model == "emotion-cnn")
+    settings = crop_settings_for(config)
     loaded = []
     for name in config.sources:
         images, labels, split, report = prepare_source(read_source(name, data_root), cache, settings,
@@ -128,6 +128,60 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['source']:>8} {row['split']:>13} {row['task']:>8}: {100 * row['accuracy']:.2f}% of {row['n']}")
     return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import Analyzer
+
+    analyzer = Analyzer(args.weights, device=args.device, batch_size=args.batch_size, fused=not args.eager,
+                        min_face_size=args.min_face_size)
+    info = analyzer.info
+    print(f"model: {info['architecture']} (config {info['config']}, {info['loss']} loss, "
+          f"{info['epochs_trained']} epochs) from {info['checkpoint']}, {'fused' if info['fused'] else 'eager'}, "
+          f"on {args.device}", file=sys.stderr)
+    records = analyzer.run(args.paths, every=args.every, out_dir=args.out, progress=not args.quiet)
+    if args.json and not args.json.endswith(".jsonl"):
+        from .io import atomic_write
+
+        document = {"model": info, "records": list(records)}
+        document["summary"] = analyzer.stats.as_dict()
+        atomic_write(args.json, json.dumps(document, indent=1))
+    else:
+        # JSON lines are written as they come: an interrupted run keeps what it analysed
+        stream = open(args.json, "w") if args.json else sys.stdout
+        try:
+            for record in records:
+                stream.write(json.dumps(record) + "\n")
+                stream.flush()
+        finally:
+            if stream is not sys.stdout:
+                stream.close()
+    print(f"analysed {analyzer.stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def torch_device(text: str) -> str:
+    """argparse type: cpu, cuda or cuda:N, and only a CUDA device this machine has."""
+    import torch
+
+    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} requested but this machine has no CUDA device")
+    return text
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -200,12 +254,47 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="cache", help="cropped-face cache folder (default: ./cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("analyze", help="find the faces in photos or videos and predict their attributes",
+                       description="Detect every face (MTCNN) in the given images, videos and directories, crop "
+                                   "and normalise each as in training, and run the trained model (fused for "
+                                   "inference) over batches of faces. Prints one JSON record per face (box, "
+                                   "landmarks, detector confidence, per task the label and every class's "
+                                   "probability, or raw scores for an SVM-loss model) or per image that could "
+                                   "not be read or holds no face; optionally writes annotated copies (blue box: "
+                                   "female, red: male). Problems are reported, never fatal; a summary line with "
+                                   "faces per second goes to standard error.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, video files (every --every-th frame) or directories (searched recursively)")
+    p.add_argument("--weights", metavar="RUN_DIR_OR_CKPT",
+                   help="a run directory or checkpoint written by `python -m models train` (required)")
+    p.add_argument("--out", metavar="DIR", help="write an annotated PNG per image or frame with faces to DIR")
+    p.add_argument("--json", metavar="FILE",
+                   help="write records to FILE: one JSON document with model and summary, or JSON lines if FILE "
+                        "ends in .jsonl (default: JSON lines on standard output)")
+    p.add_argument("--batch-size", type=at_least(1), default=64,
+                   help="faces per model batch, across images (default 64)")
+    p.add_argument("--device", type=torch_device, default="cpu",
+                   help="cpu, cuda or cuda:N (default cpu); detector and model run there")
+    p.add_argument("--every", type=at_least(1), default=1, metavar="K",
+                   help="analyse every K-th frame of a video (default 1)")
+    p.add_argument("--min-face-size", type=at_least(12), default=20,
+                   help="smallest face side to look for, in pixels (default 20; larger is faster)")
+    p.add_argument("--eager", action="store_true", help="run the plain eager model instead of the fused one")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+
     args = make_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CheckpointError as e:  # a user error, not a bug: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -85,6 +85,29 @@ def test_mtcnn_crop_on_astronaut_and_faceless_image(tmp_path):
     assert cropper.crop_file(tmp_path / "gone.jpg") == (None, "missing file")
 
 
+def test_channels_last_detector_finds_what_facenet_default_finds():
+    from facenet_pytorch import MTCNN
+    from PIL import Image
+    from skimage import data
+
+    from models.data.faces import FaceCropper
+
+    lfw = (data.lfw_subset()[:16] * 255).astype(np.uint8)
+    group = Image.new("L", (4 * 160, 4 * 160), 128)
+    for k, face in enumerate(lfw):
+        group.paste(Image.fromarray(face).resize((120, 120), Image.BICUBIC), ((k % 4) * 160 + 20, (k // 4) * 160 + 20))
+    default = MTCNN(keep_all=True)
+    cropper = FaceCropper()
+    for image in (Image.fromarray(data.astronaut()), group.convert("RGB")):
+        boxes, probs, points = (np.asarray(v, np.float64) for v in default.detect(image, landmarks=True))
+        ours = sorted(cropper.detect(image), key=lambda f: (f.box[1], f.box[0]))
+        order = np.lexsort((boxes[:, 0], boxes[:, 1]))
+        assert len(ours) == len(boxes) >= 1
+        np.testing.assert_allclose([f.box for f in ours], boxes[order], atol=1e-3)
+        np.testing.assert_allclose([f.landmarks for f in ours], points[order], atol=1e-3)
+        np.testing.assert_allclose([f.confidence for f in ours], probs[order], atol=1e-5)
+
+
 def test_crop_dataset_caches_resumes_and_reports(tmp_path):
     from models.data.faces import CHUNK, CropSettings, crop_dataset
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..io import atomic_write
@@ -40,12 +41,23 @@ class Face:
     confidence: float
 
 
+def crop_settings_for(config) -> CropSettings:
+    """The crops a training config's network sees: paper 2 levels the eyes, paper 1 does not."""
+    return CropSettings(size=config.image_size, level_eyes=config.model == "emotion-cnn")
+
+
 class FaceCropper:
-    def __init__(self, settings: CropSettings = CropSettings(), device: str = "cpu"):
+    def __init__(self, settings: CropSettings = CropSettings(), device: str = "cpu", min_face_size: int = 20):
         from facenet_pytorch import MTCNN
 
+        if min_face_size < 12:  # MTCNN's first network sees 12x12 windows
+            raise ValueError(f"min_face_size must be >= 12 pixels, got {min_face_size}")
         self.settings = settings
-        self.detector = MTCNN(keep_all=True, device=device)
+        self.detector = MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
+        # NHWC activations let the CPU's vectorised pooling and conv kernels run: the same
+        # detections (boxes within 1e-3 px), about 1.5x faster on this project's benchmark photos.
+        for net in (self.detector.pnet, self.detector.rnet, self.detector.onet):
+            net.to(memory_format=torch.channels_last)
 
     def detect(self, image: Image.Image) -> list[Face]:
         """Every face MTCNN finds, most confident first."""
@@ -53,7 +65,14 @@ class FaceCropper:
 
     def crop(self, image: Image.Image, face: Face) -> np.ndarray:
         """uint8 [size, size] gray crop of ``face``."""
+        return self.crops(image, [face])[0]
+
+    def crops(self, image: Image.Image, faces: Sequence[Face]) -> list[np.ndarray]:
+        """uint8 [size, size] gray crops of several faces of one image."""
         gray = image.convert("L")
+        return [self._crop_gray(gray, face) for face in faces]
+
+    def _crop_gray(self, gray: Image.Image, face: Face) -> np.ndarray:
         x0, y0, x1, y1 = face.box
         if self.settings.level_eyes:
             (lx, ly), (rx, ry) = face.landmarks[0], face.landmarks[1]
@@ -93,7 +112,9 @@ def _faces_by_confidence(boxes, probs, points) -> list[Face]:
     if boxes is None:
         return []
     order = np.argsort(-np.asarray(probs, dtype=np.float64))
-    return [Face(tuple(float(v) for v in boxes[i]), np.asarray(points[i]), float(probs[i])) for i in order]
+    # facenet-pytorch returns object arrays; faces carry plain float64
+    return [Face(tuple(float(v) for v in boxes[i]), np.asarray(points[i], dtype=np.float64), float(probs[i]))
+            for i in order]
 
 
 def _cache_key(name: str, paths: Sequence[Path], settings: CropSettings) -> str:

@@ -10,17 +10,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import build_model
+from ..checkpoint import BEST, CheckpointError, HOW_TO_TRAIN, config_of, epoch_checkpoints, load_checkpoint
+from ..checkpoint import load_model as load_trained
 from ..data.augment import to_model_input
 from ..io import atomic_write
 
 
 def load_model(checkpoint) -> torch.nn.Module:
     """The network stored in a trainer checkpoint, in eval mode."""
-    state = torch.load(Path(checkpoint), weights_only=False)
-    model = build_model(state["model_name"])
-    model.load_state_dict(state["model"])
-    return model.eval()
+    return load_trained(checkpoint)[0]
 
 
 @torch.no_grad()
@@ -68,39 +66,36 @@ def accuracy(scores: torch.Tensor, labels, num_classes: Sequence[int],
              task_names: Sequence[str]) -> dict[str, float]:
     """Accuracy per task over the rows labelled for it (NaN where none is)."""
     right, seen = correct_counts(scores, labels, num_classes)
-    return {name: (r / s if s else float("nan")) for name, r, s in zip(task_names, right, seen)}
+    return {name: (float(r / s) if s else float("nan")) for name, r, s in zip(task_names, right, seen)}
 
 
 def _last_checkpoint(run_dir) -> tuple[list[Path], dict]:
     """All epoch checkpoints of a run and the contents of the last one."""
-    checkpoints = sorted((Path(run_dir) / "checkpoints").glob("epoch-*.pt"))
+    checkpoints = epoch_checkpoints(run_dir)
     if not checkpoints:
-        raise FileNotFoundError(f"no checkpoints in {run_dir}/checkpoints: train a model first "
-                                f"(python -m models train --config B4 --data-root DATA --out {run_dir})")
-    return checkpoints, torch.load(checkpoints[-1], weights_only=False)
-
-
-def _config_of(state: dict):
-    from .config import TrainConfig
-
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+        raise CheckpointError(f"no checkpoints in {run_dir}/checkpoints; {HOW_TO_TRAIN}")
+    return checkpoints, load_checkpoint(checkpoints[-1])
 
 
 def run_config(run_dir):
     """The training config (a TrainConfig) stored in a run's last checkpoint."""
-    return _config_of(_last_checkpoint(run_dir)[1])
+    return config_of(_last_checkpoint(run_dir)[1])
 
 
 def evaluate_run(run_dir, sources) -> list[dict]:
-    """Accuracy per (source, test split, task the source labels) of a run: its last
-    checkpoint, or the mean of its last ``ensemble_size`` ones if ``config.ensemble``.
+    """Accuracy per (source, test split, task the source labels) of a run: the mean of its
+    last ``ensemble_size`` checkpoints if ``config.ensemble``, else its best-validation
+    weights (``best.pt``, paper 2) if kept, else its last checkpoint.
     ``sources``: (name, images, {task: labels}, split) as the CLI's ``load_sources`` gives.
     Also writes evaluation.json and evaluation.md into ``run_dir``."""
     run_dir = Path(run_dir)
     checkpoints, state = _last_checkpoint(run_dir)
-    config = _config_of(state)
+    config = config_of(state)
     task_names, num_classes = tuple(state["task_names"]), tuple(state["num_classes"])
-    used = checkpoints[-config.ensemble_size:] if config.ensemble else checkpoints[-1:]
+    if config.ensemble:
+        used = checkpoints[-config.ensemble_size:]
+    else:
+        used = [run_dir / BEST] if (run_dir / BEST).is_file() else checkpoints[-1:]
     parts = []  # (source, split, images, [N, T] labels, tasks the source labels)
     for name, images, labels, split in sources:
         for part in sorted(set(split) - {"train"}):

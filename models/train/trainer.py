@@ -6,7 +6,6 @@ come from a generator seeded with (seed, e), so they need no saved state."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import math
 import shutil
@@ -23,12 +22,10 @@ import mtkernels
 from .. import build_model
 from ..data.augment import augment_batch, to_model_input
 from ..data.merge import MultiTaskDataset
+from ..checkpoint import BEST, CHECKPOINTS, epoch_checkpoints, model_record
 from ..io import atomic_write
 from .config import TrainConfig
 from .evaluate import accuracy, correct_counts, task_scores
-
-CHECKPOINTS = "checkpoints"
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stops, earlier checkpoints are kept."""
@@ -117,20 +114,12 @@ def _loss_fn(config: TrainConfig, num_classes, loss_impl: str):
     raise ValueError(f"loss_impl must be 'fused' or 'reference', got {loss_impl!r}")
 
 
-def _checkpoints(out_dir: Path) -> list[Path]:
-    return sorted((out_dir / CHECKPOINTS).glob("epoch-*.pt"))
-
-
 def _save_checkpoint(out_dir: Path, epoch: int, model, optimizer, scheduler, config: TrainConfig, history) -> Path:
-    state = {
-        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(config),
-        "model_name": config.model, "task_names": model.task_names, "class_names": model.class_names,
-        "num_classes": model.num_classes, "history": history,
-    }
+    state = {**model_record(model, config), "epoch": epoch, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history}
     path = out_dir / CHECKPOINTS / f"epoch-{epoch:04d}.pt"
     atomic_write(path, _serialise(state))
-    for old in _checkpoints(out_dir)[:-max(1, config.ensemble_size)]:  # the ensemble's last N stay
+    for old in epoch_checkpoints(out_dir)[:-max(1, config.ensemble_size)]:  # the ensemble's last N stay
         old.unlink()
     return path
 
@@ -193,9 +182,9 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
     crit = _loss_fn(config, model.num_classes, loss_impl)
     history: list[dict] = []
     start_epoch = 1
-    existing = _checkpoints(out_dir)
+    existing = epoch_checkpoints(out_dir)
     if resume and existing:
-        state = torch.load(existing[-1], weights_only=False)
+        state = torch.load(existing[-1], weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -229,7 +218,7 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
             logits = net(images)
             loss = crit(logits, labels)
             if not torch.isfinite(loss):
-                last = _checkpoints(out_dir)
+                last = epoch_checkpoints(out_dir)
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch}, batch {start // config.batch_size + 1}; "
                     f"stopping. Last good checkpoint: {last[-1] if last else 'none (diverged in the first epoch)'}")
@@ -248,7 +237,7 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
         right, seen = np.array(counts[:len(right)]), np.array(counts[len(right):])
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": total_loss / len(train_set),
                "seconds": seconds, "samples_per_s": len(train_set) / seconds}
-        row.update({f"acc_{t}": (r / s if s else math.nan) for t, r, s in zip(train_set.task_names, right, seen)})
+        row.update({f"acc_{t}": float(r / s) if s else math.nan for t, r, s in zip(train_set.task_names, right, seen)})
         if val_set is not None:
             model.eval()
             val_scores = task_scores(model, val_set.images, config.loss)
@@ -275,9 +264,8 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
     if best_state is not None:  # paper 2: keep the weights of the best validation epoch
         model.load_state_dict(best_state)
         if rank == 0:
-            atomic_write(out_dir / "best.pt",
-                         _serialise({"model": best_state, "config": dataclasses.asdict(config)}))
-    return TrainResult(out_dir, epoch, stopped, history, _checkpoints(out_dir))
+            atomic_write(out_dir / BEST, _serialise({**model_record(model, config), "history": history}))
+    return TrainResult(out_dir, epoch, stopped, history, epoch_checkpoints(out_dir))
 
 
 def _serialise(obj) -> bytes:
