@@ -18,6 +18,7 @@ import torch
 import models
 import mtkernels
 from harness import measure, register_report
+from models.report import PAPER_TABLE3
 from models.summary import count_macs
 from results_io import RESULTS_DIR, save_bar_chart, write_table
 
@@ -25,7 +26,6 @@ SUITE = "inference"
 NETWORKS = ("bknet", "resnet-v1", "resnet-v2")
 BATCHES = (1, 128)
 IMPLS = ("eager", "channels_last", "compile", "onnxruntime", "fused")
-PAPER_SECONDS = {"bknet": 0.02, "resnet-v1": 0.065, "resnet-v2": 0.071}  # TITAN X, paper 1 Table 3
 MATMUL_SIZE = 2048
 
 
@@ -105,7 +105,7 @@ def report(device, measurements):
         for batch in BATCHES:
             if (name, batch, "eager") not in times:
                 continue
-            row = {"network": name, "batch": batch, "paper TITAN X ms/img": f"{PAPER_SECONDS[name] * 1e3:.0f}"}
+            row = {"network": name, "batch": batch, "paper TITAN X ms/img": f"{PAPER_TABLE3[name] * 1e3:.0f}"}
             for impl in IMPLS:
                 t = times.get((name, batch, impl))
                 if t is not None:

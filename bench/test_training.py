@@ -14,6 +14,7 @@ import models
 import mtkernels
 from harness import measure, register_report, sgd_step
 from models.data.merge import balancing_copies
+from models.report import PAPER_TABLE4
 from results_io import RESULTS_DIR, save_bar_chart, write_table
 
 SUITE = "training"
@@ -22,7 +23,6 @@ NETWORKS = ("bknet", "resnet-v1", "resnet-v2")
 VARIANTS = ("reference", "fused", "fused+channels_last")
 # Paper 1, section 4.2, config B4 training splits: GENKI-4K 3000, FER-2013 (Kaggle) 28709, Wiki 30000.
 B4_TRAIN_SIZES = {"genki4k": 3000, "fer2013": 28709, "wiki": 30000}
-PAPER_TABLE4 = {"bknet": (250, 3.42, 854), "resnet-v1": (100, 8.12, 817), "resnet-v2": (80, 8.67, 693)}
 
 
 def b4_epoch_samples() -> int:
@@ -69,12 +69,14 @@ def report(device, measurements):
             if (name, variant) in t:
                 row[f"{variant} s/step"] = f"{t[(name, variant)]:.3f}"
                 row[f"{variant} min/epoch"] = f"{t[(name, variant)] * steps / 60:.1f}"
+                row[f"{variant} total min"] = f"{t[(name, variant)] * steps * epochs / 60:.0f}"
         best = min((t[(name, v)] for v in VARIANTS[1:] if (name, v) in t), default=None)
         if best:
             row["mtkernels vs reference"] = f"{t[(name, 'reference')] / best:.2f}x"
         rows.append(row)
     columns = (["network", "paper epochs", "paper min/epoch (TITAN X)", "paper total min"]
-               + [f"{v} {u}" for v in VARIANTS for u in ("s/step", "min/epoch")] + ["mtkernels vs reference"])
+               + [f"{v} {u}" for v in VARIANTS for u in ("s/step", "min/epoch", "total min")]
+               + ["mtkernels vs reference"])
     notes = (f"One SGD step (forward, loss, backward, update) at batch {BATCH}, median. Epoch = config B4's merged, "
              f"balanced training set from paper 1's sizes {B4_TRAIN_SIZES} = {b4_epoch_samples()} samples = "
              f"{steps} steps. 'mtkernels vs reference' = reference step time / the faster mtkernels variant.")

@@ -7,6 +7,8 @@ import json
 import sys
 from dataclasses import asdict
 
+import numpy as np
+
 from . import MODELS, build_model
 from .summary import format_table, summarize
 
@@ -68,25 +70,45 @@ def _override(config, assignments: list[str]):
     return config.replace(**changes)
 
 
-def load_sources(config, data_root, cache, quiet: bool):
-    """(name, images, {task: labels}, split) per source of ``config``, faces cropped and cached."""
+def load_sources(config, data_root, cache, quiet: bool, extra: tuple[str, ...] = ()):
+    """(name, images, {task: labels}, split) per source of ``config`` (and ``extra``), faces
+    cropped and cached, split as in the config's cross-validation fold."""
     from .data.faces import crop_settings_for, prepare_source
     from .data.sources import read_source
 
     settings = crop_settings_for(config)
     loaded = []
-    for name in config.sources:
-        images, labels, split, report = prepare_source(read_source(name, data_root), cache, settings,
+    for name in dict.fromkeys(config.sources + tuple(extra)):
+        images, labels, split, report = prepare_source(read_source(name, data_root, config.fold), cache, settings,
                                                        progress=not quiet)
         print(f"{name}: {len(images)} faces; skipped: {report.summary()}")
         loaded.append((name, images, labels, split))
     return loaded
 
 
+def split_for_training(config, sources):
+    """(train parts, validation parts) as merge_sources takes them. Validation: a seeded
+    ``config.val_fraction`` of each source's training rows if set (paper 2's 10%), else the
+    sources' test splits (monitored only; nothing is chosen on them)."""
+    from .data.merge import split_by_fraction
+
+    train_parts, val_parts = [], []
+    for name, images, labels, split in sources:
+        train_rows = np.flatnonzero(split == "train")
+        if config.val_fraction > 0:
+            keep, held = split_by_fraction(len(train_rows), 1.0 - config.val_fraction, config.seed)
+            train_rows, val_rows = train_rows[keep], train_rows[held]
+        else:
+            val_rows = np.flatnonzero(split != "train")
+        train_parts.append((name, images[train_rows], {t: v[train_rows] for t, v in labels.items()}))
+        if len(val_rows):
+            val_parts.append((name, images[val_rows], {t: v[val_rows] for t, v in labels.items()}))
+    return train_parts, val_parts
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    import numpy as np
     import torch
 
     from . import build_model
@@ -96,21 +118,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config_by_name(args.config)
     if args.epochs is not None:
         config = config.replace(epochs=args.epochs)
+    if args.fold is not None:
+        config = config.replace(fold=args.fold)
     config = _override(config, args.set)
     tasks = build_model(config.model).task_names
-    train_parts, test_parts = [], []
-    for name, images, labels, split in load_sources(config, args.data_root, args.cache, args.quiet):
-        is_train = split == "train"
-        train_parts.append((name, images[is_train], {t: v[is_train] for t, v in labels.items()}))
-        if (~is_train).any():
-            test_parts.append((name, images[~is_train], {t: v[~is_train] for t, v in labels.items()}))
+    train_parts, val_parts = split_for_training(config, load_sources(config, args.data_root, args.cache, args.quiet))
     train_set = merge_sources(train_parts, tasks)
-    val_set = merge_sources(test_parts, tasks, balance=False) if test_parts else None
-    out = args.out or f"runs/{config.name}"
+    val_set = merge_sources(val_parts, tasks, balance=False) if val_parts else None
+    out = args.out or f"runs/{config.name}/fold-{config.fold}"
+    device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one process per rank
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     result = train(config, train_set, out, val_set=val_set, resume=args.resume, loss_impl=args.loss_impl,
-                   progress=not args.quiet)
+                   progress=not args.quiet, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     last = result.history[-1] if result.history else {}
@@ -121,12 +143,52 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import epoch_checkpoints
+    from .io import atomic_write
+    from .report import cross_validation_table
     from .train.evaluate import evaluate_run, run_config
 
-    config = run_config(args.run)
-    rows = evaluate_run(args.run, load_sources(config, args.data_root, args.cache, args.quiet))
-    for row in rows:
-        print(f"{row['source']:>8} {row['split']:>13} {row['task']:>8}: {100 * row['accuracy']:.2f}% of {row['n']}")
+    run = Path(args.run)
+    folds = sorted(d for d in run.glob("fold-*") if d.is_dir() and epoch_checkpoints(d))
+    accuracies: dict[tuple[str, str, str], list[float]] = {}
+    for run_dir in folds or [run]:
+        config = run_config(run_dir)
+        rows = evaluate_run(run_dir, load_sources(config, args.data_root, args.cache, args.quiet, tuple(args.also)))
+        for row in rows:
+            print(f"{run_dir.name:>8} {row['source']:>8} {row['split']:>13} {row['task']:>8}: "
+                  f"{100 * row['accuracy']:.2f}% of {row['n']}")
+            accuracies.setdefault((row["source"], row["split"], row["task"]), []).append(100 * row["accuracy"])
+    if folds:
+        table = cross_validation_table(accuracies)
+        atomic_write(run / "cross-validation.md",
+                     f"# {run.name}: {len(folds)}-fold cross-validation (config {config.name})\n\n{table}\n")
+        print(table)
+    return 0
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .io import atomic_write
+    from .report import table2, table3, table4
+
+    out = Path(args.out)
+    tables = {"table2.md": (table2(args.runs), f"no evaluated runs under {args.runs}: train and `evaluate` first")}
+    for device in ("cpu", "cuda"):
+        tables[f"table3-{device}.md"] = (table3(args.results, device),
+                                         f"no {args.results}/inference-{device}.csv: run `pytest bench/ "
+                                         f"--benchmark-only` (on a machine with {device})")
+        tables[f"table4-{device}.md"] = (table4(args.results, device),
+                                         f"no {args.results}/training-{device}.csv: run `pytest bench/ "
+                                         f"--benchmark-only` (on a machine with {device})")
+    for name, (text, missing) in tables.items():
+        if text is None:
+            print(f"{name}: skipped, {missing}", file=sys.stderr)
+            continue
+        atomic_write(out / name, text)
+        print(f"{text}\n(written to {out / name})\n")
     return 0
 
 
@@ -234,7 +296,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, choices=sorted(CONFIGS), help="recipe to train")
     p.add_argument("--data-root", required=True, help="folder holding the datasets (see `prepare --help`)")
     p.add_argument("--epochs", type=int, help="number of epochs (default: the paper's)")
-    p.add_argument("--out", help="run directory (default: runs/CONFIG)")
+    p.add_argument("--fold", type=at_least(1), choices=range(1, 5), metavar="K",
+                   help="cross-validation fold 1-4: which part of GENKI-4K / Wiki / IMDB is held out for testing "
+                        "(FER-2013 and RAF-DB keep their official splits); default 1")
+    p.add_argument("--out", help="run directory (default: runs/CONFIG/fold-K)")
+    p.add_argument("--device", type=torch_device, default="cpu",
+                   help="cpu, cuda or cuda:N (default cpu); under torchrun with cuda each rank takes its LOCAL_RANK")
     p.add_argument("--cache", default="cache", help="cropped-face cache folder (default: ./cache)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--loss-impl", choices=["fused", "reference"], default="fused",
@@ -246,14 +313,29 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy of a trained run on each dataset's test splits",
                        description="Score every test split of the run's datasets (FER-2013 public and private "
-                                   "separately) with the run's last checkpoint, or the average of its last "
-                                   "checkpoints when the config uses the ensemble; writes evaluation.json and "
-                                   "evaluation.md to the run directory.")
-    p.add_argument("--run", required=True, help="run directory written by `train`")
+                                   "separately) with the run's last checkpoint, the average of its last "
+                                   "checkpoints when the config uses the ensemble, or its best-validation weights "
+                                   "(paper 2); writes evaluation.json and evaluation.md to the run directory. A "
+                                   "directory holding fold-1 ... fold-4 runs is evaluated fold by fold (each on its "
+                                   "own test split) and summarised as mean ± std in cross-validation.md.")
+    p.add_argument("--run", required=True, help="run directory written by `train`, or the parent of its fold-K runs")
+    p.add_argument("--also", nargs="+", default=[], choices=["wiki", "imdb"], metavar="SOURCE",
+                   help="also score these gender datasets (paper 1's Table 2 reports Wiki and IMDB for every "
+                        "config)")
     p.add_argument("--data-root", required=True, help="folder holding the datasets")
     p.add_argument("--cache", default="cache", help="cropped-face cache folder (default: ./cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tables", help="the papers' Tables 2, 3 and 4 with our results beside them",
+                       description="Write markdown tables laid out like paper 1's Table 2 (accuracy, mean ± std "
+                                   "over the cross-validation folds of every evaluated run under RUNS), Table 3 "
+                                   "(inference time per image) and Table 4 (training time) from the benchmark "
+                                   "results, the paper's figures beside ours. Missing inputs are named, not fatal.")
+    p.add_argument("--runs", default="runs", help="folder searched for evaluated runs (default: ./runs)")
+    p.add_argument("--results", default="bench/results", help="benchmark results folder (default: bench/results)")
+    p.add_argument("--out", default="reports", help="folder to write table2.md, table3-*.md, table4-*.md into")
+    p.set_defaults(func=cmd_tables)
 
     p = sub.add_parser("analyze", help="find the faces in photos or videos and predict their attributes",
                        description="Detect every face (MTCNN) in the given images, videos and directories, crop "

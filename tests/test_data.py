@@ -200,6 +200,33 @@ def test_kfold_and_fraction_splits_are_partitions():
     assert np.array_equal(kfold_splits(100, 4, 7)[1][1], kfold_splits(100, 4, 7)[1][1])
 
 
+def test_fraction_folds_have_disjoint_test_sets_in_the_papers_proportions():
+    n = 34200
+    splits = [split_by_fraction(n, 30000 / 34200, seed=0, fold=k) for k in range(4)]
+    for train, test in splits:
+        assert len(train) == 30000 and len(test) == 4200
+        assert len(np.intersect1d(train, test)) == 0 and len(np.union1d(train, test)) == n
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert len(np.intersect1d(splits[a][1], splits[b][1])) == 0
+    with pytest.raises(ValueError, match="fold must be in"):
+        split_by_fraction(100, 0.75, seed=0, fold=4)
+
+
+def test_readers_split_by_fold(tmp_path):
+    from models.data.sources import read_source, write_synthetic
+
+    for name in ("genki4k", "wiki", "fer2013"):
+        write_synthetic(name, tmp_path)
+    for name in ("genki4k", "wiki"):
+        tests = [set(np.flatnonzero(read_source(name, tmp_path, fold=k).split == "test")) for k in (1, 2, 3, 4)]
+        assert all(tests) and all(not (tests[a] & tests[b]) for a in range(4) for b in range(a + 1, 4))
+    fer = [read_source("fer2013", tmp_path, fold=k).split for k in (1, 4)]
+    assert np.array_equal(fer[0], fer[1])  # Kaggle's split in every fold
+    with pytest.raises(ValueError, match="fold must be in 1..4"):
+        read_source("genki4k", tmp_path, fold=5)
+
+
 # --- augmentation -------------------------------------------------------------------------------------
 
 def pattern(b=3, side=48):

@@ -257,7 +257,9 @@ def test_validation_plateau_reduces_lr_stops_and_keeps_the_best_weights(tmp_path
     assert all(lr == 0.05 for lr in lrs)
     assert val[-1] <= max(val[:-1])
     best_epoch = 1 + max(range(len(val) - 1), key=lambda i: (val[i], -i))
-    best = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
+    best_file = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best_file["epoch"] == best_epoch
+    best = best_file["model"]
     kept = torch.load(tmp_path / "checkpoints" / f"epoch-{best_epoch:04d}.pt", weights_only=True)["model"]
     assert all(torch.equal(best[k], kept[k]) for k in best)
     with pytest.raises(ValueError, match="needs a validation set"):
@@ -292,3 +294,68 @@ def test_evaluate_command_scores_each_test_split_with_the_ensemble(tmp_path, cap
     capsys.readouterr()
     assert main(["evaluate", "--run", str(tmp_path / "nothing"), *common]) == 2
     assert "train a model first" in capsys.readouterr().err
+
+
+def test_cross_validation_folds_are_evaluated_and_tabled_beside_the_paper(tmp_path, capsys):
+    import json
+    import statistics
+
+    from models.__main__ import main
+
+    data_root, runs = tmp_path / "data", tmp_path / "runs"
+    assert main(["synth", "--out", str(data_root), "--sources", "genki4k", "fer2013", "wiki"]) == 0
+    common = ["--data-root", str(data_root), "--cache", str(tmp_path / "cache"), "--quiet"]
+    for fold in (1, 2):  # the mechanism is the same for the paper's 4 folds
+        assert main(["train", "--config", "B2", "--fold", str(fold), "--epochs", "1", "--set", "batch_size=32",
+                     "--out", str(runs / "B2" / f"fold-{fold}"), *common]) == 0
+    assert main(["evaluate", "--run", str(runs / "B2"), *common]) == 0
+    folds = [json.loads((runs / "B2" / f"fold-{k}" / "evaluation.json").read_text()) for k in (1, 2)]
+    smile = [100 * next(r["accuracy"] for r in rows if r["task"] == "smile") for rows in folds]
+    want = f"{statistics.mean(smile):.2f} ± {statistics.stdev(smile):.2f}"
+    assert f"| genki4k | test | smile | {want} | 2 |" in (runs / "B2" / "cross-validation.md").read_text()
+    for k in (1, 2):
+        state = torch.load(runs / "B2" / f"fold-{k}" / "checkpoints" / "epoch-0001.pt", weights_only=True)
+        assert state["config"]["fold"] == k
+
+    capsys.readouterr()
+    assert main(["tables", "--runs", str(runs), "--results", str(tmp_path / "no-results"),
+                 "--out", str(tmp_path / "reports")]) == 0
+    row = next(line for line in (tmp_path / "reports" / "table2.md").read_text().splitlines()
+               if line.startswith("| B2 |"))
+    assert row.startswith(f"| B2 | 2 | {want} | 95.13 ± 0.20 |")  # ours, then the paper's B2 GENKI-4K figure
+    assert "table3-cpu.md: skipped, no " in capsys.readouterr().err
+
+
+def test_paper2_recipe_end_to_end_on_rafdb_files(tmp_path):
+    import json
+
+    from models.__main__ import load_sources, main, split_for_training
+    from models.analysis import analyze
+    from models.tasks import PAPER2_TASKS
+    from models.train.evaluate import accuracy, load_model, task_scores
+
+    data_root, run = tmp_path / "data", tmp_path / "run"
+    assert main(["synth", "--out", str(data_root), "--sources", "rafdb"]) == 0
+    common = ["--data-root", str(data_root), "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert main(["train", "--config", "paper2", "--epochs", "3", "--out", str(run), *common]) == 0
+
+    config = config_by_name("paper2")
+    (source,) = load_sources(config, data_root, tmp_path / "cache", quiet=True)
+    (train_part,), (val_part,) = split_for_training(config, [source])
+    n_train = int((source[3] == "train").sum())
+    assert len(val_part[1]) == round(0.1 * n_train) and len(train_part[1]) + len(val_part[1]) == n_train
+
+    assert main(["evaluate", "--run", str(run), *common]) == 0
+    rows = json.loads((run / "evaluation.json").read_text())
+    assert [r["task"] for r in rows] == list(PAPER2_TASKS) and all(r["checkpoints"] == 1 for r in rows)
+    _, images, labels, split = source
+    test = split == "test"
+    scores = task_scores(load_model(run / "best.pt"), images[test], "ce")  # the best-validation weights
+    matrix = np.stack([labels[t][test] for t in PAPER2_TASKS], axis=1)
+    want = accuracy(scores, matrix, [len(c) for c in PAPER2_TASKS.values()], tuple(PAPER2_TASKS))
+    assert [r["accuracy"] for r in rows] == pytest.approx([want[t] for t in PAPER2_TASKS])
+
+    from skimage import data
+
+    (face,) = analyze(data.astronaut(), weights=run)
+    assert {t: tuple(v["probabilities"]) for t, v in face["tasks"].items()} == PAPER2_TASKS

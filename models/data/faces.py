@@ -174,16 +174,37 @@ def _report(paths: Sequence[Path], reasons: np.ndarray) -> SkipReport:
     return report
 
 
+def load_aligned(paths: Sequence[Path], size: int) -> tuple[np.ndarray, np.ndarray, SkipReport]:
+    """Gray ``size`` x ``size`` versions of face crops a dataset ships already aligned: (uint8
+    [n_ok, S, S], indices into ``paths`` of those, report of the unreadable rest)."""
+    images, kept, report = [], [], SkipReport()
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8))
+            kept.append(i)
+        except FileNotFoundError:
+            report.add(str(path), "missing file")
+        except (UnidentifiedImageError, OSError, ValueError):
+            report.add(str(path), "unreadable image")
+    stacked = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+    return stacked, np.array(kept, dtype=np.int64), report
+
+
 def prepare_source(records, cache_dir, settings: CropSettings = CropSettings(), cropper: Optional[FaceCropper] = None,
                    progress: bool = True):
     """(images uint8 [n, S, S], {task: labels [n]}, split [n], report) for a reader's
-    records: FER-2013's pixels resized to S if needed, image files through MTCNN crops."""
+    records: FER-2013's pixels resized to S if needed, a dataset's own aligned crops
+    (RAF-DB) resized, other image files through MTCNN crops."""
     if records.pixels is not None:
         pixels = records.pixels
         if pixels.shape[1:] != (settings.size, settings.size):
             pixels = np.stack([np.asarray(Image.fromarray(p).resize((settings.size, settings.size), Image.BILINEAR))
                                for p in pixels]) if len(pixels) else np.zeros((0, settings.size, settings.size), np.uint8)
         return pixels, records.labels, records.split, records.report
-    images, kept, report = crop_dataset(records.name, records.paths, cache_dir, settings, cropper, progress)
+    if records.aligned:
+        images, kept, report = load_aligned(records.paths, settings.size)
+    else:
+        images, kept, report = crop_dataset(records.name, records.paths, cache_dir, settings, cropper, progress)
     report.skipped = records.report.skipped + report.skipped
     return images, {t: v[kept] for t, v in records.labels.items()}, records.split[kept], report

@@ -47,6 +47,7 @@ class SourceRecords:
     paths: Optional[list[Path]] = None     # image files, or
     pixels: Optional[np.ndarray] = None    # uint8 [N, H, W] for datasets that ship pixels
     report: SkipReport = field(default_factory=SkipReport)
+    aligned: bool = False                  # the files are face crops the dataset already aligned
 
     def __len__(self) -> int:
         return len(self.split)
@@ -58,9 +59,9 @@ def _require(path: Path) -> Path:
     return path
 
 
-def read_genki4k(root, seed: int = 0) -> SourceRecords:
+def read_genki4k(root, seed: int = 0, fold: int = 0) -> SourceRecords:
     """GENKI-4K: ``files/file0001.jpg``... and ``labels.txt`` (line i: smile 0/1, then pose).
-    Split: fold 0 of a seeded 4-fold split, i.e. the paper's 3000 train / 1000 test."""
+    Split: fold ``fold`` (0-3) of a seeded 4-fold split, i.e. the paper's 3000 train / 1000 test."""
     root = Path(root)
     lines = _require(root / "labels.txt").read_text().splitlines()
     report, paths, smiles = SkipReport(), [], []
@@ -76,7 +77,7 @@ def read_genki4k(root, seed: int = 0) -> SourceRecords:
             smiles.append(int(fields[0]))
     split = np.full(len(paths), "train", dtype=object)
     if paths:
-        split[kfold_splits(len(paths), 4, seed)[0][1]] = "test"
+        split[kfold_splits(len(paths), 4, seed)[fold][1]] = "test"
     return SourceRecords("genki4k", {"smile": np.array(smiles, dtype=np.int64)}, split, paths=paths, report=report)
 
 
@@ -112,11 +113,12 @@ def _mat_column(struct, name: str) -> np.ndarray:
     return np.asarray(struct[name][0, 0]).reshape(-1)
 
 
-def read_imdb_wiki(root, which: str = "wiki", seed: int = 0) -> SourceRecords:
+def read_imdb_wiki(root, which: str = "wiki", seed: int = 0, fold: int = 0) -> SourceRecords:
     """IMDB-WIKI: ``{which}_crop/{which}.mat``, a MATLAB struct with full_path, gender
     (1 male, 0 female, NaN unknown), face_score (-inf: no face), second_face_score, dob,
     photo_taken. Rows with unknown gender or no face are skipped. Split: seeded, in the
-    paper's proportions (Wiki 30000 / 34200, IMDB 150000 / 170000)."""
+    paper's proportions (Wiki 30000 / 34200, IMDB 150000 / 170000); ``fold`` k takes the k-th
+    of the disjoint test blocks of one seeded permutation (cross-validation)."""
     from scipy.io import loadmat
 
     if which not in IMDB_WIKI_TRAIN_FRACTION:
@@ -138,7 +140,7 @@ def read_imdb_wiki(root, which: str = "wiki", seed: int = 0) -> SourceRecords:
         else:
             paths.append(path)
             genders.append(int(g))
-    train, _ = split_by_fraction(len(paths), IMDB_WIKI_TRAIN_FRACTION[which], seed)
+    train, _ = split_by_fraction(len(paths), IMDB_WIKI_TRAIN_FRACTION[which], seed, fold)
     split = np.full(len(paths), "test", dtype=object)
     split[train] = "train"
     return SourceRecords(which, {"gender": np.array(genders, dtype=np.int64)}, split, paths=paths, report=report)
@@ -182,5 +184,7 @@ def read_rafdb(root) -> SourceRecords:
             labels[t].append(v)
         paths.append(image)
         split.append("test" if stem.startswith("test") else "train")
+    # The aligned images are face crops with level eyes (the manual landmarks refer to the
+    # original photos): they are used whole, without detection.
     return SourceRecords("rafdb", {t: np.array(v, dtype=np.int64) for t, v in labels.items()},
-                         np.array(split, dtype=object), paths=paths, report=report)
+                         np.array(split, dtype=object), paths=paths, report=report, aligned=True)

@@ -17,13 +17,20 @@ def kfold_splits(n: int, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray
     return [(np.sort(np.concatenate(folds[:i] + folds[i + 1:])), np.sort(folds[i])) for i in range(k)]
 
 
-def split_by_fraction(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, test) indices with round(n * train_fraction) training rows (paper 2: 0.9)."""
+def split_by_fraction(n: int, train_fraction: float, seed: int, fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, test) indices with round(n * train_fraction) training rows (paper 2:
+    0.9). ``fold`` k picks the k-th test block of one seeded permutation, so the folds' test
+    sets are disjoint (cross-validation in the paper's train / test proportions)."""
     if not 0.0 < train_fraction <= 1.0:
         raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
     order = np.random.default_rng(seed).permutation(n)
-    cut = int(round(n * train_fraction))
-    return np.sort(order[:cut]), np.sort(order[cut:])
+    test_size = n - int(round(n * train_fraction))
+    if fold < 0 or (fold + 1) * test_size > n:
+        raise ValueError(f"fold must be in [0, {n // max(1, test_size) - 1}] for n={n} and train_fraction="
+                         f"{train_fraction}, got {fold}")
+    stop = n - fold * test_size
+    test = order[stop - test_size:stop]
+    return np.sort(np.concatenate([order[:stop - test_size], order[stop:]])), np.sort(test)
 
 
 def balancing_copies(sizes: Sequence[int]) -> list[int]:

@@ -15,13 +15,17 @@ from pathlib import Path
 from . import synthetic
 from .formats import read_fer2013, read_genki4k, read_imdb_wiki, read_rafdb
 
+# Each reader takes (root, fold): GENKI-4K and IMDB-WIKI have no official test set and are
+# split per cross-validation fold; FER-2013 (Kaggle's public / private test) and RAF-DB keep
+# their official splits in every fold.
 READERS = {
-    "genki4k": read_genki4k,
-    "fer2013": read_fer2013,
-    "wiki": lambda root: read_imdb_wiki(root, "wiki"),
-    "imdb": lambda root: read_imdb_wiki(root, "imdb"),
-    "rafdb": read_rafdb,
+    "genki4k": lambda root, fold: read_genki4k(root, fold=fold),
+    "fer2013": lambda root, fold: read_fer2013(root),
+    "wiki": lambda root, fold: read_imdb_wiki(root, "wiki", fold=fold),
+    "imdb": lambda root, fold: read_imdb_wiki(root, "imdb", fold=fold),
+    "rafdb": lambda root, fold: read_rafdb(root),
 }
+FOLDS = 4  # paper 1: 4-fold cross-validation
 WRITERS = {
     "genki4k": synthetic.write_genki4k,
     "fer2013": synthetic.write_fer2013,
@@ -31,10 +35,14 @@ WRITERS = {
 }
 
 
-def read_source(name: str, data_root):
+def read_source(name: str, data_root, fold: int = 1):
+    """Dataset ``name`` under ``data_root`` with the train / test split of cross-validation
+    fold ``fold`` (1-4)."""
     if name not in READERS:
         raise ValueError(f"source must be one of {sorted(READERS)}, got {name!r}")
-    return READERS[name](Path(data_root) / name)
+    if not 1 <= fold <= FOLDS:
+        raise ValueError(f"fold must be in 1..{FOLDS}, got {fold}")
+    return READERS[name](Path(data_root) / name, fold - 1)
 
 
 def write_synthetic(name: str, data_root) -> Path:

@@ -6,7 +6,8 @@ the last 10 epoch checkpoints. BKNet: SGD momentum 0.9, batch 128, weight decay 
 lr 0.01 * 0.8^(step / 10000), 250 epochs. ResNet ver1 / ver2 (config B4): weight decay 1e-4,
 lr 0.05 divided by 10 when the training loss stops improving, 100 / 80 epochs. Paper 2: batch
 32, lr 3e-4, loss weights emotion 2, gender 0.1, race 1.5, age 4; lr x0.2 after 5 epochs
-without a better validation emotion accuracy, stop when lr < 1e-6, keep the best weights.
+without a better validation emotion accuracy, stop when lr < 1e-6, keep the best weights;
+validation is 10% of the training images.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class TrainConfig:
     image_size: int = 48
     augment: bool = True
     seed: int = 2
+    fold: int = 1                         # cross-validation fold 1-4: which test split GENKI-4K / Wiki / IMDB hold out
+    val_fraction: float = 0.0             # > 0: validate on this seeded share of the training rows (paper 2: 0.1)
 
     def replace(self, **overrides) -> "TrainConfig":
         return dataclasses.replace(self, **overrides)
@@ -64,7 +67,8 @@ CONFIGS: dict[str, TrainConfig] = {
         model="resnet-v2", epochs=80, lr=0.05, weight_decay=1e-4, schedule="plateau"),
     "paper2": TrainConfig(name="paper2", model="emotion-cnn", sources=("rafdb",), epochs=100, batch_size=32,
                           optimizer="adam", lr=3e-4, weight_decay=0.0, schedule="val_plateau", plateau_factor=0.2,
-                          patience=5, min_lr=1e-6, task_weights=(2.0, 0.1, 1.5, 4.0), image_size=50),
+                          patience=5, min_lr=1e-6, task_weights=(2.0, 0.1, 1.5, 4.0), image_size=50,
+                          val_fraction=0.1),
 }
 
 

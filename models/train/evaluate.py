@@ -23,13 +23,14 @@ def load_model(checkpoint) -> torch.nn.Module:
 
 @torch.no_grad()
 def task_scores(model: torch.nn.Module, images: np.ndarray, kind: str, batch_size: int = 256) -> torch.Tensor:
-    """[N, sum(C)]: per-task softmax probabilities (``kind="ce"``) or raw scores (``"svm"``)."""
-    outputs = []
+    """[N, sum(C)] on the CPU: per-task softmax probabilities (``kind="ce"``) or raw scores
+    (``"svm"``), computed on the model's device."""
+    outputs, device = [], next(model.parameters()).device
     for start in range(0, len(images), batch_size):
-        logits = model(to_model_input(images[start:start + batch_size]))
+        logits = model(to_model_input(images[start:start + batch_size]).to(device))
         if kind == "ce":
             logits = torch.cat([s.softmax(dim=1) for s in logits.split(tuple(model.num_classes), dim=1)], dim=1)
-        outputs.append(logits)
+        outputs.append(logits.cpu())
     return torch.cat(outputs) if outputs else torch.zeros(0, sum(model.num_classes))
 
 

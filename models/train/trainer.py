@@ -114,9 +114,12 @@ def _loss_fn(config: TrainConfig, num_classes, loss_impl: str):
     raise ValueError(f"loss_impl must be 'fused' or 'reference', got {loss_impl!r}")
 
 
-def _save_checkpoint(out_dir: Path, epoch: int, model, optimizer, scheduler, config: TrainConfig, history) -> Path:
+def _save_checkpoint(out_dir: Path, epoch: int, model, optimizer, scheduler, config: TrainConfig, history,
+                     device: torch.device) -> Path:
     state = {**model_record(model, config), "epoch": epoch, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history}
+    if device.type == "cuda":  # dropout on the GPU draws from the device's generator
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     path = out_dir / CHECKPOINTS / f"epoch-{epoch:04d}.pt"
     atomic_write(path, _serialise(state))
     for old in epoch_checkpoints(out_dir)[:-max(1, config.ensemble_size)]:  # the ensemble's last N stay
@@ -162,14 +165,18 @@ def _plot_learning_curves(out_dir: Path, history: list[dict]) -> None:
 
 
 def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Optional[MultiTaskDataset] = None,
-          resume: bool = False, loss_impl: str = "fused", progress: bool = True) -> TrainResult:
-    """Train ``config.model`` on ``train_set`` for ``config.epochs`` epochs, writing a checkpoint
-    and a metrics row per epoch to ``out_dir``. ``resume`` continues from the last checkpoint."""
+          resume: bool = False, loss_impl: str = "fused", progress: bool = True, device="cpu") -> TrainResult:
+    """Train ``config.model`` on ``train_set`` for ``config.epochs`` epochs on ``device``,
+    writing a checkpoint and a metrics row per epoch to ``out_dir``. ``resume`` continues
+    from the last checkpoint."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here")
     torch.manual_seed(config.seed)
-    model = build_model(config.model)
+    model = build_model(config.model).to(device)  # initialised on the CPU: the same weights on any device
     if tuple(train_set.task_names) != tuple(model.task_names):
         raise ValueError(f"dataset tasks {train_set.task_names} do not match {config.model}'s {model.task_names}")
     if config.schedule == "val_plateau" and val_set is None:
@@ -184,11 +191,13 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
     start_epoch = 1
     existing = epoch_checkpoints(out_dir)
     if resume and existing:
-        state = torch.load(existing[-1], weights_only=True)
+        state = torch.load(existing[-1], map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         history = state["history"]
         start_epoch = state["epoch"] + 1
     elif existing:
@@ -198,10 +207,10 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
     net = model
     if world > 1:
         # CPU (gloo) keeps per-rank BatchNorm statistics: SyncBatchNorm is GPU-only in torch.
-        net = torch.nn.parallel.DistributedDataParallel(model)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     stopped = "completed"
     epoch = start_epoch - 1
-    best_val, best_state = -math.inf, None
+    best_val, best_state, best_epoch = -math.inf, None, 0
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         gen = epoch_generator(config, epoch)
@@ -211,10 +220,10 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, unit="batch", leave=False)
         for start in bar:
             index = shard(order[start:start + config.batch_size], rank, world)
-            images = to_model_input(train_set.images[index.numpy()])
+            images = to_model_input(train_set.images[index.numpy()]).to(device, non_blocking=True)
             if config.augment:
                 images = augment_batch(images, gen)
-            labels = torch.from_numpy(train_set.labels[index.numpy()])
+            labels = torch.from_numpy(train_set.labels[index.numpy()]).to(device, non_blocking=True)
             logits = net(images)
             loss = crit(logits, labels)
             if not torch.isfinite(loss):
@@ -249,10 +258,11 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
             val = row[f"val_acc_{train_set.task_names[0]}"]
             scheduler.step(val)
             if val > best_val:
-                best_val, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
+                best_val, best_epoch = val, epoch
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
         history.append(row)
         if rank == 0:
-            _save_checkpoint(out_dir, epoch, model, optimizer, scheduler, config, history)
+            _save_checkpoint(out_dir, epoch, model, optimizer, scheduler, config, history, device)
             _write_metrics(out_dir, history)
         if world > 1:
             torch.distributed.barrier()
@@ -264,7 +274,8 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
     if best_state is not None:  # paper 2: keep the weights of the best validation epoch
         model.load_state_dict(best_state)
         if rank == 0:
-            atomic_write(out_dir / BEST, _serialise({**model_record(model, config), "history": history}))
+            atomic_write(out_dir / BEST, _serialise({**model_record(model, config), "epoch": best_epoch,
+                                                     "history": history[:best_epoch]}))
     return TrainResult(out_dir, epoch, stopped, history, epoch_checkpoints(out_dir))
 
 
