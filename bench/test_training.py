@@ -21,6 +21,9 @@ SUITE = "training"
 BATCH = 128
 NETWORKS = ("bknet", "resnet-v1", "resnet-v2")
 VARIANTS = ("reference", "fused", "fused+channels_last")
+# Measured by test_training_retained_heap.py, which runs after this module because it
+# changes the process's allocator for good.
+RETAINED = "fused+channels_last+retained heap"
 # Paper 1, section 4.2, config B4 training splits: GENKI-4K 3000, FER-2013 (Kaggle) 28709, Wiki 30000.
 B4_TRAIN_SIZES = {"genki4k": 3000, "fer2013": 28709, "wiki": 30000}
 
@@ -30,15 +33,14 @@ def b4_epoch_samples() -> int:
     return sum(s * c for s, c in zip(sizes, balancing_copies(sizes)))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", NETWORKS)
-def test_training_step(benchmark, device, name, variant):
+def make_step(name: str, variant: str, device: str):
+    """One SGD step of network ``name`` at batch 128 with the loss and layout of ``variant``."""
     torch.manual_seed(0)
     model = models.build_model(name).to(device).train()
     x = torch.rand(BATCH, 1, model.input_size, model.input_size, device=device)
     labels = torch.stack([torch.randint(0, c, (BATCH,)) for c in model.num_classes], 1).to(device)
     labels[torch.rand(labels.shape) < 2 / 3] = -1  # multi-source batches: one task labelled per sample
-    if variant.endswith("channels_last"):
+    if "channels_last" in variant:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
     if variant == "reference":
@@ -49,9 +51,18 @@ def test_training_step(benchmark, device, name, variant):
 
         def loss_fn(logits):
             return crit(logits, labels)
+    return sgd_step(model, x, loss_fn)
 
-    heavy = name != "bknet"
-    measure(benchmark, sgd_step(model, x, loss_fn), device, SUITE, rounds=3 if heavy else 6, warmup=1, network=name, variant=variant)
+
+def measure_step(benchmark, device, name, variant):
+    measure(benchmark, make_step(name, variant, device), device, SUITE, rounds=6 if name == "bknet" else 3,
+            warmup=1, network=name, variant=variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", NETWORKS)
+def test_training_step(benchmark, device, name, variant):
+    measure_step(benchmark, device, name, variant)
 
 
 @register_report(SUITE)
@@ -65,7 +76,7 @@ def report(device, measurements):
         epochs, paper_minutes, paper_total = PAPER_TABLE4[name]
         row = {"network": name, "paper epochs": epochs, "paper min/epoch (TITAN X)": paper_minutes,
                "paper total min": paper_total}
-        for variant in VARIANTS:
+        for variant in VARIANTS + (RETAINED,):
             if (name, variant) in t:
                 row[f"{variant} s/step"] = f"{t[(name, variant)]:.3f}"
                 row[f"{variant} min/epoch"] = f"{t[(name, variant)] * steps / 60:.1f}"
@@ -73,16 +84,21 @@ def report(device, measurements):
         best = min((t[(name, v)] for v in VARIANTS[1:] if (name, v) in t), default=None)
         if best:
             row["mtkernels vs reference"] = f"{t[(name, 'reference')] / best:.2f}x"
+        if (name, RETAINED) in t:
+            row["with retained heap vs reference"] = f"{t[(name, 'reference')] / t[(name, RETAINED)]:.2f}x"
         rows.append(row)
     columns = (["network", "paper epochs", "paper min/epoch (TITAN X)", "paper total min"]
-               + [f"{v} {u}" for v in VARIANTS for u in ("s/step", "min/epoch", "total min")]
-               + ["mtkernels vs reference"])
+               + [f"{v} {u}" for v in VARIANTS + (RETAINED,) for u in ("s/step", "min/epoch", "total min")]
+               + ["mtkernels vs reference", "with retained heap vs reference"])
     notes = (f"One SGD step (forward, loss, backward, update) at batch {BATCH}, median. Epoch = config B4's merged, "
              f"balanced training set from paper 1's sizes {B4_TRAIN_SIZES} = {b4_epoch_samples()} samples = "
-             f"{steps} steps. 'mtkernels vs reference' = reference step time / the faster mtkernels variant.")
+             f"{steps} steps. 'mtkernels vs reference' = reference step time / the faster mtkernels variant, all "
+             f"with the default glibc allocator. The retained-heap variant runs last, after "
+             f"mtkernels.retain_freed_memory() (freed memory kept for reuse instead of page-faulted in again "
+             f"every step), against the same reference measured before it.")
     path = write_table(SUITE, device, rows, columns, f"Table 4: training time, {device}", notes)
     save_bar_chart(RESULTS_DIR / f"{SUITE}-{device}.png",
                    [("", [r["network"] for r in rows],
-                     {v: [float(r.get(f"{v} s/step", "nan")) for r in rows] for v in VARIANTS})],
+                     {v: [float(r.get(f"{v} s/step", "nan")) for r in rows] for v in VARIANTS + (RETAINED,)})],
                    "seconds per step (lower is better)", f"Training step at batch {BATCH} on {device}")
     return path

@@ -131,6 +131,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if device == "cpu":
+        import mtkernels
+
+        mtkernels.retain_freed_memory()  # no page faults for each step's activations
     result = train(config, train_set, out, val_set=val_set, resume=args.resume, loss_impl=args.loss_impl,
                    progress=not args.quiet, device=device)
     if torch.distributed.is_initialized():

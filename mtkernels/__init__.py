@@ -4,11 +4,13 @@
     crit = mtkernels.MultiTaskLoss(num_classes=(2, 7, 2))
     ref  = mtkernels.reference.multitask_loss(...)   # plain PyTorch ground truth
     fast = mtkernels.fuse_for_inference(model)       # eval-mode copy, same outputs
+    mtkernels.retain_freed_memory()                  # CPU training: reuse freed memory, no page faults
 """
 
 from . import reference
+from .cpu_memory import retain_freed_memory
 from .fuse import fuse_for_inference
 from .loss import MultiTaskLoss, multitask_loss
 
-__all__ = ["multitask_loss", "MultiTaskLoss", "fuse_for_inference", "reference"]
+__all__ = ["multitask_loss", "MultiTaskLoss", "fuse_for_inference", "reference", "retain_freed_memory"]
 __version__ = "0.1.0"
