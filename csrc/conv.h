@@ -25,13 +25,42 @@ struct Conv3x3SingleChannelProblem {
   int num_threads;
 };
 
+// Winograd F(2x2, 3x3) for a 3x3 / stride 1 / padding 1 convolution, in three steps: the
+// input transform (here), 16 GEMMs V[k] @ U[k] (PyTorch's bmm), the output transform (here).
+// Tiles: the 2x2 output blocks of each image, row-major, ceil(H/2) x ceil(W/2) per image.
+//
+// Input: V[k][tile][c] = (B^T d B)[k], d the 4x4 input patch at (2ty - 1, 2tx - 1), zero
+// outside the image; k = 4 * row + column of the 4x4 transformed patch.
+struct WinogradInputProblem {
+  const float* src;  // [N, H, W, C]
+  float* dst;        // [16, tiles, C]
+  int64_t batch, height, width, channels;
+  int num_threads;
+};
+
+// Output: y = A^T m A + bias per tile (optional ReLU), m[k] = M[k][tile][c]. With pool, the
+// 2x2 block's maximum is written, one value per tile (the 2x2 / stride 2 max-pool, which
+// needs H and W even); otherwise the block, clipped at odd edges.
+struct WinogradOutputProblem {
+  const float* src;   // [16, tiles, C]
+  const float* bias;  // [C]
+  float* dst;         // [N, H, W, C], or [N, H / 2, W / 2, C] with pool
+  int64_t batch, height, width, channels;
+  bool relu, pool;
+  int num_threads;
+};
+
 using MaxPoolFn = void (*)(const MaxPoolProblem&);
 using Conv3x3SingleChannelFn = void (*)(const Conv3x3SingleChannelProblem&);
+using WinogradInputFn = void (*)(const WinogradInputProblem&);
+using WinogradOutputFn = void (*)(const WinogradOutputProblem&);
 
 #define MTK_DECLARE_CONV(isa)                                          \
   namespace isa {                                                      \
   void maxpool2x2_nhwc(const MaxPoolProblem&);                         \
   void conv3x3_single_channel_nhwc(const Conv3x3SingleChannelProblem&); \
+  void winograd_input_nhwc(const WinogradInputProblem&);               \
+  void winograd_output_nhwc(const WinogradOutputProblem&);             \
   }
 MTK_DECLARE_CONV(baseline)
 MTK_DECLARE_CONV(avx2)

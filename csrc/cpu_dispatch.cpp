@@ -99,7 +99,10 @@ void set_active_isa(Isa isa) {
 }
 
 #define MTK_TABLE(isa) \
-  KernelTable { isa::multitask_loss_forward, isa::maxpool2x2_nhwc, isa::conv3x3_single_channel_nhwc }
+  KernelTable {                                                                                  \
+    isa::multitask_loss_forward, isa::maxpool2x2_nhwc, isa::conv3x3_single_channel_nhwc,           \
+        isa::winograd_input_nhwc, isa::winograd_output_nhwc                                          \
+  }
 
 const KernelTable& kernels() {
   static const KernelTable baseline_table = MTK_TABLE(baseline);

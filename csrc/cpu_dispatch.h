@@ -22,6 +22,8 @@ struct KernelTable {
   LossForwardFn multitask_loss_forward;
   MaxPoolFn maxpool2x2_nhwc;
   Conv3x3SingleChannelFn conv3x3_single_channel_nhwc;
+  WinogradInputFn winograd_input_nhwc;
+  WinogradOutputFn winograd_output_nhwc;
 };
 const KernelTable& kernels();
 

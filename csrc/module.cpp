@@ -73,6 +73,27 @@ void conv3x3_single_channel_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias
   mtk::kernels().conv3x3_single_channel_nhwc(problem);
 }
 
+void winograd_input_nhwc(uintptr_t src, uintptr_t dst, int64_t batch, int64_t height, int64_t width,
+                         int64_t channels, int num_threads) {
+  if (batch < 0 || height < 0 || width < 0 || channels < 0) throw std::invalid_argument("negative size");
+  if (batch * height * width * channels == 0) return;
+  const mtk::WinogradInputProblem problem{as_ptr<const float>(src), as_ptr<float>(dst), batch, height, width,
+                                          channels, std::max(1, num_threads)};
+  py::gil_scoped_release release;
+  mtk::kernels().winograd_input_nhwc(problem);
+}
+
+void winograd_output_nhwc(uintptr_t src, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t height,
+                          int64_t width, int64_t channels, bool relu, bool pool, int num_threads) {
+  if (batch < 0 || height < 0 || width < 0 || channels < 0) throw std::invalid_argument("negative size");
+  if (pool && (height % 2 || width % 2)) throw std::invalid_argument("pool needs an even height and width");
+  if (batch * height * width * channels == 0) return;
+  const mtk::WinogradOutputProblem problem{as_ptr<const float>(src), as_ptr<const float>(bias), as_ptr<float>(dst),
+                                           batch, height, width, channels, relu, pool, std::max(1, num_threads)};
+  py::gil_scoped_release release;
+  mtk::kernels().winograd_output_nhwc(problem);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -89,6 +110,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bias"), py::arg("dst"), py::arg("batch"), py::arg("height"), py::arg("width"),
         py::arg("out_channels"), py::arg("relu"), py::arg("num_threads"),
         "3x3 / stride 1 / pad 1 convolution of a one-channel float32 image to NHWC, + bias (+ ReLU).");
+  m.def("winograd_input_nhwc", &winograd_input_nhwc, py::arg("src"), py::arg("dst"), py::arg("batch"),
+        py::arg("height"), py::arg("width"), py::arg("channels"), py::arg("num_threads"),
+        "Winograd F(2x2,3x3) input transform of an NHWC float32 image (padding 1) to [16, tiles, C].");
+  m.def("winograd_output_nhwc", &winograd_output_nhwc, py::arg("src"), py::arg("bias"), py::arg("dst"),
+        py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("channels"), py::arg("relu"), py::arg("pool"),
+        py::arg("num_threads"),
+        "Winograd F(2x2,3x3) output transform of [16, tiles, C] to NHWC, + bias (+ ReLU) (+ 2x2 max-pool).");
   m.def("cpu_features", &mtk::cpu_features, "Instruction-set extensions this CPU and OS support.");
   m.def("isa", []() { return std::string(mtk::isa_name(mtk::active_isa())); },
         "The kernel variant in use: 'baseline', 'avx2' or 'avx512'.");

@@ -4,14 +4,15 @@ the same outputs with fewer, fused operations.
 What is fused (all exact up to float rounding):
 
 * BatchNorm after a conv / linear is folded into its weights and bias.
-* conv + bias + ReLU run as one op. CPU: oneDNN's fused convolution with a ReLU post-op
-  and weights pre-packed once per input shape, or ``F.conv2d`` + in-place ReLU -- each
-  layer times both on its first call for an input shape and keeps the faster. CUDA: the
-  Triton implicit-GEMM kernel of ``mtkernels.triton.conv`` (float32 / TF32, float16,
-  bfloat16). A one-input-channel 3x3 conv (the first layer) also has a direct C++ NHWC
-  kernel among the CPU candidates. A 2x2/2 max-pool after the ReLU belongs to the same
-  module: the Triton kernel reduces it in its epilogue and writes only the pooled output;
-  on CPU it is a separate C++ NHWC pooling pass over the conv's output.
+* conv + bias + ReLU (+ the 2x2/2 max-pool that follows) run as one module. CPU: each
+  layer times its candidates on the first call for an input shape and keeps the fastest:
+  oneDNN's fused convolution with a ReLU post-op and weights pre-packed once per shape,
+  ``F.conv2d`` + in-place ReLU (both followed by a C++ NHWC pooling pass), a direct C++
+  kernel for a one-input-channel 3x3 conv (the first layer), and for other 3x3 / stride 1
+  convs Winograd F(2x2, 3x3) (C++ input and output transforms around one batched GEMM;
+  2.25x fewer multiplications; bias, ReLU and the max-pool in the output transform, which
+  writes only the pooled output). CUDA: the Triton implicit-GEMM kernel of
+  ``mtkernels.triton.conv`` (float32 / TF32, float16, bfloat16), the pool in its epilogue.
 * BatchNorm that cannot be folded (pre-activation, between a residual add and a conv
   with zero padding) runs as one per-channel affine + ReLU.
 * Dropout is removed.
@@ -103,8 +104,11 @@ class FusedConv2d(nn.Module):
         self.chosen: dict[tuple, Callable] = {}  # input shape -> implementation measured fastest
         self.triton_ok = (self.groups == 1 and self.dilation == [1, 1] and len(set(self.stride)) == 1
                           and len(set(self.padding)) == 1)
-        self.single_channel_3x3 = (tuple(weight.shape[1:]) == (1, 3, 3) and self.stride == [1, 1]
-                                   and self.padding == [1, 1] and self.dilation == [1, 1] and self.groups == 1)
+        plain_3x3 = (tuple(weight.shape[2:]) == (3, 3) and self.stride == [1, 1] and self.padding == [1, 1]
+                     and self.dilation == [1, 1] and self.groups == 1)
+        self.single_channel_3x3 = plain_3x3 and weight.shape[1] == 1
+        self.winograd_ok = plain_3x3 and weight.shape[1] > 1
+        self._winograd_u = None
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}, "
@@ -144,28 +148,46 @@ class FusedConv2d(nn.Module):
         return conv2d_bias_act(x, weight, bias, tuple(self.weight.shape[2:]), self.stride[0], self.padding[0],
                                self.relu, self.pool)
 
+    def _winograd(self, x: torch.Tensor) -> torch.Tensor:
+        from .ops.conv import WinogradBuffers, winograd_unchecked, winograd_weight
+
+        if self._winograd_u is None:  # the shapes were checked when this candidate was offered
+            self._winograd_u, self._winograd_buffers = winograd_weight(self.weight), WinogradBuffers()
+        return winograd_unchecked(x, self._winograd_u, self.bias, self.relu, self.pool, self._winograd_buffers)
+
+    def _pooled(self, impl: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``impl`` followed by the 2x2 max-pool (for implementations without it fused)."""
+        if not self.pool:
+            return impl
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            y = impl(x)
+            if y.device.type == "cpu" and y.dtype == torch.float32:
+                from .ops.conv import maxpool2x2
+
+                return maxpool2x2(y)
+            return F.max_pool2d(y, 2, 2)
+        return run
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         if x.is_cuda and self.triton_ok:
             return self._triton(x)  # pool fused in the kernel's epilogue
-        cpu_f32 = x.device.type == "cpu" and x.dtype == torch.float32
         impl = self.chosen.get(x.shape)
         if impl is None:
+            cpu_f32 = x.device.type == "cpu" and x.dtype == torch.float32
             candidates = [self._aten]
             if cpu_f32 and _onednn_available():
                 candidates.append(self._onednn)
             if cpu_f32 and self.single_channel_3x3:
                 candidates.append(self._direct_single_channel)
-            impl = fastest(candidates, x) if len(candidates) > 1 else self._aten
+            candidates = [self._pooled(c) for c in candidates]
+            even = x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
+            if cpu_f32 and self.winograd_ok and (even or not self.pool):
+                candidates.append(self._winograd)  # pools in its output transform
+            impl = fastest(candidates, x) if len(candidates) > 1 else candidates[0]
             self.chosen[x.shape] = impl
-        y = impl(x)
-        if not self.pool:
-            return y
-        if cpu_f32:
-            from .ops.conv import maxpool2x2
-
-            return maxpool2x2(y)
-        return F.max_pool2d(y, 2, 2)
+        return impl(x)
 
 
 class FusedLinear(nn.Module):

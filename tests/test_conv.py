@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mtkernels import _C
-from mtkernels.ops.conv import conv3x3_single_channel, maxpool2x2
+from mtkernels.ops.conv import conv3x3_single_channel, conv3x3_winograd, maxpool2x2, winograd_weight
 
 ISAS = [isa for isa in ("baseline", "avx2", "avx512") if _C.isa_supported(isa)]
 
@@ -47,3 +47,36 @@ def test_bad_inputs_are_reported():
         conv3x3_single_channel(torch.zeros(1, 2, 4, 4), torch.zeros(9, 3), torch.zeros(3), True)
     with pytest.raises(ValueError, match=r"weight_k_major must be \[9, C_out\]"):
         conv3x3_single_channel(torch.zeros(1, 1, 4, 4), torch.zeros(8, 3), torch.zeros(3), True)
+    u = winograd_weight(torch.zeros(3, 2, 3, 3))
+    with pytest.raises(ValueError, match="needs an even height and width, got 5x4"):
+        conv3x3_winograd(torch.zeros(1, 2, 5, 4), u, torch.zeros(3), True, True)
+    with pytest.raises(ValueError, match=r"u must be \[16, C_in, C_out\]"):
+        conv3x3_winograd(torch.zeros(1, 2, 4, 4), u[:9], torch.zeros(3), True, False)
+    with pytest.raises(ValueError, match=r"weight must be \[C_out, C_in, 3, 3\]"):
+        winograd_weight(torch.zeros(3, 2, 5, 5))
+
+
+# Winograd F(2x2, 3x3) rounds differently from a direct convolution: its error is bounded
+# relative to the convolution of the absolute values, sum |w| |x|, not to the result (which
+# may cancel to near zero). The constant covers the transforms' few extra float32 roundings.
+WINOGRAD_RELATIVE_BOUND = 1e-6
+
+
+@pytest.mark.parametrize("relu,pool", [(True, True), (True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("shape,c_out,chunk", [((1, 32, 48, 48), 32, None), ((3, 5, 7, 9), 6, 2),
+                                               ((2, 256, 6, 6), 256, None), ((5, 16, 2, 2), 8, 1),
+                                               ((4, 3, 8, 6), 4, 3)])
+def test_winograd_conv_within_its_error_bound(isa, shape, c_out, chunk, relu, pool):
+    if pool and (shape[2] % 2 or shape[3] % 2):
+        pytest.skip("the fused pool needs even sizes (checked in test_bad_inputs_are_reported)")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(c_out, shape[1], 3, 3, generator=g), torch.randn(c_out, generator=g)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    scale = F.conv2d(x.double().abs(), weight.double().abs(), bias.double().abs(), padding=1)
+    want = F.relu(want) if relu else want
+    if pool:
+        want, scale = F.max_pool2d(want, 2, 2), F.max_pool2d(scale, 2, 2)
+    got = conv3x3_winograd(x, winograd_weight(weight), bias, relu, pool, images_per_chunk=chunk)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
+    assert ((got.double() - want).abs() <= WINOGRAD_RELATIVE_BOUND * scale).all()

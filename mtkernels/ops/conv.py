@@ -1,8 +1,11 @@
 """CPU NHWC kernels of the fused inference path (``mtkernels._C``), checked and wrapped.
 
-Both take and return channels-last float32 tensors; they exist where PyTorch's own
-kernels are slow for the papers' shapes: a 2x2 max-pool at batch 1 and the first conv
-layer, whose single input channel leaves oneDNN's GEMM-based path mostly idle.
+They take and return channels-last float32 tensors and exist where PyTorch's own kernels
+are slow for the papers' shapes or do more work than needed: a 2x2 max-pool at batch 1,
+the first conv layer, whose single input channel leaves oneDNN's GEMM-based path mostly
+idle, and Winograd F(2x2, 3x3) convolution, which needs 2.25x fewer multiplications than
+a direct 3x3 convolution (16 instead of 36 per 2x2 output block and channel pair) and
+fuses bias, ReLU and the 2x2 max-pool into its output transform.
 """
 
 from __future__ import annotations
@@ -51,4 +54,71 @@ def conv3x3_single_channel(x: torch.Tensor, weight_k_major: torch.Tensor, bias: 
     out = torch.empty((n, c_out, h, w), memory_format=torch.channels_last)
     _C.conv3x3_single_channel_nhwc(x.data_ptr(), weight_k_major.data_ptr(), bias.data_ptr(), out.data_ptr(),
                                    n, h, w, c_out, relu, torch.get_num_threads())
+    return out
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [(G g G^T) * (B^T d B)] A.
+_WINOGRAD_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]],
+                           dtype=torch.float64)
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[C_out, C_in, 3, 3] -> U = G g G^T as [16, C_in, C_out] float32 (computed in float64)."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be [C_out, C_in, 3, 3], got {tuple(weight.shape)}")
+    u = torch.einsum("ik,ockl,jl->ijco", _WINOGRAD_G, weight.detach().double().cpu(), _WINOGRAD_G)
+    return u.reshape(16, weight.shape[1], weight.shape[0]).float().contiguous()
+
+
+class WinogradBuffers:
+    """Transformed-input and GEMM-output buffers kept per input shape: a CPU allocation of
+    this size is otherwise page-faulted in again on every call."""
+
+    def __init__(self):
+        self._by_shape: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, tiles: int, c_in: int, c_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tiles, c_in, c_out)
+        if key not in self._by_shape:
+            self._by_shape[key] = (torch.empty(16, tiles, c_in), torch.empty(16, tiles, c_out))
+        return self._by_shape[key]
+
+
+def conv3x3_winograd(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
+                     buffers: WinogradBuffers | None = None, images_per_chunk: int | None = None) -> torch.Tensor:
+    """3x3 / stride 1 / padding 1 convolution + bias (+ ReLU) (+ 2x2 / stride 2 max-pool) of a
+    float32 [N, C_in, H, W] by Winograd F(2x2, 3x3), channels-last output; ``u`` from
+    :func:`winograd_weight`. Images go through in chunks of ``images_per_chunk`` so the
+    transformed tiles stay in cache (default: about 4 MB of them)."""
+    _check("x", x, channels=u.shape[1] if u.dim() == 3 else None)
+    if u.dim() != 3 or u.shape[0] != 16 or bias.shape != (u.shape[2],):
+        raise ValueError(f"u must be [16, C_in, C_out] and bias [C_out], got {tuple(u.shape)} and {tuple(bias.shape)}")
+    if pool and (x.shape[2] % 2 or x.shape[3] % 2):
+        raise ValueError(f"the fused max-pool needs an even height and width, got {x.shape[2]}x{x.shape[3]}")
+    if images_per_chunk is not None and images_per_chunk < 1:
+        raise ValueError(f"images_per_chunk must be >= 1, got {images_per_chunk}")
+    return winograd_unchecked(x.contiguous(memory_format=torch.channels_last), u, bias.contiguous(), relu, pool,
+                              buffers or WinogradBuffers(), images_per_chunk)
+
+
+def winograd_unchecked(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
+                       buffers: WinogradBuffers, images_per_chunk: int | None = None) -> torch.Tensor:
+    """:func:`conv3x3_winograd` without its checks, for callers that made them once (at batch
+    1 the checks cost a tenth of a layer)."""
+    n, c_in, h, w = x.shape
+    c_out = u.shape[2]
+    tiles_per_image = ((h + 1) // 2) * ((w + 1) // 2)
+    if images_per_chunk is None:
+        images_per_chunk = max(1, (4 << 20) // (64 * tiles_per_image * max(c_in, c_out)))
+    out = torch.empty((n, c_out, h // 2, w // 2) if pool else (n, c_out, h, w), memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    x_ptr, out_ptr, bias_ptr = x.data_ptr(), out.data_ptr(), bias.data_ptr()
+    in_bytes, out_bytes = 4 * h * w * c_in, 4 * out.shape[2] * out.shape[3] * c_out  # per image
+    for start in range(0, n, images_per_chunk):
+        chunk = min(images_per_chunk, n - start)
+        v, m = buffers.get(chunk * tiles_per_image, c_in, c_out)
+        _C.winograd_input_nhwc(x_ptr + start * in_bytes, v.data_ptr(), chunk, h, w, c_in, threads)
+        torch.bmm(v, u, out=m)
+        _C.winograd_output_nhwc(m.data_ptr(), bias_ptr, out_ptr + start * out_bytes, chunk, h, w, c_out, relu, pool,
+                                threads)
     return out
