@@ -65,10 +65,9 @@ def fold_accuracies(runs_root) -> dict[str, dict[tuple[str, str, str], list[floa
 
 def cross_validation_table(accuracies: dict[tuple[str, str, str], list[float]]) -> str:
     """One run directory's folds: accuracy mean ± sample std per (dataset, split, task)."""
-    lines = ["| dataset | split | task | accuracy % (mean ± std) | folds |", "|---|---|---|---:|---:|"]
-    for (source, split, task), values in sorted(accuracies.items()):
-        lines.append(f"| {source} | {split} | {task} | {_mean_std(values)} | {len(values)} |")
-    return "\n".join(lines)
+    cells = [[source, split, task, _mean_std(values), str(len(values))]
+             for (source, split, task), values in sorted(accuracies.items())]
+    return _markdown_table(["dataset", "split", "task", "accuracy % (mean ± std)", "folds"], cells, 3)
 
 
 def table2(runs_root) -> Optional[str]:
@@ -78,20 +77,19 @@ def table2(runs_root) -> Optional[str]:
     if not found:
         return None
     head = ["config", "folds"] + [f"{c[3]} {who}" for c in TABLE2_COLUMNS for who in ("ours", "paper")]
-    lines = ["## Table 2: accuracy % (mean ± std over cross-validation folds)", "",
-             "| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
-    other = []
+    cells, other = [], []
     for name, table in sorted(found.items()):
         if name not in PAPER_TABLE2:
             other.append((name, table))
             continue
         folds = max(len(v) for v in table.values())
-        cells = [name, str(folds)]
+        row = [name, str(folds)]
         for (source, split, task, _), (mean, std) in zip(TABLE2_COLUMNS, PAPER_TABLE2[name]):
             values = table.get((source, split, task), [])
             partial = f" ({len(values)} of {folds} folds)" if 0 < len(values) < folds else ""
-            cells += [_mean_std(values) + partial, f"{mean:.2f} ± {std:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+            row += [_mean_std(values) + partial, f"{mean:.2f} ± {std:.2f}"]
+        cells.append(row)
+    lines = ["## Table 2: accuracy % (mean ± std over cross-validation folds)", "", _markdown_table(head, cells, 1)]
     for name, table in other:
         lines += ["", f"## {name}: accuracy % (mean ± std over runs)", ""]
         if name == "paper2":
@@ -101,42 +99,46 @@ def table2(runs_root) -> Optional[str]:
     return "\n".join(lines) + "\n"
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _markdown_table(head: list[str], rows: list[list[str]], text_columns: int) -> str:
+    """A markdown table; columns after the first ``text_columns`` are right-aligned numbers."""
+    align = "|" + "---|" * text_columns + "---:|" * (len(head) - text_columns)
+    return "\n".join(["| " + " | ".join(head) + " |", align] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _bench_rows(results_dir, suite: str, device: str) -> Optional[list[dict]]:
+    """The rows of ``bench/results/<suite>-<device>.csv``, or None if that benchmark has not run."""
+    path = Path(results_dir) / f"{suite}-{device}.csv"
+    if not path.exists():
+        return None
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
 def table3(results_dir, device: str) -> Optional[str]:
     """Table 3 (seconds per image) from ``inference-<device>.csv``."""
-    path = Path(results_dir) / f"inference-{device}.csv"
-    if not path.exists():
+    rows = _bench_rows(results_dir, "inference", device)
+    if not rows:
         return None
-    rows = _read_csv(path)
     impls = [c[:-len(" ms/img")] for c in rows[0] if c.endswith(" ms/img") and not c.startswith("paper")]
     head = ["framework", "batch", "paper (TITAN X) s/img"] + [f"{i} s/img" for i in impls]
-    lines = [f"## Table 3: inference time per image, {device}", "", "| " + " | ".join(head) + " |",
-             "|---|---:|" + "---:|" * (len(head) - 2)]
-    for row in rows:
-        cells = [row["network"], row["batch"], f"{PAPER_TABLE3[row['network']]:.3f}"]
-        cells += [f"{float(row[f'{i} ms/img']) / 1e3:.5f}" if row.get(f"{i} ms/img") else "-" for i in impls]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[row["network"], row["batch"], f"{PAPER_TABLE3[row['network']]:.3f}"]
+             + [f"{float(row[f'{i} ms/img']) / 1e3:.5f}" if row.get(f"{i} ms/img") else "-" for i in impls]
+             for row in rows]
+    return f"## Table 3: inference time per image, {device}\n\n{_markdown_table(head, cells, 1)}\n"
 
 
 def table4(results_dir, device: str) -> Optional[str]:
     """Table 4 (minutes per epoch and in total) from ``training-<device>.csv``."""
-    path = Path(results_dir) / f"training-{device}.csv"
-    if not path.exists():
+    rows = _bench_rows(results_dir, "training", device)
+    if not rows:
         return None
-    rows = _read_csv(path)
     variants = [c[:-len(" min/epoch")] for c in rows[0] if c.endswith(" min/epoch") and not c.startswith("paper")]
     head = ["framework", "epochs", "paper min/epoch", "paper total min"]
     head += [f"{v} {what}" for v in variants for what in ("min/epoch", "total min")]
-    lines = [f"## Table 4: training time, {device} (projected from measured steps at batch 128)", "",
-             "| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
+    cells = []
     for row in rows:
         epochs, minutes, total = PAPER_TABLE4[row["network"]]
-        cells = [row["network"], str(epochs), f"{minutes:.2f}", str(total)]
-        cells += [row.get(f"{v} {what}") or "-" for v in variants for what in ("min/epoch", "total min")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        cells.append([row["network"], str(epochs), f"{minutes:.2f}", str(total)]
+                     + [row.get(f"{v} {what}") or "-" for v in variants for what in ("min/epoch", "total min")])
+    return (f"## Table 4: training time, {device} (projected from measured steps at batch 128)\n\n"
+            f"{_markdown_table(head, cells, 1)}\n")
