@@ -140,9 +140,12 @@ def test_video_every_kth_frame(trained_run, tmp_path):
             frame = av.VideoFrame.from_ndarray(np.asarray(face.rotate(2 * i)), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-    records = models.analyze(path, weights=trained_run, every=2, out_dir=tmp_path / "out")
-    assert [r["frame"] for r in records] == [0, 2, 4]
-    assert all("problem" not in r for r in records)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    records = models.analyze([path, broken], weights=trained_run, every=2, out_dir=tmp_path / "out")
+    assert [r["frame"] for r in records] == [0, 2, 4, None]
+    assert all("problem" not in r for r in records[:3])
+    assert records[3]["source"] == str(broken) and records[3]["problem"].startswith("unreadable video")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "clip-frame000000.png", "clip-frame000002.png", "clip-frame000004.png"]
 
