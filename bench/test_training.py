@@ -1,7 +1,8 @@
 """Table 4: training time. Seconds per SGD step at batch 128 for BKNet and Multi-task ResNet
 ver1 / ver2, with the plain-PyTorch reference loss (the eager baseline), the fused loss,
-and the fused loss with channels_last activations, in one run; and the projected minutes
-per epoch of config B4, whose size follows from paper 1's dataset sizes (section 4.2)."""
+the fused loss with channels_last activations, and then also BatchNorm + ReLU fused
+(``mtkernels.fuse_for_training``), in one run; and the projected minutes per epoch of
+config B4, whose size follows from paper 1's dataset sizes (section 4.2)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from results_io import RESULTS_DIR, save_bar_chart, write_table
 SUITE = "training"
 BATCH = 128
 NETWORKS = ("bknet", "resnet-v1", "resnet-v2")
-VARIANTS = ("reference", "fused", "fused+channels_last")
-# Measured by test_training_retained_heap.py, which runs after this module because it
-# changes the process's allocator for good.
-RETAINED = "fused+channels_last+retained heap"
+VARIANTS = ("reference", "fused", "fused+channels_last", "fused+channels_last+bn_relu")
+# The whole mtkernels step once more, after mtkernels.retain_freed_memory(): measured by
+# test_training_retained_heap.py, which runs after this module because it changes the
+# process's allocator for good.
+RETAINED = "fused+channels_last+bn_relu+retained heap"
 # Paper 1, section 4.2, config B4 training splits: GENKI-4K 3000, FER-2013 (Kaggle) 28709, Wiki 30000.
 B4_TRAIN_SIZES = {"genki4k": 3000, "fer2013": 28709, "wiki": 30000}
 
@@ -40,6 +42,8 @@ def make_step(name: str, variant: str, device: str):
     x = torch.rand(BATCH, 1, model.input_size, model.input_size, device=device)
     labels = torch.stack([torch.randint(0, c, (BATCH,)) for c in model.num_classes], 1).to(device)
     labels[torch.rand(labels.shape) < 2 / 3] = -1  # multi-source batches: one task labelled per sample
+    if "bn_relu" in variant:
+        mtkernels.fuse_for_training(model)
     if "channels_last" in variant:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)

@@ -4,6 +4,7 @@
 #include <map>
 #include <string>
 
+#include "batchnorm.h"
 #include "conv.h"
 #include "multitask_loss.h"
 
@@ -24,6 +25,10 @@ struct KernelTable {
   Conv3x3SingleChannelFn conv3x3_single_channel_nhwc;
   WinogradInputFn winograd_input_nhwc;
   WinogradOutputFn winograd_output_nhwc;
+  BnStatsFn bn_stats;
+  BnReluForwardFn bn_relu_forward;
+  BnReluBackwardReduceFn bn_relu_backward_reduce;
+  BnReluBackwardApplyFn bn_relu_backward_apply;
 };
 const KernelTable& kernels();
 

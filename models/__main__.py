@@ -136,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         mtkernels.retain_freed_memory()  # no page faults for each step's activations
     result = train(config, train_set, out, val_set=val_set, resume=args.resume, loss_impl=args.loss_impl,
-                   progress=not args.quiet, device=device)
+                   progress=not args.quiet, device=device, fuse_layers=not args.plain_layers)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     last = result.history[-1] if result.history else {}
@@ -310,6 +310,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--loss-impl", choices=["fused", "reference"], default="fused",
                    help="mtkernels' fused loss (default) or the plain-PyTorch reference, for comparison")
+    p.add_argument("--plain-layers", action="store_true",
+                   help="CPU: keep PyTorch's BatchNorm + ReLU and NCHW activations (default: channels-last and "
+                        "mtkernels' fused BatchNorm + ReLU, about 10%% faster per step)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set lr=0.02 --set batch_size=64 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

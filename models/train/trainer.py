@@ -165,10 +165,12 @@ def _plot_learning_curves(out_dir: Path, history: list[dict]) -> None:
 
 
 def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Optional[MultiTaskDataset] = None,
-          resume: bool = False, loss_impl: str = "fused", progress: bool = True, device="cpu") -> TrainResult:
+          resume: bool = False, loss_impl: str = "fused", progress: bool = True, device="cpu",
+          fuse_layers: bool = True) -> TrainResult:
     """Train ``config.model`` on ``train_set`` for ``config.epochs`` epochs on ``device``,
     writing a checkpoint and a metrics row per epoch to ``out_dir``. ``resume`` continues
-    from the last checkpoint."""
+    from the last checkpoint. ``fuse_layers``: on the CPU, channels-last activations and
+    BatchNorm + ReLU as one op (``mtkernels.fuse_for_training``; same state_dict)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -177,6 +179,8 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
         raise ValueError(f"device {str(device)!r} requested but CUDA is not available here")
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)  # initialised on the CPU: the same weights on any device
+    if fuse_layers and device.type == "cpu":
+        model = mtkernels.fuse_for_training(model).to(memory_format=torch.channels_last)
     if tuple(train_set.task_names) != tuple(model.task_names):
         raise ValueError(f"dataset tasks {train_set.task_names} do not match {config.model}'s {model.task_names}")
     if config.schedule == "val_plateau" and val_set is None:

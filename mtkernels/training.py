@@ -1,0 +1,55 @@
+"""Training-time fusion: BatchNorm2d followed by ReLU becomes one module that runs the
+fused ``mtkernels::batchnorm_relu`` op in training on channels-last float32 CPU
+activations (and PyTorch's own BatchNorm + ReLU everywhere else). Parameters, buffers and
+``state_dict`` keys stay exactly those of the BatchNorm2d, so checkpoints, optimisers and
+``fuse_for_inference`` work unchanged."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import batchnorm_relu as _op  # noqa: F401  (registers torch.ops.mtkernels.batchnorm_relu)
+
+
+class BatchNormReLU2d(nn.BatchNorm2d):
+    """``relu(BatchNorm2d(x))``, fused in training on channels-last float32 CPU input."""
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        return (self.training and self.affine and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                and x.numel() // x.shape[1] > 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable(x):
+            return F.relu(super().forward(x))
+        y, mean, var = torch.ops.mtkernels.batchnorm_relu(x, self.weight, self.bias, self.eps)
+        if self.track_running_stats:
+            self._update_running_stats(mean, var, x.numel() // x.shape[1])
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        # as nn.BatchNorm2d: the running variance is the unbiased one; momentum None means
+        # a cumulative average over the batches seen
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean, momentum)
+        self.running_var.lerp_(var * (count / (count - 1)), momentum)
+
+
+def fuse_for_training(model: nn.Module) -> nn.Module:
+    """Make every ``BatchNorm2d`` directly followed by a ``ReLU`` in an ``nn.Sequential`` a
+    :class:`BatchNormReLU2d` (the same object, its class changed) and the ReLU an
+    ``Identity``. Changes ``model`` in place and returns it; ``state_dict`` is unchanged."""
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            bn, relu = module._modules[first], module._modules[second]
+            if type(bn) is nn.BatchNorm2d and isinstance(relu, nn.ReLU):
+                bn.__class__ = BatchNormReLU2d
+                module._modules[second] = nn.Identity()
+    return model

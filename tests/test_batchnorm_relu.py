@@ -1,0 +1,113 @@
+"""mtkernels::batchnorm_relu (csrc/batchnorm_kernel.cpp via mtkernels.ops.batchnorm_relu),
+BatchNormReLU2d and fuse_for_training, against float64 PyTorch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+import mtkernels
+from mtkernels import _C
+from mtkernels.ops.batchnorm_relu import batchnorm_relu
+
+ISAS = [isa for isa in ("baseline", "avx2", "avx512") if _C.isa_supported(isa)]
+EPS = 1e-5
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = _C.isa()
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(before)
+
+
+def float64_reference(x, weight, bias, grad_y):
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    y = F.relu(F.batch_norm(x64, None, None, w64, b64, training=True, eps=EPS))
+    return (y, *torch.autograd.grad(y, (x64, w64, b64), grad_y.double()))
+
+
+def inputs(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3 + 1
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    weight, bias = torch.rand(c, generator=g) + 0.5, torch.rand(c, generator=g) - 0.5
+    return x, weight, bias, torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(128, 32, 12, 12), (3, 5, 7, 9), (2, 256, 3, 3), (64, 19), (1, 4, 2, 1)])
+def test_forward_and_gradients_match_float64(isa, shape):
+    x, weight, bias, grad_y = inputs(shape)
+    x, weight, bias = (t.clone().requires_grad_() for t in (x, weight, bias))
+    y, mean, var = batchnorm_relu(x, weight, bias, EPS)
+    got = (y, *torch.autograd.grad(y, (x, weight, bias), grad_y))
+    want = float64_reference(x, weight, bias, grad_y)
+    for name, g, w in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=name)
+    dims = [0, 2, 3] if x.dim() == 4 else [0]
+    torch.testing.assert_close(mean.double(), x.double().mean(dims), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), x.double().var(dims, unbiased=False), rtol=1e-5, atol=1e-6)
+    if x.dim() == 4:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_opcheck():
+    x, weight, bias, _ = inputs((4, 6, 5, 5))
+    torch.library.opcheck(torch.ops.mtkernels.batchnorm_relu,
+                          (x, weight.requires_grad_(), bias.requires_grad_(), EPS))
+
+
+def test_bad_inputs_are_named():
+    x, weight, bias, _ = inputs((2, 3, 4, 4))
+    with pytest.raises(TypeError, match="x must be a float32 CPU tensor"):
+        batchnorm_relu(x.double(), weight, bias, EPS)
+    with pytest.raises(ValueError, match=r"weight must be a float32 CPU tensor of shape \(3,\)"):
+        batchnorm_relu(x, weight[:2], bias, EPS)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        batchnorm_relu(torch.zeros(1, 3), weight, bias, EPS)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_tracks_running_statistics_like_batchnorm2d(momentum):
+    ref = torch.nn.BatchNorm2d(8, momentum=momentum)
+    fused = mtkernels.BatchNormReLU2d(8, momentum=momentum)
+    for step in range(3):
+        x, *_ = inputs((6, 8, 5, 5), seed=step)
+        ref(x.double().float())  # same float32 input
+        fused(x)
+    torch.testing.assert_close(fused.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    assert fused.num_batches_tracked.item() == ref.num_batches_tracked.item() == 3
+    ref.eval(), fused.eval()
+    x, *_ = inputs((2, 8, 5, 5), seed=9)
+    torch.testing.assert_close(fused(x), F.relu(ref(x)), rtol=1e-5, atol=1e-6)  # eval: running statistics
+
+
+def test_fuse_for_training_keeps_the_state_dict_and_the_training_step():
+    """A BKNet training step after fuse_for_training is at least as close to float64 as the
+    plain float32 network (whose convolutions set the noise floor), with the same state_dict."""
+    torch.manual_seed(0)
+    plain = models.MultiTaskBKNet(dropout=0.0).train()
+    fused, reference = models.MultiTaskBKNet(dropout=0.0).train(), models.MultiTaskBKNet(dropout=0.0).train().double()
+    fused.load_state_dict(plain.state_dict())
+    reference.load_state_dict(plain.state_dict())
+    keys = list(fused.state_dict())
+    assert mtkernels.fuse_for_training(fused) is fused
+    assert list(fused.state_dict()) == keys
+    kinds = [type(m).__name__ for m in fused.trunk]
+    assert kinds.count("BatchNormReLU2d") == 9 and "ReLU" not in kinds and kinds.count("Identity") == 9
+    x, labels = torch.rand(16, 1, 48, 48), torch.randint(0, 2, (16, 3))
+    results = []
+    for model, inputs_ in ((reference, x.double()), (plain.to(memory_format=torch.channels_last), x),
+                           (fused.to(memory_format=torch.channels_last), x)):
+        loss = mtkernels.reference.multitask_loss(model(inputs_), labels, model.num_classes)
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.double().flatten() for p in model.parameters()])))
+    (want_loss, want_grad), (plain_loss, plain_grad), (fused_loss, fused_grad) = results
+    assert fused_loss == pytest.approx(want_loss, rel=1e-6)
+    plain_error = (plain_grad - want_grad).norm() / want_grad.norm()
+    fused_error = (fused_grad - want_grad).norm() / want_grad.norm()
+    assert fused_error <= 1.5 * plain_error and fused_error < 1e-2
