@@ -34,6 +34,7 @@ def machine_description(device: str) -> dict[str, str]:
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "mtkernels ISA": _C.isa(),
+        "CPU allocator": "freed memory retained (mtkernels.retain_freed_memory)",
         "device": device,
     }
     if device == "cuda":

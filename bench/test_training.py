@@ -22,10 +22,6 @@ SUITE = "training"
 BATCH = 128
 NETWORKS = ("bknet", "resnet-v1", "resnet-v2")
 VARIANTS = ("reference", "fused", "fused+channels_last", "fused+channels_last+bn_relu")
-# The whole mtkernels step once more, after mtkernels.retain_freed_memory(): measured by
-# test_training_retained_heap.py, which runs after this module because it changes the
-# process's allocator for good.
-RETAINED = "fused+channels_last+bn_relu+retained heap"
 # Paper 1, section 4.2, config B4 training splits: GENKI-4K 3000, FER-2013 (Kaggle) 28709, Wiki 30000.
 B4_TRAIN_SIZES = {"genki4k": 3000, "fer2013": 28709, "wiki": 30000}
 
@@ -80,7 +76,7 @@ def report(device, measurements):
         epochs, paper_minutes, paper_total = PAPER_TABLE4[name]
         row = {"network": name, "paper epochs": epochs, "paper min/epoch (TITAN X)": paper_minutes,
                "paper total min": paper_total}
-        for variant in VARIANTS + (RETAINED,):
+        for variant in VARIANTS:
             if (name, variant) in t:
                 row[f"{variant} s/step"] = f"{t[(name, variant)]:.3f}"
                 row[f"{variant} min/epoch"] = f"{t[(name, variant)] * steps / 60:.1f}"
@@ -88,21 +84,17 @@ def report(device, measurements):
         best = min((t[(name, v)] for v in VARIANTS[1:] if (name, v) in t), default=None)
         if best:
             row["mtkernels vs reference"] = f"{t[(name, 'reference')] / best:.2f}x"
-        if (name, RETAINED) in t:
-            row["with retained heap vs reference"] = f"{t[(name, 'reference')] / t[(name, RETAINED)]:.2f}x"
         rows.append(row)
     columns = (["network", "paper epochs", "paper min/epoch (TITAN X)", "paper total min"]
-               + [f"{v} {u}" for v in VARIANTS + (RETAINED,) for u in ("s/step", "min/epoch", "total min")]
-               + ["mtkernels vs reference", "with retained heap vs reference"])
+               + [f"{v} {u}" for v in VARIANTS for u in ("s/step", "min/epoch", "total min")]
+               + ["mtkernels vs reference"])
     notes = (f"One SGD step (forward, loss, backward, update) at batch {BATCH}, median. Epoch = config B4's merged, "
              f"balanced training set from paper 1's sizes {B4_TRAIN_SIZES} = {b4_epoch_samples()} samples = "
-             f"{steps} steps. 'mtkernels vs reference' = reference step time / the faster mtkernels variant, all "
-             f"with the default glibc allocator. The retained-heap variant runs last, after "
-             f"mtkernels.retain_freed_memory() (freed memory kept for reuse instead of page-faulted in again "
-             f"every step), against the same reference measured before it.")
+             f"{steps} steps. 'mtkernels vs reference' = reference step time / the fastest mtkernels variant; "
+             f"bn_relu = mtkernels.fuse_for_training (BatchNorm + ReLU as one op).")
     path = write_table(SUITE, device, rows, columns, f"Table 4: training time, {device}", notes)
     save_bar_chart(RESULTS_DIR / f"{SUITE}-{device}.png",
                    [("", [r["network"] for r in rows],
-                     {v: [float(r.get(f"{v} s/step", "nan")) for r in rows] for v in VARIANTS + (RETAINED,)})],
+                     {v: [float(r.get(f"{v} s/step", "nan")) for r in rows] for v in VARIANTS})],
                    "seconds per step (lower is better)", f"Training step at batch {BATCH} on {device}")
     return path

@@ -23,6 +23,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from mtkernels.training import as_bn_relu, bn_relu
+
 from .common import MultiTaskNet, fc_branch, init_he
 from .tasks import PAPER1_TASKS
 
@@ -44,12 +46,17 @@ class PreActBottleneck(nn.Module):
                          if stride != 1 or in_channels != out_channels else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = torch.relu(self.bn1(x))
+        pre = bn_relu(self.bn1, x)
         skip = x if self.shortcut is None else self.shortcut(pre)
         out = self.conv1(pre)
-        out = self.conv2(torch.relu(self.bn2(out)))
-        out = self.conv3(torch.relu(self.bn3(out)))
+        out = self.conv2(bn_relu(self.bn2, out))
+        out = self.conv3(bn_relu(self.bn3, out))
         return out + skip
+
+    def fuse_for_training(self) -> None:
+        """Each BatchNorm here is followed by a ReLU: one op each in training."""
+        for bn in (self.bn1, self.bn2, self.bn3):
+            as_bn_relu(bn)
 
     def fuse_for_inference(self, fuser) -> nn.Module:
         """bn2 / bn3 follow conv1 / conv2 and fold into them exactly; bn1 precedes a ReLU

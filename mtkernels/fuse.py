@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .training import BatchNormReLU2d
+
 __all__ = ["fuse_for_inference", "Fuser", "FusedConv2d", "FusedLinear", "AffineReLU", "FusedHeads",
            "FusedMultiTaskNet", "fold_batchnorm"]
 
@@ -336,7 +338,11 @@ class Fuser:
             i += 1
             if isinstance(layer, nn.Conv2d):
                 bn = take(nn.BatchNorm2d)
-                relu = take(nn.ReLU) is not None
+                if isinstance(bn, BatchNormReLU2d):  # fuse_for_training's BN + ReLU; its ReLU slot is an Identity
+                    take(nn.Identity)
+                    relu = True
+                else:
+                    relu = take(nn.ReLU) is not None
                 pool = self._take_pool2x2(layers, i)
                 i += pool
                 out.append(FusedConv2d(layer, bn, relu, bool(pool)))
@@ -344,6 +350,9 @@ class Fuser:
                 bn = take(nn.BatchNorm1d)
                 relu = take(nn.ReLU) is not None
                 out.append(FusedLinear.from_layers(layer, bn, relu))
+            elif isinstance(layer, BatchNormReLU2d):
+                take(nn.Identity)
+                out.append(AffineReLU(layer))
             elif isinstance(layer, nn.BatchNorm2d) and i < len(layers) and isinstance(layers[i], nn.ReLU):
                 i += 1
                 out.append(AffineReLU(layer))

@@ -39,17 +39,36 @@ class BatchNormReLU2d(nn.BatchNorm2d):
         self.running_var.lerp_(var * (count / (count - 1)), momentum)
 
 
+def as_bn_relu(bn: nn.BatchNorm2d) -> BatchNormReLU2d:
+    """Turn ``bn`` (always followed by a ReLU where it is used) into a BatchNormReLU2d in
+    place: same object, parameters and buffers; it now applies the ReLU itself."""
+    if type(bn) is not nn.BatchNorm2d:
+        raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    bn.__class__ = BatchNormReLU2d
+    return bn
+
+
+def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``relu(bn(x))`` for a model's forward: one op once ``bn`` is a BatchNormReLU2d."""
+    return bn(x) if isinstance(bn, BatchNormReLU2d) else torch.relu(bn(x))
+
+
 def fuse_for_training(model: nn.Module) -> nn.Module:
     """Make every ``BatchNorm2d`` directly followed by a ``ReLU`` in an ``nn.Sequential`` a
     :class:`BatchNormReLU2d` (the same object, its class changed) and the ReLU an
-    ``Identity``. Changes ``model`` in place and returns it; ``state_dict`` is unchanged."""
+    ``Identity``; a module whose forward applies ReLU after its own BatchNorms through
+    :func:`bn_relu` lists them by defining ``fuse_for_training(self)``, which calls
+    :func:`as_bn_relu` on each. Changes ``model`` in place and returns it; ``state_dict``
+    is unchanged."""
     for module in model.modules():
+        if hasattr(module, "fuse_for_training") and module is not model:
+            module.fuse_for_training()
         if not isinstance(module, nn.Sequential):
             continue
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
             bn, relu = module._modules[first], module._modules[second]
             if type(bn) is nn.BatchNorm2d and isinstance(relu, nn.ReLU):
-                bn.__class__ = BatchNormReLU2d
+                as_bn_relu(bn)
                 module._modules[second] = nn.Identity()
     return model

@@ -111,3 +111,22 @@ def test_fuse_for_training_keeps_the_state_dict_and_the_training_step():
     plain_error = (plain_grad - want_grad).norm() / want_grad.norm()
     fused_error = (fused_grad - want_grad).norm() / want_grad.norm()
     assert fused_error <= 1.5 * plain_error and fused_error < 1e-2
+
+
+@pytest.mark.parametrize("name", ["bknet", "resnet-v1", "resnet-v2"])
+def test_a_model_fused_for_training_fuses_for_inference_to_the_same_outputs(name):
+    torch.manual_seed(0)
+    model = models.build_model(name)
+    for m in model.modules():  # non-trivial statistics, so a lost ReLU or BN would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.rand(3, 1, 48, 48)
+    with torch.no_grad():
+        want = model.eval()(x)
+        trained = mtkernels.fuse_for_training(model)
+        assert any(isinstance(m, mtkernels.BatchNormReLU2d) for m in trained.modules())
+        torch.testing.assert_close(trained(x), want, rtol=1e-5, atol=1e-5)  # eval: PyTorch's own BN + ReLU
+        torch.testing.assert_close(mtkernels.fuse_for_inference(trained)(x), want, rtol=1e-4, atol=1e-4)
