@@ -7,19 +7,9 @@ import torch.nn.functional as F
 
 import models
 import mtkernels
-from mtkernels import _C
 from mtkernels.ops.batchnorm_relu import batchnorm_relu
 
-ISAS = [isa for isa in ("baseline", "avx2", "avx512") if _C.isa_supported(isa)]
 EPS = 1e-5
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    before = _C.isa()
-    _C.set_isa(request.param)
-    yield request.param
-    _C.set_isa(before)
 
 
 def float64_reference(x, weight, bias, grad_y):

@@ -5,18 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkernels import _C
 from mtkernels.ops.conv import conv3x3_single_channel, conv3x3_winograd, maxpool2x2, winograd_weight
-
-ISAS = [isa for isa in ("baseline", "avx2", "avx512") if _C.isa_supported(isa)]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    before = _C.isa()
-    _C.set_isa(request.param)
-    yield request.param
-    _C.set_isa(before)
 
 
 @pytest.mark.parametrize("shape", [(1, 32, 48, 48), (3, 5, 7, 9), (2, 256, 6, 6), (1, 1, 2, 2), (130, 8, 4, 4)])
