@@ -71,17 +71,33 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 class WinogradBuffers:
-    """Transformed-input and GEMM-output buffers kept per input shape: a CPU allocation of
-    this size is otherwise page-faulted in again on every call."""
+    """Per input shape: the chunking of the batch and the transformed-input and GEMM-output
+    buffers, kept so neither is recomputed (at batch 1 that bookkeeping costs about a tenth
+    of a layer) nor page-faulted in again on every call."""
 
     def __init__(self):
-        self._by_shape: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._plans: dict[tuple, tuple] = {}
 
-    def get(self, tiles: int, c_in: int, c_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tiles, c_in, c_out)
-        if key not in self._by_shape:
-            self._by_shape[key] = (torch.empty(16, tiles, c_in), torch.empty(16, tiles, c_out))
-        return self._by_shape[key]
+    def plan(self, shape: torch.Size, c_out: int, pool: bool, images_per_chunk: int | None):
+        """(output shape, [(first image, images, V buffer, M buffer)], bytes per input image,
+        bytes per output image) for input ``shape``."""
+        key = (tuple(shape), c_out, pool, images_per_chunk)
+        if key not in self._plans:
+            n, c_in, h, w = shape
+            tiles_per_image = ((h + 1) // 2) * ((w + 1) // 2)
+            if images_per_chunk is None:  # about 4 MB of transformed tiles per chunk
+                images_per_chunk = max(1, (4 << 20) // (64 * tiles_per_image * max(c_in, c_out)))
+            out_shape = (n, c_out, h // 2, w // 2) if pool else (n, c_out, h, w)
+            buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            chunks = []
+            for start in range(0, n, images_per_chunk):
+                images = min(images_per_chunk, n - start)
+                if images not in buffers:
+                    buffers[images] = (torch.empty(16, images * tiles_per_image, c_in),
+                                       torch.empty(16, images * tiles_per_image, c_out))
+                chunks.append((start, images, *buffers[images]))
+            self._plans[key] = (out_shape, chunks, 4 * h * w * c_in, 4 * out_shape[2] * out_shape[3] * c_out)
+        return self._plans[key]
 
 
 def conv3x3_winograd(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
@@ -103,22 +119,16 @@ def conv3x3_winograd(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu:
 
 def winograd_unchecked(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
                        buffers: WinogradBuffers, images_per_chunk: int | None = None) -> torch.Tensor:
-    """:func:`conv3x3_winograd` without its checks, for callers that made them once (at batch
-    1 the checks cost a tenth of a layer)."""
-    n, c_in, h, w = x.shape
-    c_out = u.shape[2]
-    tiles_per_image = ((h + 1) // 2) * ((w + 1) // 2)
-    if images_per_chunk is None:
-        images_per_chunk = max(1, (4 << 20) // (64 * tiles_per_image * max(c_in, c_out)))
-    out = torch.empty((n, c_out, h // 2, w // 2) if pool else (n, c_out, h, w), memory_format=torch.channels_last)
+    """:func:`conv3x3_winograd` without its checks, for callers that made them once."""
+    _, _, h, w = x.shape
+    c_in, c_out = u.shape[1], u.shape[2]
+    out_shape, chunks, in_bytes, out_bytes = buffers.plan(x.shape, c_out, pool, images_per_chunk)
+    out = torch.empty(out_shape, memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     x_ptr, out_ptr, bias_ptr = x.data_ptr(), out.data_ptr(), bias.data_ptr()
-    in_bytes, out_bytes = 4 * h * w * c_in, 4 * out.shape[2] * out.shape[3] * c_out  # per image
-    for start in range(0, n, images_per_chunk):
-        chunk = min(images_per_chunk, n - start)
-        v, m = buffers.get(chunk * tiles_per_image, c_in, c_out)
-        _C.winograd_input_nhwc(x_ptr + start * in_bytes, v.data_ptr(), chunk, h, w, c_in, threads)
+    for start, images, v, m in chunks:
+        _C.winograd_input_nhwc(x_ptr + start * in_bytes, v.data_ptr(), images, h, w, c_in, threads)
         torch.bmm(v, u, out=m)
-        _C.winograd_output_nhwc(m.data_ptr(), bias_ptr, out_ptr + start * out_bytes, chunk, h, w, c_out, relu, pool,
+        _C.winograd_output_nhwc(m.data_ptr(), bias_ptr, out_ptr + start * out_bytes, images, h, w, c_out, relu, pool,
                                 threads)
     return out
