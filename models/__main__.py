@@ -312,7 +312,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="mtkernels' fused loss (default) or the plain-PyTorch reference, for comparison")
     p.add_argument("--plain-layers", action="store_true",
                    help="CPU: keep PyTorch's BatchNorm + ReLU and NCHW activations (default: channels-last and "
-                        "mtkernels' fused BatchNorm + ReLU; steps measured 1.13x-1.28x faster with them, "
+                        "mtkernels' fused BatchNorm + ReLU; steps measured 1.08x-1.30x faster with them, "
                         "bench/results/training-cpu.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set lr=0.02 --set batch_size=64 (repeatable)")
