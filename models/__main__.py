@@ -111,7 +111,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import build_model
     from .data.merge import merge_sources
     from .train import config_by_name, train
 

@@ -29,14 +29,14 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
 import mtkernels
 
 from .checkpoint import config_of, load_model
-from .data.augment import to_model_input
-from .data.faces import Face, FaceCropper, crop_settings_for
+from .data.faces import Face, FaceCropper, crop_settings_for, open_image
 from .io import atomic_write
+from .train.evaluate import task_scores
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"})
 FEMALE_COLOUR, MALE_COLOUR, OTHER_COLOUR = (0, 0, 255), (255, 0, 0), (255, 200, 0)  # Figure 11: blue / red
@@ -144,13 +144,8 @@ def read_frames(item: ImageLike, name: str, every: int) -> Iterator[Frame]:
     if item.suffix.lower() in VIDEO_SUFFIXES:
         yield from _video_frames(item, name, every)
         return
-    try:
-        with Image.open(item) as image:
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
-        yield Frame(source, None, None, "unreadable image")
-        return
-    yield Frame(source, None, rgb, output_name=name)
+    rgb, problem = open_image(item, "RGB")
+    yield Frame(source, None, rgb, problem, output_name="" if problem else name)
 
 
 def _video_frames(path: Path, name: str, every: int) -> Iterator[Frame]:
@@ -236,18 +231,10 @@ class Analyzer:
                                                   if k.startswith("val_acc_")}}
         self.stats = AnalysisStats()
 
-    @torch.no_grad()
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """[n, sum(C)] class probabilities (cross-entropy model) or scores (SVM model) for
         uint8 face crops [n, S, S]."""
-        outputs = []
-        for start in range(0, len(crops), self.batch_size):
-            logits = self.model(to_model_input(crops[start:start + self.batch_size]).to(self.device)).float()
-            if self.kind == "ce":
-                logits = torch.cat([t.softmax(dim=1) for t in logits.split(
-                    [len(c) for c in self.class_names], dim=1)], dim=1)
-            outputs.append(logits.cpu())
-        return torch.cat(outputs).numpy().astype(np.float64)
+        return task_scores(self.model, crops, self.kind, self.batch_size).numpy().astype(np.float64)
 
     def _face_record(self, frame: Frame, index: int, face: Face, outputs: np.ndarray) -> dict:
         tasks, offset, key = {}, 0, "probabilities" if self.kind == "ce" else "scores"

@@ -49,16 +49,14 @@ def _mean_std(values: list[float]) -> str:
 def fold_accuracies(runs_root) -> dict[str, dict[tuple[str, str, str], list[float]]]:
     """config name -> (source, split, task) -> accuracy % of each evaluated run (fold) of it,
     from every ``evaluation.json`` under ``runs_root``."""
-    from .checkpoint import config_of, epoch_checkpoints, load_checkpoint
+    from .checkpoint import epoch_checkpoints
 
     found: dict[str, dict[tuple[str, str, str], list[float]]] = {}
     for evaluation in sorted(Path(runs_root).rglob("evaluation.json")):
-        checkpoints = epoch_checkpoints(evaluation.parent)
-        if not checkpoints:
+        if not epoch_checkpoints(evaluation.parent):
             continue
-        config = config_of(load_checkpoint(checkpoints[-1]))
-        table = found.setdefault(config.name, {})
-        for row in json.loads(evaluation.read_text()):
+        for row in json.loads(evaluation.read_text()):  # each row names its run's config
+            table = found.setdefault(row["config"], {})
             table.setdefault((row["source"], row["split"], row["task"]), []).append(100 * row["accuracy"])
     return found
 

@@ -324,7 +324,7 @@ class FusedMultiTaskNet(nn.Module):
         for layer in layers[0] + layers[1]:
             y = layer(x)
             if isinstance(layer, FusedConv2d):
-                steps.append(layer.chosen[x.contiguous(memory_format=torch.channels_last).shape])
+                steps.append(layer.chosen[x.shape])
             elif isinstance(layer, nn.Flatten):
                 steps.append(functools.partial(torch.flatten, start_dim=layer.start_dim, end_dim=layer.end_dim))
             else:

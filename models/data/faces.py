@@ -24,6 +24,18 @@ from .formats import SkipReport
 CHUNK = 64  # images between two saves of a running crop job
 
 
+def open_image(path, mode: str) -> tuple[Optional[Image.Image], str]:
+    """(the image at ``path`` converted to ``mode``, "") or (None, "missing file" /
+    "unreadable image"): the reasons every reader of image files reports."""
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode), ""
+    except FileNotFoundError:
+        return None, "missing file"
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None, "unreadable image"
+
+
 @dataclass(frozen=True)
 class CropSettings:
     size: int = 48
@@ -92,14 +104,11 @@ class FaceCropper:
         results: list[tuple[Optional[np.ndarray], str]] = [(None, "")] * len(paths)
         loaded: dict[tuple[int, int], list[tuple[int, Image.Image]]] = {}
         for i, path in enumerate(paths):
-            try:
-                with Image.open(path) as image:
-                    rgb = image.convert("RGB")
+            rgb, problem = open_image(path, "RGB")
+            if problem:
+                results[i] = (None, problem)
+            else:
                 loaded.setdefault(rgb.size, []).append((i, rgb))
-            except FileNotFoundError:
-                results[i] = (None, "missing file")
-            except (UnidentifiedImageError, OSError, ValueError):
-                results[i] = (None, "unreadable image")
         for group in loaded.values():
             boxes, probs, points = self.detector.detect([image for _, image in group], landmarks=True)
             for (i, image), b, p, pts in zip(group, boxes, probs, points):
@@ -179,14 +188,12 @@ def load_aligned(paths: Sequence[Path], size: int) -> tuple[np.ndarray, np.ndarr
     [n_ok, S, S], indices into ``paths`` of those, report of the unreadable rest)."""
     images, kept, report = [], [], SkipReport()
     for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as image:
-                images.append(np.asarray(image.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8))
+        gray, problem = open_image(path, "L")
+        if problem:
+            report.add(str(path), problem)
+        else:
+            images.append(np.asarray(gray.resize((size, size), Image.BILINEAR), dtype=np.uint8))
             kept.append(i)
-        except FileNotFoundError:
-            report.add(str(path), "missing file")
-        except (UnidentifiedImageError, OSError, ValueError):
-            report.add(str(path), "unreadable image")
     stacked = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
     return stacked, np.array(kept, dtype=np.int64), report
 

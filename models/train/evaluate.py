@@ -110,7 +110,7 @@ def evaluate_run(run_dir, sources) -> list[dict]:
             parts, mean_scores(used, [p[2] for p in parts], config.loss) if parts else []):
         for task, acc in accuracy(scores, matrix, num_classes, task_names).items():
             if task in labelled:
-                rows.append({"source": name, "split": part, "task": task, "accuracy": acc,
+                rows.append({"config": config.name, "source": name, "split": part, "task": task, "accuracy": acc,
                              "n": len(images), "checkpoints": len(used)})
     atomic_write(run_dir / "evaluation.json", json.dumps(rows, indent=2))
     lines = [f"# Evaluation of {run_dir.name} (config {config.name}, {len(used)} checkpoint(s))", "",

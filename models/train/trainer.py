@@ -22,7 +22,7 @@ import mtkernels
 from .. import build_model
 from ..data.augment import augment_batch, to_model_input
 from ..data.merge import MultiTaskDataset
-from ..checkpoint import BEST, CHECKPOINTS, epoch_checkpoints, model_record
+from ..checkpoint import BEST, CHECKPOINTS, epoch_checkpoints, load_checkpoint, model_record
 from ..io import atomic_write
 from .config import TrainConfig
 from .evaluate import accuracy, correct_counts, task_scores
@@ -195,7 +195,7 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
     start_epoch = 1
     existing = epoch_checkpoints(out_dir)
     if resume and existing:
-        state = torch.load(existing[-1], map_location="cpu", weights_only=True)
+        state = load_checkpoint(existing[-1])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

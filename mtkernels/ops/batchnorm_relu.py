@@ -63,8 +63,9 @@ def batchnorm_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     threads = torch.get_num_threads()
     sums = torch.empty(2, channels, dtype=torch.float64)
     _C.bn_stats(x.data_ptr(), rows, channels, sums[0].data_ptr(), sums[1].data_ptr(), threads)
-    mean = (sums[0] / rows).float()
-    var = (sums[1] / rows - (sums[0] / rows) ** 2).clamp_(min=0.0).float()
+    mean = sums[0] / rows
+    var = (sums[1] / rows - mean * mean).clamp_(min=0.0).float()
+    mean = mean.float()
     scale, shift = _scale_shift(weight, bias, mean, var, eps)
     y = torch.empty_like(x)
     _C.bn_relu_forward(x.data_ptr(), scale.data_ptr(), shift.data_ptr(), y.data_ptr(), rows, channels, threads)
