@@ -50,10 +50,28 @@ struct WinogradOutputProblem {
   int num_threads;
 };
 
+// The whole layer in one pass per chunk of images: the input transform into the scratch v,
+// then, per block of kWinogradBlock output channels and a few tiles, the 16 GEMMs in
+// registers and the output transform (as above) straight to dst, so the GEMM output never
+// goes through memory and U is read once per chunk. U is packed per channel block:
+// u[b][k][ci][j] = U[k][ci][b * kWinogradBlock + j], zero past C_out.
+constexpr int64_t kWinogradBlock = 32;
+struct WinogradConvProblem {
+  const float* src;   // [N, H, W, C_in]
+  const float* u;     // [ceil(C_out / kWinogradBlock), 16, C_in, kWinogradBlock]
+  const float* bias;  // [C_out]
+  float* v;           // scratch: [16, images_per_chunk * tiles per image, C_in]
+  float* dst;         // [N, H, W, C_out], or [N, H / 2, W / 2, C_out] with pool
+  int64_t batch, height, width, in_channels, out_channels, images_per_chunk;
+  bool relu, pool;
+  int num_threads;
+};
+
 using MaxPoolFn = void (*)(const MaxPoolProblem&);
 using Conv3x3SingleChannelFn = void (*)(const Conv3x3SingleChannelProblem&);
 using WinogradInputFn = void (*)(const WinogradInputProblem&);
 using WinogradOutputFn = void (*)(const WinogradOutputProblem&);
+using WinogradConvFn = void (*)(const WinogradConvProblem&);
 
 #define MTK_DECLARE_CONV(isa)                                          \
   namespace isa {                                                      \
@@ -61,6 +79,7 @@ using WinogradOutputFn = void (*)(const WinogradOutputProblem&);
   void conv3x3_single_channel_nhwc(const Conv3x3SingleChannelProblem&); \
   void winograd_input_nhwc(const WinogradInputProblem&);               \
   void winograd_output_nhwc(const WinogradOutputProblem&);             \
+  void winograd_conv3x3_nhwc(const WinogradConvProblem&);              \
   }
 MTK_DECLARE_CONV(baseline)
 MTK_DECLARE_CONV(avx2)

@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -63,74 +64,71 @@ void conv3x3_single_channel_nhwc(const Conv3x3SingleChannelProblem& p) {
   }
 }
 
-void winograd_input_nhwc(const WinogradInputProblem& p) {
-  const int64_t H = p.height, W = p.width, C = p.channels;
-  const int64_t tiles_h = (H + 1) / 2, tiles_w = (W + 1) / 2, tiles = p.batch * tiles_h * tiles_w;
-  const int64_t plane = tiles * C;  // distance between the 16 transformed planes
-  const bool parallel = p.num_threads > 1 && 16 * plane >= kParallelOutputs;
-#pragma omp parallel num_threads(p.num_threads) if (parallel)
-  {
-    // One zero row stands in for every out-of-image pixel, so the channel loop has no branches.
-    std::vector<float> zeros(C, 0.0f);
-#pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      const int64_t n = tile / (tiles_h * tiles_w), t = tile % (tiles_h * tiles_w);
-      const int64_t y0 = 2 * (t / tiles_w) - 1, x0 = 2 * (t % tiles_w) - 1;
-      const float* d[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) {
-          const int64_t y = y0 + i, x = x0 + j;
-          d[i][j] = (y >= 0 && y < H && x >= 0 && x < W) ? p.src + ((n * H + y) * W + x) * C : zeros.data();
-        }
-      float* out = p.dst + tile * C;
+namespace {
+
+// Tiles of Winograd F(2x2, 3x3): the 2x2 output blocks of each image, row-major.
+struct TileGrid {
+  int64_t height, width, tiles_h, tiles_w;
+  TileGrid(int64_t h, int64_t w) : height(h), width(w), tiles_h((h + 1) / 2), tiles_w((w + 1) / 2) {}
+  int64_t per_image() const { return tiles_h * tiles_w; }
+};
+
+// The 16 values (B^T d B)[k] of every channel of one tile, plane k at out + k * plane;
+// ``zeros`` (C of them) stands in for every out-of-image pixel, so the channel loop has no branches.
+inline void input_tile(const float* src, const TileGrid& g, int64_t tile, int64_t C, const float* zeros, float* out,
+                       int64_t plane) {
+  const int64_t n = tile / g.per_image(), t = tile % g.per_image();
+  const int64_t y0 = 2 * (t / g.tiles_w) - 1, x0 = 2 * (t % g.tiles_w) - 1;
+  const float* d[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t y = y0 + i, x = x0 + j;
+      d[i][j] = (y >= 0 && y < g.height && x >= 0 && x < g.width) ? src + ((n * g.height + y) * g.width + x) * C
+                                                                  : zeros;
+    }
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        float r[4][4];  // B^T d: rows combined
-        for (int j = 0; j < 4; ++j) {
-          r[0][j] = d[0][j][c] - d[2][j][c];
-          r[1][j] = d[1][j][c] + d[2][j][c];
-          r[2][j] = d[2][j][c] - d[1][j][c];
-          r[3][j] = d[1][j][c] - d[3][j][c];
-        }
-        for (int i = 0; i < 4; ++i) {  // (B^T d) B: columns combined
-          out[(4 * i + 0) * plane + c] = r[i][0] - r[i][2];
-          out[(4 * i + 1) * plane + c] = r[i][1] + r[i][2];
-          out[(4 * i + 2) * plane + c] = r[i][2] - r[i][1];
-          out[(4 * i + 3) * plane + c] = r[i][1] - r[i][3];
-        }
-      }
+  for (int64_t c = 0; c < C; ++c) {
+    float r[4][4];  // B^T d: rows combined
+    for (int j = 0; j < 4; ++j) {
+      r[0][j] = d[0][j][c] - d[2][j][c];
+      r[1][j] = d[1][j][c] + d[2][j][c];
+      r[2][j] = d[2][j][c] - d[1][j][c];
+      r[3][j] = d[1][j][c] - d[3][j][c];
+    }
+    for (int i = 0; i < 4; ++i) {  // (B^T d) B: columns combined
+      out[(4 * i + 0) * plane + c] = r[i][0] - r[i][2];
+      out[(4 * i + 1) * plane + c] = r[i][1] + r[i][2];
+      out[(4 * i + 2) * plane + c] = r[i][2] - r[i][1];
+      out[(4 * i + 3) * plane + c] = r[i][1] - r[i][3];
     }
   }
 }
 
-void winograd_output_nhwc(const WinogradOutputProblem& p) {
-  const int64_t H = p.height, W = p.width, C = p.channels;
-  const int64_t tiles_h = (H + 1) / 2, tiles_w = (W + 1) / 2, tiles = p.batch * tiles_h * tiles_w;
-  const int64_t plane = tiles * C;
-  const bool parallel = p.num_threads > 1 && 16 * plane >= kParallelOutputs;
-  const float floor = p.relu ? 0.0f : -std::numeric_limits<float>::infinity();
-#pragma omp parallel num_threads(p.num_threads) if (parallel)
-  {
-    // Outputs past an odd edge go to a scratch row, so the channel loop has no branches.
-    std::vector<float> scratch(C);
-#pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      const int64_t n = tile / (tiles_h * tiles_w), t = tile % (tiles_h * tiles_w);
-      const int64_t ty = t / tiles_w, tx = t % tiles_w;
-      const float* m = p.src + tile * C;
-      float* o[2][2];
-      if (p.pool) {
-        o[0][0] = p.dst + ((n * (H / 2) + ty) * (W / 2) + tx) * C;
-      } else {
-        for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 2; ++j) {
-            const int64_t y = 2 * ty + i, x = 2 * tx + j;
-            o[i][j] = (y < H && x < W) ? p.dst + ((n * H + y) * W + x) * C : scratch.data();
-          }
+// Where one tile's outputs go, from channel c0 of a [N, H, W, C] (or pooled [N, H/2, W/2, C])
+// output: the pooled value at o[0], or the 2x2 block, positions past an odd edge sent to scratch.
+struct TileOutput {
+  float* o[2][2];
+  TileOutput(float* dst, const TileGrid& g, int64_t tile, int64_t C, int64_t c0, bool pool, float* scratch) {
+    const int64_t n = tile / g.per_image(), t = tile % g.per_image();
+    const int64_t ty = t / g.tiles_w, tx = t % g.tiles_w;
+    if (pool) {
+      o[0][0] = o[0][1] = o[1][0] = o[1][1] = dst + ((n * (g.height / 2) + ty) * (g.width / 2) + tx) * C + c0;
+      return;
+    }
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) {
+        const int64_t y = 2 * ty + i, x = 2 * tx + j;
+        o[i][j] = (y < g.height && x < g.width) ? dst + ((n * g.height + y) * g.width + x) * C + c0 : scratch;
       }
-      float *o00 = o[0][0], *o01 = o[0][1], *o10 = o[1][0], *o11 = o[1][1];
-      const float* bias = p.bias;
-      // Plain scalars and two separate loops: the compiler vectorises these across channels.
+  }
+};
+
+// y = A^T m A + bias for `count` channels of one tile (m's planes `plane` apart), then ReLU
+// (floor 0) or none (floor -inf), and with pool the maximum of the 2x2 block.
+inline void output_tile(const float* m, int64_t plane, int64_t count, const float* bias, float floor, bool pool,
+                        const TileOutput& out) {
+  float *o00 = out.o[0][0], *o01 = out.o[0][1], *o10 = out.o[1][0], *o11 = out.o[1][1];
+  // Plain scalars and two separate loops: the compiler vectorises these across channels.
 #define MTK_WINOGRAD_BLOCK                                                                       \
   const float a0 = m[c] + m[4 * plane + c] + m[8 * plane + c];                                   \
   const float a1 = m[plane + c] + m[5 * plane + c] + m[9 * plane + c];                           \
@@ -141,24 +139,165 @@ void winograd_output_nhwc(const WinogradOutputProblem& p) {
   const float b2 = m[6 * plane + c] - m[10 * plane + c] - m[14 * plane + c];                     \
   const float b3 = m[7 * plane + c] - m[11 * plane + c] - m[15 * plane + c];                     \
   const float y00 = a0 + a1 + a2, y01 = a1 - a2 - a3, y10 = b0 + b1 + b2, y11 = b1 - b2 - b3;
-      if (p.pool) {
+  if (pool) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          MTK_WINOGRAD_BLOCK
-          // the bias is the same for the 4 outputs and ReLU is monotonic: pool first
-          o00[c] = std::max(std::max(std::max(y00, y01), std::max(y10, y11)) + bias[c], floor);
-        }
-      } else {
+    for (int64_t c = 0; c < count; ++c) {
+      MTK_WINOGRAD_BLOCK
+      // the bias is the same for the 4 outputs and ReLU is monotonic: pool first
+      o00[c] = std::max(std::max(std::max(y00, y01), std::max(y10, y11)) + bias[c], floor);
+    }
+  } else {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          MTK_WINOGRAD_BLOCK
-          o00[c] = std::max(y00 + bias[c], floor);
-          o01[c] = std::max(y01 + bias[c], floor);
-          o10[c] = std::max(y10 + bias[c], floor);
-          o11[c] = std::max(y11 + bias[c], floor);
-        }
-      }
+    for (int64_t c = 0; c < count; ++c) {
+      MTK_WINOGRAD_BLOCK
+      o00[c] = std::max(y00 + bias[c], floor);
+      o01[c] = std::max(y01 + bias[c], floor);
+      o10[c] = std::max(y10 + bias[c], floor);
+      o11[c] = std::max(y11 + bias[c], floor);
+    }
+  }
 #undef MTK_WINOGRAD_BLOCK
+}
+
+inline float relu_floor(bool relu) { return relu ? 0.0f : -std::numeric_limits<float>::infinity(); }
+
+// The GEMM of the one-pass Winograd convolution works on register tiles of kGemmRows tiles x
+// kWinogradBlock output channels, as kGemmRows * kBlockVectors vector accumulators: 12 of
+// AVX-512's 32 registers, 12 of AVX2's 16, 8 of SSE's 16.
+#if defined(__AVX512F__)
+constexpr int kVectorWidth = 16, kGemmRows = 6;
+#elif defined(__AVX2__)
+constexpr int kVectorWidth = 8, kGemmRows = 3;
+#else
+constexpr int kVectorWidth = 4, kGemmRows = 1;
+#endif
+typedef float FloatVector __attribute__((vector_size(kVectorWidth * sizeof(float))));
+constexpr int kBlockVectors = int(kWinogradBlock) / kVectorWidth;
+
+inline FloatVector load_vector(const float* p) {
+  FloatVector v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store_vector(float* p, FloatVector v) { std::memcpy(p, &v, sizeof(v)); }
+
+// m[r][:] = sum_c v[r * C_in + c] * u[c][:] for r < Rows: one of the 16 GEMMs for Rows tiles and
+// one block of output channels (u: [C_in, kWinogradBlock]). The accumulators are loaded and
+// stored one vector at a time, so none lives in memory.
+template <int Rows>
+void gemm_tile_rows(const float* v, int64_t c_in, const float* u, float* m) {
+  FloatVector acc[Rows][kBlockVectors] = {};
+  for (int64_t c = 0; c < c_in; ++c) {
+    FloatVector w[kBlockVectors];
+    for (int j = 0; j < kBlockVectors; ++j) w[j] = load_vector(u + c * kWinogradBlock + j * kVectorWidth);
+    for (int r = 0; r < Rows; ++r) {
+      const float s = v[r * c_in + c];
+      for (int j = 0; j < kBlockVectors; ++j) acc[r][j] += s * w[j];
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int j = 0; j < kBlockVectors; ++j) store_vector(m + r * kWinogradBlock + j * kVectorWidth, acc[r][j]);
+}
+
+// gemm_tile_rows for 1 <= rows <= Rows rows.
+template <int Rows>
+void gemm_tile_rows_up_to(int rows, const float* v, int64_t c_in, const float* u, float* m) {
+  if constexpr (Rows > 1) {
+    if (rows < Rows) return gemm_tile_rows_up_to<Rows - 1>(rows, v, c_in, u, m);
+  }
+  gemm_tile_rows<Rows>(v, c_in, u, m);
+}
+
+// At most this many tiles per work item of the one-pass convolution: its GEMM output,
+// 16 x tiles x kWinogradBlock floats (128 KB), stays in the L2 cache until transformed.
+constexpr int64_t kMaxGroupTiles = 64;
+// Planes of the GEMM output are this many floats more than a multiple of 4 KB apart: the 16
+// values of a tile would otherwise fall in the same L1 cache set.
+constexpr int64_t kPlanePad = 16;
+
+}  // namespace
+
+void winograd_input_nhwc(const WinogradInputProblem& p) {
+  const TileGrid g(p.height, p.width);
+  const int64_t tiles = p.batch * g.per_image(), plane = tiles * p.channels;
+  const bool parallel = p.num_threads > 1 && 16 * plane >= kParallelOutputs;
+#pragma omp parallel num_threads(p.num_threads) if (parallel)
+  {
+    const std::vector<float> zeros(p.channels, 0.0f);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile)
+      input_tile(p.src, g, tile, p.channels, zeros.data(), p.dst + tile * p.channels, plane);
+  }
+}
+
+void winograd_output_nhwc(const WinogradOutputProblem& p) {
+  const TileGrid g(p.height, p.width);
+  const int64_t C = p.channels, tiles = p.batch * g.per_image(), plane = tiles * C;
+  const bool parallel = p.num_threads > 1 && 16 * plane >= kParallelOutputs;
+  const float floor = relu_floor(p.relu);
+#pragma omp parallel num_threads(p.num_threads) if (parallel)
+  {
+    std::vector<float> scratch(C);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile)
+      output_tile(p.src + tile * C, plane, C, p.bias, floor, p.pool,
+                  TileOutput(p.dst, g, tile, C, 0, p.pool, scratch.data()));
+  }
+}
+
+void winograd_conv3x3_nhwc(const WinogradConvProblem& p) {
+  const TileGrid g(p.height, p.width);
+  const int64_t c_in = p.in_channels, c_out = p.out_channels;
+  const int64_t blocks = (c_out + kWinogradBlock - 1) / kWinogradBlock;
+  const int64_t in_image = g.height * g.width * c_in;
+  const int64_t out_image = p.pool ? (g.height / 2) * (g.width / 2) * c_out : g.height * g.width * c_out;
+  const float floor = relu_floor(p.relu);
+  // Even one small image is worth both threads: the layer reads all of U (up to MBs).
+  const bool parallel = p.num_threads > 1 && g.per_image() * c_in * c_out >= kParallelOutputs;
+#pragma omp parallel num_threads(p.num_threads) if (parallel)
+  {
+    // Per-thread buffers kept between calls (OpenMP's threads persist): allocating and
+    // zero-filling the 130 KB GEMM output on every call shows at batch 1.
+    thread_local std::vector<float> zeros, scratch, m;
+    if (int64_t(zeros.size()) < c_in) zeros.resize(c_in, 0.0f);  // only ever read
+    scratch.resize(kWinogradBlock);
+    m.resize(16 * (kMaxGroupTiles * kWinogradBlock + kPlanePad));
+    for (int64_t first = 0; first < p.batch; first += p.images_per_chunk) {
+      const int64_t images = std::min(p.images_per_chunk, p.batch - first);
+      const int64_t tiles = images * g.per_image(), v_plane = tiles * c_in;
+      const float* src = p.src + first * in_image;
+      float* dst = p.dst + first * out_image;
+#pragma omp for schedule(static)
+      for (int64_t tile = 0; tile < tiles; ++tile)
+        input_tile(src, g, tile, c_in, zeros.data(), p.v + tile * c_in, v_plane);
+      // Implicit barriers: all of v is written before the GEMMs read it, and read before the
+      // next chunk overwrites it. Work items: a group of tiles x a block of output channels,
+      // as few as keep every thread busy, so each thread reads its blocks of U once per chunk;
+      // within an item, each of the 16 slices of U's block (C_in x 32) stays in the L1 cache
+      // while the group's tiles go through it.
+      int64_t groups = std::max((tiles + kMaxGroupTiles - 1) / kMaxGroupTiles, (p.num_threads + blocks - 1) / blocks);
+      while ((blocks * groups) % p.num_threads && groups < tiles) ++groups;
+      const int64_t group = std::min(kMaxGroupTiles, (tiles + groups - 1) / groups);
+      groups = (tiles + group - 1) / group;
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t block = 0; block < blocks; ++block)
+        for (int64_t group_index = 0; group_index < groups; ++group_index) {
+          const int64_t c0 = block * kWinogradBlock, first_tile = group_index * group;
+          const int64_t group_tiles = std::min(group, tiles - first_tile);
+          const float* u = p.u + block * 16 * c_in * kWinogradBlock;
+          const int64_t m_plane = group_tiles * kWinogradBlock + kPlanePad;
+          for (int k = 0; k < 16; ++k)
+            for (int64_t t = 0; t < group_tiles; t += kGemmRows)
+              gemm_tile_rows_up_to<kGemmRows>(int(std::min<int64_t>(kGemmRows, group_tiles - t)),
+                                              p.v + k * v_plane + (first_tile + t) * c_in, c_in,
+                                              u + k * c_in * kWinogradBlock,
+                                              m.data() + k * m_plane + t * kWinogradBlock);
+          for (int64_t t = 0; t < group_tiles; ++t)
+            output_tile(m.data() + t * kWinogradBlock, m_plane,
+                        std::min(kWinogradBlock, c_out - c0), p.bias + c0, floor, p.pool,
+                        TileOutput(dst, g, first_tile + t, c_out, c0, p.pool, scratch.data()));
+        }
     }
   }
 }

@@ -62,13 +62,20 @@ void maxpool2x2_nhwc(uintptr_t src, uintptr_t dst, int64_t batch, int64_t height
   mtk::kernels().maxpool2x2_nhwc(problem);
 }
 
+mtk::Conv3x3SingleChannelProblem single_channel_problem(uintptr_t src, uintptr_t weight, uintptr_t bias,
+                                                        uintptr_t dst, int64_t batch, int64_t height, int64_t width,
+                                                        int64_t out_channels, bool relu, int num_threads) {
+  if (batch < 0 || height < 0 || width < 0 || out_channels < 0) throw std::invalid_argument("negative size");
+  return mtk::Conv3x3SingleChannelProblem{as_ptr<const float>(src), as_ptr<const float>(weight),
+                                          as_ptr<const float>(bias), as_ptr<float>(dst), batch, height,
+                                          width, out_channels, relu, std::max(1, num_threads)};
+}
+
 void conv3x3_single_channel_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch,
                                  int64_t height, int64_t width, int64_t out_channels, bool relu, int num_threads) {
-  if (batch < 0 || height < 0 || width < 0 || out_channels < 0) throw std::invalid_argument("negative size");
+  const auto problem =
+      single_channel_problem(src, weight, bias, dst, batch, height, width, out_channels, relu, num_threads);
   if (batch * height * width * out_channels == 0) return;
-  const mtk::Conv3x3SingleChannelProblem problem{as_ptr<const float>(src), as_ptr<const float>(weight),
-                                                 as_ptr<const float>(bias), as_ptr<float>(dst), batch, height,
-                                                 width, out_channels, relu, std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().conv3x3_single_channel_nhwc(problem);
 }
@@ -93,6 +100,92 @@ void winograd_output_nhwc(uintptr_t src, uintptr_t bias, uintptr_t dst, int64_t 
   py::gil_scoped_release release;
   mtk::kernels().winograd_output_nhwc(problem);
 }
+
+mtk::WinogradConvProblem winograd_problem(uintptr_t src, uintptr_t u, uintptr_t bias, uintptr_t v, uintptr_t dst,
+                                          int64_t batch, int64_t height, int64_t width, int64_t in_channels,
+                                          int64_t out_channels, int64_t images_per_chunk, bool relu, bool pool,
+                                          int num_threads) {
+  if (batch < 0 || height < 0 || width < 0 || in_channels < 0 || out_channels < 0)
+    throw std::invalid_argument("negative size");
+  if (images_per_chunk < 1) throw std::invalid_argument("images_per_chunk must be >= 1");
+  if (pool && (height % 2 || width % 2)) throw std::invalid_argument("pool needs an even height and width");
+  return mtk::WinogradConvProblem{as_ptr<const float>(src), as_ptr<const float>(u), as_ptr<const float>(bias),
+                                  as_ptr<float>(v), as_ptr<float>(dst), batch, height, width, in_channels,
+                                  out_channels, images_per_chunk, relu, pool, std::max(1, num_threads)};
+}
+
+void winograd_conv3x3_nhwc(uintptr_t src, uintptr_t u, uintptr_t bias, uintptr_t v, uintptr_t dst, int64_t batch,
+                           int64_t height, int64_t width, int64_t in_channels, int64_t out_channels,
+                           int64_t images_per_chunk, bool relu, bool pool, int num_threads) {
+  const auto problem = winograd_problem(src, u, bias, v, dst, batch, height, width, in_channels, out_channels,
+                                        images_per_chunk, relu, pool, num_threads);
+  if (batch * height * width * in_channels * out_channels == 0) return;
+  py::gil_scoped_release release;
+  mtk::kernels().winograd_conv3x3_nhwc(problem);
+}
+
+// Consecutive conv layers run by one call with the GIL released: at batch 1 the Python and
+// dispatcher code between layers costs more than the code itself, since each layer's
+// weights push it out of the caches. Layers are added in order with their buffers; the
+// first layer's source and the last layer's destination are given to run().
+class ConvChain {
+ public:
+  void add_single_channel(uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t height,
+                          int64_t width, int64_t out_channels, bool relu) {
+    Layer layer{};
+    layer.single = single_channel_problem(0, weight, bias, dst, batch, height, width, out_channels, relu, 1);
+    append(layer);
+  }
+
+  void add_winograd(uintptr_t u, uintptr_t bias, uintptr_t v, uintptr_t dst, int64_t batch, int64_t height,
+                    int64_t width, int64_t in_channels, int64_t out_channels, int64_t images_per_chunk, bool relu,
+                    bool pool) {
+    Layer layer{};
+    layer.winograd = true;
+    layer.wino = winograd_problem(0, u, bias, v, dst, batch, height, width, in_channels, out_channels,
+                                  images_per_chunk, relu, pool, 1);
+    append(layer);
+  }
+
+  int64_t size() const { return int64_t(layers_.size()); }
+
+  void run(uintptr_t src, uintptr_t dst, int num_threads) {
+    if (layers_.empty()) throw std::invalid_argument("the chain has no layers");
+    set_source(layers_.front(), as_ptr<const float>(src));
+    set_destination(layers_.back(), as_ptr<float>(dst));
+    py::gil_scoped_release release;
+    const mtk::KernelTable& kernels = mtk::kernels();
+    for (Layer& layer : layers_) {
+      layer.single.num_threads = layer.wino.num_threads = std::max(1, num_threads);
+      if (layer.winograd)
+        kernels.winograd_conv3x3_nhwc(layer.wino);
+      else
+        kernels.conv3x3_single_channel_nhwc(layer.single);
+    }
+  }
+
+ private:
+  struct Layer {
+    bool winograd;
+    mtk::Conv3x3SingleChannelProblem single;
+    mtk::WinogradConvProblem wino;
+  };
+
+  static float* destination(const Layer& layer) { return layer.winograd ? layer.wino.dst : layer.single.dst; }
+  static void set_source(Layer& layer, const float* src) { (layer.winograd ? layer.wino.src : layer.single.src) = src; }
+  static void set_destination(Layer& layer, float* dst) { (layer.winograd ? layer.wino.dst : layer.single.dst) = dst; }
+
+  void append(Layer& layer) {
+    if (!layers_.empty()) {
+      if (destination(layers_.back()) == nullptr)
+        throw std::invalid_argument("only the last layer of a chain may leave its destination to run()");
+      set_source(layer, destination(layers_.back()));
+    }
+    layers_.push_back(layer);
+  }
+
+  std::vector<Layer> layers_;
+};
 
 void check_rows(int64_t rows, int64_t channels) {
   if (rows < 0 || channels < 0) throw std::invalid_argument("negative size");
@@ -163,6 +256,24 @@ PYBIND11_MODULE(_C, m) {
         py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("channels"), py::arg("relu"), py::arg("pool"),
         py::arg("num_threads"),
         "Winograd F(2x2,3x3) output transform of [16, tiles, C] to NHWC, + bias (+ ReLU) (+ 2x2 max-pool).");
+  m.def("winograd_conv3x3_nhwc", &winograd_conv3x3_nhwc, py::arg("src"), py::arg("u"), py::arg("bias"), py::arg("v"),
+        py::arg("dst"), py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"),
+        py::arg("out_channels"), py::arg("images_per_chunk"), py::arg("relu"), py::arg("pool"), py::arg("num_threads"),
+        "Winograd F(2x2,3x3) conv + bias (+ ReLU) (+ 2x2 max-pool) of NHWC float32, one pass per chunk of images; "
+        "u packed per block of winograd_block_channels output channels.");
+  m.attr("winograd_block_channels") = mtk::kWinogradBlock;
+  py::class_<ConvChain>(m, "ConvChain", "Consecutive conv layers run by one call (buffers are raw addresses).")
+      .def(py::init<>())
+      .def("add_single_channel", &ConvChain::add_single_channel, py::arg("weight"), py::arg("bias"), py::arg("dst"),
+           py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("out_channels"), py::arg("relu"),
+           "Append conv3x3_single_channel_nhwc; dst 0 for the last layer (given to run).")
+      .def("add_winograd", &ConvChain::add_winograd, py::arg("u"), py::arg("bias"), py::arg("v"), py::arg("dst"),
+           py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"), py::arg("out_channels"),
+           py::arg("images_per_chunk"), py::arg("relu"), py::arg("pool"),
+           "Append winograd_conv3x3_nhwc; dst 0 for the last layer (given to run).")
+      .def("__len__", &ConvChain::size)
+      .def("run", &ConvChain::run, py::arg("src"), py::arg("dst"), py::arg("num_threads"),
+           "Run the layers in order from src into dst.");
   m.def("bn_stats", &bn_stats, py::arg("x"), py::arg("rows"), py::arg("channels"), py::arg("sum"),
         py::arg("sum_sq"), py::arg("num_threads"),
         "Per-channel sum and sum of squares (float64) of a [rows, channels] float32 buffer.");

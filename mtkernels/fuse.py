@@ -9,13 +9,16 @@ What is fused (all exact up to float rounding):
   oneDNN's fused convolution with a ReLU post-op and weights pre-packed once per shape,
   ``F.conv2d`` + in-place ReLU (both followed by a C++ NHWC pooling pass), a direct C++
   kernel for a one-input-channel 3x3 conv (the first layer), and for other 3x3 / stride 1
-  convs Winograd F(2x2, 3x3) (C++ input and output transforms around one batched GEMM;
-  2.25x fewer multiplications; bias, ReLU and the max-pool in the output transform, which
-  writes only the pooled output). CUDA: the Triton implicit-GEMM kernel of
+  convs Winograd F(2x2, 3x3) (2.25x fewer multiplications; bias, ReLU and the max-pool in
+  the output transform, which writes only the pooled output), either as C++ input and
+  output transforms around PyTorch's batched GEMM or as one C++ pass whose GEMM output
+  stays in cache. CUDA: the Triton implicit-GEMM kernel of
   ``mtkernels.triton.conv`` (float32 / TF32, float16, bfloat16), the pool in its epilogue.
 * BatchNorm that cannot be folded (pre-activation, between a residual add and a conv
   with zero padding) runs as one per-channel affine + ReLU.
 * Dropout is removed.
+* A flatten of a conv's channels-last output into a linear layer reads the activations in
+  their memory order (H, W, C); the linear layer's columns are permuted to match.
 * Multi-task heads (a model with ``trunk`` and ``branches`` whose branches are
   Linear/BN/ReLU/Dropout stacks of equal depth): the first layers of all branches become
   one GEMM, each later layer one block-diagonal GEMM, so the heads cost 2-3 GEMMs
@@ -41,7 +44,7 @@ from torch import nn
 from .training import BatchNormReLU2d
 
 __all__ = ["fuse_for_inference", "Fuser", "FusedConv2d", "FusedLinear", "AffineReLU", "FusedHeads",
-           "FusedMultiTaskNet", "fold_batchnorm"]
+           "FusedMultiTaskNet", "ChannelsLastFlatten", "flatten_channels_last", "fold_batchnorm"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,7 +120,7 @@ class FusedConv2d(nn.Module):
                      and self.dilation == [1, 1] and self.groups == 1)
         self.single_channel_3x3 = plain_3x3 and weight.shape[1] == 1
         self.winograd_ok = plain_3x3 and weight.shape[1] > 1
-        self._winograd_u = None
+        self._winograd_cache = None
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}, "
@@ -157,12 +160,49 @@ class FusedConv2d(nn.Module):
         return conv2d_bias_act(x, weight, bias, tuple(self.weight.shape[2:]), self.stride[0], self.padding[0],
                                self.relu, self.pool)
 
-    def _winograd(self, x: torch.Tensor) -> torch.Tensor:
-        from .ops.conv import WinogradBuffers, winograd_unchecked, winograd_weight
+    def _winograd_operands(self):
+        from .ops.conv import WinogradBuffers, winograd_weight, winograd_weight_blocked
 
-        if self._winograd_u is None:  # the shapes were checked when this candidate was offered
-            self._winograd_u, self._winograd_buffers = winograd_weight(self.weight), WinogradBuffers()
-        return winograd_unchecked(x, self._winograd_u, self.bias, self.relu, self.pool, self._winograd_buffers)
+        if self._winograd_cache is None:  # the shapes were checked when this candidate was offered
+            u = winograd_weight(self.weight)
+            self._winograd_cache = (u, winograd_weight_blocked(u), WinogradBuffers())
+        return self._winograd_cache
+
+    def _winograd(self, x: torch.Tensor) -> torch.Tensor:
+        from .ops.conv import winograd_unchecked
+
+        u, _, buffers = self._winograd_operands()
+        return winograd_unchecked(x, u, self.bias, self.relu, self.pool, buffers)
+
+    def _winograd_one_pass(self, x: torch.Tensor) -> torch.Tensor:
+        from .ops.conv import winograd_one_pass_unchecked
+
+        _, u_blocked, buffers = self._winograd_operands()
+        return winograd_one_pass_unchecked(x, u_blocked, self.bias, self.relu, self.pool, buffers)
+
+    def chain_output_shape(self, shape: torch.Size) -> Optional[tuple[int, ...]]:
+        """Output shape for float32 CPU input of ``shape`` if a C++ kernel does the whole layer
+        (so it can join a ``_C.ConvChain``), else None."""
+        n, _, h, w = shape
+        c_out = self.weight.shape[0]
+        if self.single_channel_3x3 and not self.pool:
+            return (n, c_out, h, w)
+        if self.winograd_ok and not (self.pool and (h % 2 or w % 2)):
+            return (n, c_out, h // 2, w // 2) if self.pool else (n, c_out, h, w)
+        return None
+
+    def append_to_chain(self, chain, shape: torch.Size, dst: int) -> None:
+        """Append this layer (``chain_output_shape(shape)`` not None) to a ``_C.ConvChain``,
+        writing to address ``dst`` (0: the chain's output)."""
+        n, c_in, h, w = shape
+        if self.single_channel_3x3:
+            weight, bias = self._weight_k_major(torch.float32)
+            chain.add_single_channel(weight.data_ptr(), bias.data_ptr(), dst, n, h, w, weight.shape[1], self.relu)
+        else:
+            _, u_blocked, buffers = self._winograd_operands()
+            _, images_per_chunk, v = buffers.one_pass_plan(shape, self.bias.shape[0], self.pool, None)
+            chain.add_winograd(u_blocked.data_ptr(), self.bias.data_ptr(), v.data_ptr(), dst, n, h, w, c_in,
+                               self.bias.shape[0], images_per_chunk, self.relu, self.pool)
 
     def _pooled(self, impl: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         """``impl`` followed by the 2x2 max-pool (for implementations without it fused)."""
@@ -193,20 +233,31 @@ class FusedConv2d(nn.Module):
             candidates = [self._pooled(c) for c in candidates]
             even = x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
             if cpu_f32 and self.winograd_ok and (even or not self.pool):
-                candidates.append(self._winograd)  # pools in its output transform
+                candidates += [self._winograd, self._winograd_one_pass]  # both pool in their output transform
             impl = fastest(candidates, x) if len(candidates) > 1 else candidates[0]
             self.chosen[x.shape] = impl
         return impl(x)
 
 
 class FusedLinear(nn.Module):
-    """linear (BN folded in) + bias (+ ReLU)."""
+    """linear (BN folded in) + bias (+ ReLU). A block-diagonal layer of equal blocks may also
+    carry them as ``blocks`` ([T, in, out]): the CPU then runs one batched GEMM over the
+    blocks instead of reading the zeros of the block-diagonal weight."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, relu: bool):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, relu: bool, blocks: Optional[torch.Tensor] = None):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone().contiguous(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.relu = relu
+        self.blocks = None
+        if blocks is not None:
+            if blocks.dim() != 3 or blocks.shape[0] * blocks.shape[1] != weight.shape[1] \
+                    or blocks.shape[0] * blocks.shape[2] != weight.shape[0]:
+                raise ValueError(f"blocks must be [T, in, out] tiling weight {tuple(weight.shape)}, "
+                                 f"got {tuple(blocks.shape)}")
+            self.blocks = nn.Parameter(blocks.detach().clone().contiguous(), requires_grad=False)
+            self.block_bias = nn.Parameter(self.bias.detach().reshape(blocks.shape[0], 1, -1).clone(),
+                                           requires_grad=False)
 
     @classmethod
     def from_layers(cls, linear: nn.Linear, bn: Optional[nn.BatchNorm1d] = None, relu: bool = False):
@@ -226,6 +277,10 @@ class FusedLinear(nn.Module):
             from .triton.conv import linear_bias_act
 
             return linear_bias_act(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.relu)
+        if self.blocks is not None:
+            n, (count, width_in, _) = x.shape[0], self.blocks.shape
+            y = torch.baddbmm(self.block_bias, x.reshape(n, count, width_in).transpose(0, 1), self.blocks)
+            return (F.relu_(y) if self.relu else y).transpose(0, 1).reshape(n, -1)
         y = torch.addmm(self.bias, x, self.weight.t())
         return F.relu_(y) if self.relu else y
 
@@ -245,7 +300,8 @@ class AffineReLU(nn.Module):
 
 class FusedHeads(nn.Module):
     """All task branches of a multi-task net as len(layers) GEMMs: the first layers side by
-    side, every later layer block-diagonal. Output: ``[N, sum(C)]``."""
+    side, every later layer block-diagonal (on the CPU a batched GEMM where the branches'
+    layers have equal shapes). Output: ``[N, sum(C)]``."""
 
     def __init__(self, layers: Sequence[FusedLinear]):
         super().__init__()
@@ -259,7 +315,9 @@ class FusedHeads(nn.Module):
             parts = [b[level] for b in branches]
             weights = [p.weight for p in parts]
             weight = torch.cat(weights) if level == 0 else torch.block_diag(*weights)
-            layers.append(FusedLinear(weight, torch.cat([p.bias for p in parts]), parts[0].relu))
+            equal = level > 0 and len({w.shape for w in weights}) == 1
+            blocks = torch.stack([w.t() for w in weights]) if equal else None
+            layers.append(FusedLinear(weight, torch.cat([p.bias for p in parts]), parts[0].relu, blocks))
         return cls(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,6 +335,67 @@ class FusedBranches(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([b(x) for b in self.branches], dim=1)
+
+
+class ConvChainStep:
+    """Consecutive :class:`FusedConv2d` layers run by one C++ call (``_C.ConvChain``) for one
+    float32 CPU input shape, with the intermediate activations in buffers kept here. At batch
+    1 this beats calling the layers' fastest kernels one by one from Python: every layer's
+    weights push the Python and dispatcher code out of the caches, so each call between
+    layers costs 10-15 us there."""
+
+    def __init__(self, layers: Sequence[FusedConv2d], shape: torch.Size):
+        from . import _C
+
+        self.chain, self._buffers = _C.ConvChain(), []
+        for index, layer in enumerate(layers):
+            out_shape = layer.chain_output_shape(shape)
+            if out_shape is None:
+                raise ValueError(f"layer {index} ({layer.extra_repr()}) has no C++ kernel for input {tuple(shape)}")
+            dst = 0
+            if index < len(layers) - 1:
+                self._buffers.append(torch.empty(out_shape, memory_format=torch.channels_last))
+                dst = self._buffers[-1].data_ptr()
+            layer.append_to_chain(self.chain, shape, dst)
+            shape = torch.Size(out_shape)
+        self.out_shape = shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.out_shape, memory_format=torch.channels_last)
+        self.chain.run(x.contiguous(memory_format=torch.channels_last).data_ptr(), out.data_ptr(),
+                       torch.get_num_threads())
+        return out
+
+
+class ChannelsLastFlatten(nn.Module):
+    """Flattens [N, C, H, W] in (H, W, C) order: free for channels-last activations, where
+    ``nn.Flatten``'s (C, H, W) order copies. The next layer's columns are permuted to match
+    (see :func:`flatten_channels_last`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+
+def flatten_channels_last(layers: nn.Sequential, after: Optional[FusedLinear] = None) -> None:
+    """In place, in fused ``layers``: a ``Flatten`` of a conv's output that feeds a linear
+    layer becomes a :class:`ChannelsLastFlatten` and the linear layer's weight columns go
+    from (C, H, W) to (H, W, C) order. ``after`` is the layer that follows ``layers``, if
+    it is not in them (the first fused head layer after a trunk)."""
+    following = list(layers)[1:] + [after]
+    channels = None  # of the feature map flowing into the current layer, while it is known
+    for index, (layer, successor) in enumerate(zip(list(layers), following)):
+        if isinstance(layer, FusedConv2d):
+            channels = layer.weight.shape[0]
+        elif isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1 \
+                and channels is not None and isinstance(successor, FusedLinear) and successor.blocks is None \
+                and successor.weight.shape[1] % channels == 0:
+            weight = successor.weight.detach()
+            successor.weight.data = (weight.reshape(weight.shape[0], channels, -1).transpose(1, 2)
+                                     .reshape(weight.shape).contiguous())
+            layers[index] = ChannelsLastFlatten()
+            channels = None
+        elif not isinstance(layer, (AffineReLU, nn.Identity)):
+            channels = None
 
 
 class FusedMultiTaskNet(nn.Module):
@@ -305,22 +424,19 @@ class FusedMultiTaskNet(nn.Module):
             raise ValueError(f"input is {x.shape[2]}x{x.shape[3]}, the model takes "
                              f"{self.input_size}x{self.input_size}")
         plan = self._plans.get(x.shape) if x.device.type == "cpu" else None
-        if plan is None:
-            return self._first_run(x)
-        x = x.contiguous(memory_format=torch.channels_last)
-        for step in plan:
-            x = step(x)
-        return x
+        return self._first_run(x) if plan is None else self._replay(plan, x)
 
     def _first_run(self, x: torch.Tensor) -> torch.Tensor:
         """Run layer by layer; on the CPU, remember what each layer ran for this input shape
         so later calls replay it without module dispatch (at batch 1 that dispatch costs
-        about as much as a small layer)."""
+        about as much as a small layer). Where consecutive conv layers all have whole-layer
+        C++ kernels, the plan that runs them as one :class:`ConvChainStep` is timed against
+        the one that calls each layer's fastest kernel, and the faster is kept."""
         layers = (list(self.trunk) if isinstance(self.trunk, nn.Sequential) else None,
                   list(self.heads.layers) if isinstance(self.heads, FusedHeads) else None)
         if x.device.type != "cpu" or None in layers:
             return self.heads(self.trunk(x))
-        shape, steps = x.shape, []
+        first_input, steps, chainable = x, [], []
         for layer in layers[0] + layers[1]:
             y = layer(x)
             if isinstance(layer, FusedConv2d):
@@ -329,8 +445,39 @@ class FusedMultiTaskNet(nn.Module):
                 steps.append(functools.partial(torch.flatten, start_dim=layer.start_dim, end_dim=layer.end_dim))
             else:
                 steps.append(layer.forward)
+            joins = (isinstance(layer, FusedConv2d) and x.dtype == torch.float32
+                     and layer.chain_output_shape(x.shape) is not None)
+            chainable.append((layer, x.shape) if joins else None)
             x = y
-        self._plans[shape] = steps
+        chained = self._chained(steps, chainable)
+        if chained is not None:
+            plans = [functools.partial(self._replay, plan) for plan in (steps, chained)]
+            steps = (steps, chained)[plans.index(fastest(plans, first_input))]
+        self._plans[first_input.shape] = steps
+        return x
+
+    @staticmethod
+    def _chained(steps: list, chainable: list) -> Optional[list]:
+        """``steps`` with every run of two or more chainable conv layers as one
+        :class:`ConvChainStep`; None where there is no such run."""
+        out, index, found = [], 0, False
+        while index < len(steps):
+            end = index
+            while end < len(steps) and chainable[end] is not None:
+                end += 1
+            if end - index >= 2:
+                out.append(ConvChainStep([layer for layer, _ in chainable[index:end]], chainable[index][1]))
+                index, found = end, True
+            else:
+                out.append(steps[index])
+                index += 1
+        return out if found else None
+
+    @staticmethod
+    def _replay(steps: list, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        for step in steps:
+            x = step(x)
         return x
 
     @property
@@ -431,7 +578,10 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     fuser = Fuser()
     with torch.no_grad():
         if hasattr(work, "trunk") and hasattr(work, "branches"):
-            fused = FusedMultiTaskNet(fuser.module(work.trunk), fuser.heads(list(work.branches)),
+            trunk, heads = fuser.module(work.trunk), fuser.heads(list(work.branches))
+            if isinstance(trunk, nn.Sequential):
+                flatten_channels_last(trunk, heads.layers[0] if isinstance(heads, FusedHeads) else None)
+            fused = FusedMultiTaskNet(trunk, heads,
                                       getattr(work, "in_channels", None), getattr(work, "input_size", None),
                                       getattr(work, "num_classes", ()), getattr(work, "task_names", ()))
         else:

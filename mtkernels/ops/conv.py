@@ -70,6 +70,18 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, weight.shape[1], weight.shape[0]).float().contiguous()
 
 
+def winograd_weight_blocked(u: torch.Tensor) -> torch.Tensor:
+    """U [16, C_in, C_out] -> [ceil(C_out / B), 16, C_in, B] (B = ``_C.winograd_block_channels``),
+    zero-padded: each block of output channels contiguous, as :func:`conv3x3_winograd_one_pass`
+    reads it."""
+    if u.dim() != 3 or u.shape[0] != 16:
+        raise ValueError(f"u must be [16, C_in, C_out], got {tuple(u.shape)}")
+    block = _C.winograd_block_channels
+    blocks = -(-u.shape[2] // block)
+    padded = torch.nn.functional.pad(u, (0, blocks * block - u.shape[2]))
+    return padded.reshape(16, u.shape[1], blocks, block).permute(2, 0, 1, 3).contiguous()
+
+
 class WinogradBuffers:
     """Per input shape: the chunking of the batch and the transformed-input and GEMM-output
     buffers, kept so neither is recomputed (at batch 1 that bookkeeping costs about a tenth
@@ -99,6 +111,19 @@ class WinogradBuffers:
             self._plans[key] = (out_shape, chunks, 4 * h * w * c_in, 4 * out_shape[2] * out_shape[3] * c_out)
         return self._plans[key]
 
+    def one_pass_plan(self, shape: torch.Size, c_out: int, pool: bool, images_per_chunk: int | None):
+        """(output shape, images per chunk, V buffer) of :func:`conv3x3_winograd_one_pass`."""
+        key = ("one pass", tuple(shape), c_out, pool, images_per_chunk)
+        if key not in self._plans:
+            n, c_in, h, w = shape
+            tiles_per_image = ((h + 1) // 2) * ((w + 1) // 2)
+            if images_per_chunk is None:  # V of about 1 MB, read from the L2 cache by every channel block
+                images_per_chunk = max(1, (1 << 20) // (64 * tiles_per_image * c_in))
+            images_per_chunk = min(images_per_chunk, n)
+            out_shape = (n, c_out, h // 2, w // 2) if pool else (n, c_out, h, w)
+            self._plans[key] = (out_shape, images_per_chunk, torch.empty(16, images_per_chunk * tiles_per_image, c_in))
+        return self._plans[key]
+
 
 def conv3x3_winograd(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
                      buffers: WinogradBuffers | None = None, images_per_chunk: int | None = None) -> torch.Tensor:
@@ -115,6 +140,39 @@ def conv3x3_winograd(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu:
         raise ValueError(f"images_per_chunk must be >= 1, got {images_per_chunk}")
     return winograd_unchecked(x.contiguous(memory_format=torch.channels_last), u, bias.contiguous(), relu, pool,
                               buffers or WinogradBuffers(), images_per_chunk)
+
+
+def conv3x3_winograd_one_pass(x: torch.Tensor, u_blocked: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
+                              buffers: WinogradBuffers | None = None,
+                              images_per_chunk: int | None = None) -> torch.Tensor:
+    """:func:`conv3x3_winograd` as one C++ pass per chunk of images (the GEMM in registers
+    between the two transforms, no PyTorch GEMM); ``u_blocked`` from
+    :func:`winograd_weight_blocked`."""
+    block = _C.winograd_block_channels
+    if u_blocked.dim() != 4 or u_blocked.shape[1] != 16 or u_blocked.shape[3] != block:
+        raise ValueError(f"u_blocked must be [blocks, 16, C_in, {block}], got {tuple(u_blocked.shape)}")
+    _check("x", x, channels=u_blocked.shape[2])
+    if bias.dim() != 1 or not 0 <= u_blocked.shape[0] * block - bias.shape[0] < block:
+        raise ValueError(f"bias must be [C_out] with C_out output channels in {u_blocked.shape[0]} blocks of {block}, "
+                         f"got {tuple(bias.shape)}")
+    if pool and (x.shape[2] % 2 or x.shape[3] % 2):
+        raise ValueError(f"the fused max-pool needs an even height and width, got {x.shape[2]}x{x.shape[3]}")
+    if images_per_chunk is not None and images_per_chunk < 1:
+        raise ValueError(f"images_per_chunk must be >= 1, got {images_per_chunk}")
+    return winograd_one_pass_unchecked(x.contiguous(memory_format=torch.channels_last), u_blocked.contiguous(),
+                                       bias.contiguous(), relu, pool, buffers or WinogradBuffers(), images_per_chunk)
+
+
+def winograd_one_pass_unchecked(x: torch.Tensor, u_blocked: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
+                                buffers: WinogradBuffers, images_per_chunk: int | None = None) -> torch.Tensor:
+    """:func:`conv3x3_winograd_one_pass` without its checks, for callers that made them once."""
+    n, c_in, h, w = x.shape
+    c_out = bias.shape[0]
+    out_shape, images_per_chunk, v = buffers.one_pass_plan(x.shape, c_out, pool, images_per_chunk)
+    out = torch.empty(out_shape, memory_format=torch.channels_last)
+    _C.winograd_conv3x3_nhwc(x.data_ptr(), u_blocked.data_ptr(), bias.data_ptr(), v.data_ptr(), out.data_ptr(), n, h,
+                             w, c_in, c_out, images_per_chunk, relu, pool, torch.get_num_threads())
+    return out
 
 
 def winograd_unchecked(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
