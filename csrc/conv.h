@@ -67,11 +67,26 @@ struct WinogradConvProblem {
   int num_threads;
 };
 
+// Grouped linear layer for small batches: dst[n, g * out + o] = act(bias[g * out + o] +
+// sum_i src[n, g * in + i] * weight[g][o][i]). Each weight row is read once and dotted with
+// every row of the batch, so a batch-1 layer streams its weights once (groups > 1: the
+// equal branch layers of a multi-task head side by side).
+struct LinearProblem {
+  const float* src;     // [N, groups * in]
+  const float* weight;  // [groups, out, in]
+  const float* bias;    // [groups * out]
+  float* dst;           // [N, groups * out]
+  int64_t batch, groups, in_features, out_features;
+  bool relu;
+  int num_threads;
+};
+
 using MaxPoolFn = void (*)(const MaxPoolProblem&);
 using Conv3x3SingleChannelFn = void (*)(const Conv3x3SingleChannelProblem&);
 using WinogradInputFn = void (*)(const WinogradInputProblem&);
 using WinogradOutputFn = void (*)(const WinogradOutputProblem&);
 using WinogradConvFn = void (*)(const WinogradConvProblem&);
+using LinearFn = void (*)(const LinearProblem&);
 
 #define MTK_DECLARE_CONV(isa)                                          \
   namespace isa {                                                      \
@@ -80,6 +95,7 @@ using WinogradConvFn = void (*)(const WinogradConvProblem&);
   void winograd_input_nhwc(const WinogradInputProblem&);               \
   void winograd_output_nhwc(const WinogradOutputProblem&);             \
   void winograd_conv3x3_nhwc(const WinogradConvProblem&);              \
+  void linear_rows(const LinearProblem&);                              \
   }
 MTK_DECLARE_CONV(baseline)
 MTK_DECLARE_CONV(avx2)

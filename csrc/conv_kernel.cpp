@@ -302,5 +302,23 @@ void winograd_conv3x3_nhwc(const WinogradConvProblem& p) {
   }
 }
 
+void linear_rows(const LinearProblem& p) {
+  const int64_t rows = p.groups * p.out_features, in = p.in_features, width_in = p.groups * in;
+  const bool parallel = p.num_threads > 1 && rows * in >= kParallelOutputs;
+#pragma omp parallel for num_threads(p.num_threads) if (parallel) schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* w = p.weight + row * in;
+    const float* x = p.src + (row / p.out_features) * in;
+    for (int64_t n = 0; n < p.batch; ++n) {
+      const float* xn = x + n * width_in;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < in; ++i) acc += xn[i] * w[i];
+      acc += p.bias[row];
+      p.dst[n * rows + row] = p.relu ? std::max(acc, 0.0f) : acc;
+    }
+  }
+}
+
 }  // namespace MTK_ISA
 }  // namespace mtk

@@ -101,7 +101,7 @@ void set_active_isa(Isa isa) {
 #define MTK_TABLE(isa) \
   KernelTable {                                                                                  \
     isa::multitask_loss_forward, isa::maxpool2x2_nhwc, isa::conv3x3_single_channel_nhwc,           \
-        isa::winograd_input_nhwc, isa::winograd_output_nhwc, isa::winograd_conv3x3_nhwc, isa::bn_stats, isa::bn_relu_forward,     \
+        isa::winograd_input_nhwc, isa::winograd_output_nhwc, isa::winograd_conv3x3_nhwc, isa::linear_rows, isa::bn_stats, isa::bn_relu_forward,     \
         isa::bn_relu_backward_reduce, isa::bn_relu_backward_apply                                    \
   }
 

@@ -26,6 +26,7 @@ struct KernelTable {
   WinogradInputFn winograd_input_nhwc;
   WinogradOutputFn winograd_output_nhwc;
   WinogradConvFn winograd_conv3x3_nhwc;
+  LinearFn linear_rows;
   BnStatsFn bn_stats;
   BnReluForwardFn bn_relu_forward;
   BnReluBackwardReduceFn bn_relu_backward_reduce;

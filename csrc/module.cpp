@@ -124,15 +124,34 @@ void winograd_conv3x3_nhwc(uintptr_t src, uintptr_t u, uintptr_t bias, uintptr_t
   mtk::kernels().winograd_conv3x3_nhwc(problem);
 }
 
-// Consecutive conv layers run by one call with the GIL released: at batch 1 the Python and
+mtk::LinearProblem linear_problem(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch,
+                                  int64_t groups, int64_t in_features, int64_t out_features, bool relu,
+                                  int num_threads) {
+  if (batch < 0 || groups < 1 || in_features < 1 || out_features < 1)
+    throw std::invalid_argument("batch must be >= 0 and groups, in_features, out_features >= 1");
+  return mtk::LinearProblem{as_ptr<const float>(src), as_ptr<const float>(weight), as_ptr<const float>(bias),
+                            as_ptr<float>(dst), batch, groups, in_features, out_features, relu,
+                            std::max(1, num_threads)};
+}
+
+void linear_rows(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t groups,
+                 int64_t in_features, int64_t out_features, bool relu, int num_threads) {
+  const auto problem =
+      linear_problem(src, weight, bias, dst, batch, groups, in_features, out_features, relu, num_threads);
+  py::gil_scoped_release release;
+  mtk::kernels().linear_rows(problem);
+}
+
+// Consecutive layers run by one call with the GIL released: at batch 1 the Python and
 // dispatcher code between layers costs more than the code itself, since each layer's
 // weights push it out of the caches. Layers are added in order with their buffers; the
 // first layer's source and the last layer's destination are given to run().
-class ConvChain {
+class LayerChain {
  public:
   void add_single_channel(uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t height,
                           int64_t width, int64_t out_channels, bool relu) {
     Layer layer{};
+    layer.kind = Kind::single_channel;
     layer.single = single_channel_problem(0, weight, bias, dst, batch, height, width, out_channels, relu, 1);
     append(layer);
   }
@@ -141,13 +160,22 @@ class ConvChain {
                     int64_t width, int64_t in_channels, int64_t out_channels, int64_t images_per_chunk, bool relu,
                     bool pool) {
     Layer layer{};
-    layer.winograd = true;
+    layer.kind = Kind::winograd;
     layer.wino = winograd_problem(0, u, bias, v, dst, batch, height, width, in_channels, out_channels,
                                   images_per_chunk, relu, pool, 1);
     append(layer);
   }
 
+  void add_linear(uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t groups, int64_t in_features,
+                  int64_t out_features, bool relu) {
+    Layer layer{};
+    layer.kind = Kind::linear;
+    layer.linear = linear_problem(0, weight, bias, dst, batch, groups, in_features, out_features, relu, 1);
+    append(layer);
+  }
+
   int64_t size() const { return int64_t(layers_.size()); }
+
 
   void run(uintptr_t src, uintptr_t dst, int num_threads) {
     if (layers_.empty()) throw std::invalid_argument("the chain has no layers");
@@ -156,24 +184,45 @@ class ConvChain {
     py::gil_scoped_release release;
     const mtk::KernelTable& kernels = mtk::kernels();
     for (Layer& layer : layers_) {
-      layer.single.num_threads = layer.wino.num_threads = std::max(1, num_threads);
-      if (layer.winograd)
-        kernels.winograd_conv3x3_nhwc(layer.wino);
-      else
-        kernels.conv3x3_single_channel_nhwc(layer.single);
+      layer.single.num_threads = layer.wino.num_threads = layer.linear.num_threads = std::max(1, num_threads);
+      switch (layer.kind) {
+        case Kind::single_channel: kernels.conv3x3_single_channel_nhwc(layer.single); break;
+        case Kind::winograd: kernels.winograd_conv3x3_nhwc(layer.wino); break;
+        case Kind::linear: kernels.linear_rows(layer.linear); break;
+      }
     }
   }
 
  private:
+  enum class Kind { single_channel, winograd, linear };
   struct Layer {
-    bool winograd;
+    Kind kind;
     mtk::Conv3x3SingleChannelProblem single;
     mtk::WinogradConvProblem wino;
+    mtk::LinearProblem linear;
   };
 
-  static float* destination(const Layer& layer) { return layer.winograd ? layer.wino.dst : layer.single.dst; }
-  static void set_source(Layer& layer, const float* src) { (layer.winograd ? layer.wino.src : layer.single.src) = src; }
-  static void set_destination(Layer& layer, float* dst) { (layer.winograd ? layer.wino.dst : layer.single.dst) = dst; }
+  static float* destination(const Layer& layer) {
+    switch (layer.kind) {
+      case Kind::single_channel: return layer.single.dst;
+      case Kind::winograd: return layer.wino.dst;
+      default: return layer.linear.dst;
+    }
+  }
+  static void set_source(Layer& layer, const float* src) {
+    switch (layer.kind) {
+      case Kind::single_channel: layer.single.src = src; break;
+      case Kind::winograd: layer.wino.src = src; break;
+      case Kind::linear: layer.linear.src = src; break;
+    }
+  }
+  static void set_destination(Layer& layer, float* dst) {
+    switch (layer.kind) {
+      case Kind::single_channel: layer.single.dst = dst; break;
+      case Kind::winograd: layer.wino.dst = dst; break;
+      case Kind::linear: layer.linear.dst = dst; break;
+    }
+  }
 
   void append(Layer& layer) {
     if (!layers_.empty()) {
@@ -262,17 +311,24 @@ PYBIND11_MODULE(_C, m) {
         "Winograd F(2x2,3x3) conv + bias (+ ReLU) (+ 2x2 max-pool) of NHWC float32, one pass per chunk of images; "
         "u packed per block of winograd_block_channels output channels.");
   m.attr("winograd_block_channels") = mtk::kWinogradBlock;
-  py::class_<ConvChain>(m, "ConvChain", "Consecutive conv layers run by one call (buffers are raw addresses).")
+  m.def("linear_rows", &linear_rows, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
+        py::arg("batch"), py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
+        py::arg("num_threads"),
+        "Grouped linear layer + bias (+ ReLU) for small batches: weight [groups, out, in], float32.");
+  py::class_<LayerChain>(m, "LayerChain", "Consecutive layers run by one call (buffers are raw addresses).")
       .def(py::init<>())
-      .def("add_single_channel", &ConvChain::add_single_channel, py::arg("weight"), py::arg("bias"), py::arg("dst"),
+      .def("add_single_channel", &LayerChain::add_single_channel, py::arg("weight"), py::arg("bias"), py::arg("dst"),
            py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("out_channels"), py::arg("relu"),
            "Append conv3x3_single_channel_nhwc; dst 0 for the last layer (given to run).")
-      .def("add_winograd", &ConvChain::add_winograd, py::arg("u"), py::arg("bias"), py::arg("v"), py::arg("dst"),
+      .def("add_winograd", &LayerChain::add_winograd, py::arg("u"), py::arg("bias"), py::arg("v"), py::arg("dst"),
            py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"), py::arg("out_channels"),
            py::arg("images_per_chunk"), py::arg("relu"), py::arg("pool"),
            "Append winograd_conv3x3_nhwc; dst 0 for the last layer (given to run).")
-      .def("__len__", &ConvChain::size)
-      .def("run", &ConvChain::run, py::arg("src"), py::arg("dst"), py::arg("num_threads"),
+      .def("add_linear", &LayerChain::add_linear, py::arg("weight"), py::arg("bias"), py::arg("dst"), py::arg("batch"),
+           py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
+           "Append linear_rows; dst 0 for the last layer (given to run).")
+      .def("__len__", &LayerChain::size)
+      .def("run", &LayerChain::run, py::arg("src"), py::arg("dst"), py::arg("num_threads"),
            "Run the layers in order from src into dst.");
   m.def("bn_stats", &bn_stats, py::arg("x"), py::arg("rows"), py::arg("channels"), py::arg("sum"),
         py::arg("sum_sq"), py::arg("num_threads"),

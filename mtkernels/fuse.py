@@ -182,7 +182,7 @@ class FusedConv2d(nn.Module):
 
     def chain_output_shape(self, shape: torch.Size) -> Optional[tuple[int, ...]]:
         """Output shape for float32 CPU input of ``shape`` if a C++ kernel does the whole layer
-        (so it can join a ``_C.ConvChain``), else None."""
+        (so it can join a ``_C.LayerChain``), else None."""
         n, _, h, w = shape
         c_out = self.weight.shape[0]
         if self.single_channel_3x3 and not self.pool:
@@ -192,7 +192,7 @@ class FusedConv2d(nn.Module):
         return None
 
     def append_to_chain(self, chain, shape: torch.Size, dst: int) -> None:
-        """Append this layer (``chain_output_shape(shape)`` not None) to a ``_C.ConvChain``,
+        """Append this layer (``chain_output_shape(shape)`` not None) to a ``_C.LayerChain``,
         writing to address ``dst`` (0: the chain's output)."""
         n, c_in, h, w = shape
         if self.single_channel_3x3:
@@ -249,7 +249,7 @@ class FusedLinear(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone().contiguous(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.relu = relu
-        self.blocks = None
+        self.blocks, self._block_rows = None, None
         if blocks is not None:
             if blocks.dim() != 3 or blocks.shape[0] * blocks.shape[1] != weight.shape[1] \
                     or blocks.shape[0] * blocks.shape[2] != weight.shape[0]:
@@ -258,6 +258,20 @@ class FusedLinear(nn.Module):
             self.blocks = nn.Parameter(blocks.detach().clone().contiguous(), requires_grad=False)
             self.block_bias = nn.Parameter(self.bias.detach().reshape(blocks.shape[0], 1, -1).clone(),
                                            requires_grad=False)
+
+    def chain_output_shape(self, shape: torch.Size) -> Optional[tuple[int, ...]]:
+        """Output shape for float32 CPU input of ``shape`` (a ``_C.LayerChain`` can run it)."""
+        return (shape[0], self.weight.shape[0]) if len(shape) == 2 and shape[1] == self.weight.shape[1] else None
+
+    def append_to_chain(self, chain, shape: torch.Size, dst: int) -> None:
+        if self.blocks is None:
+            groups, rows = 1, self.weight
+        else:
+            if self._block_rows is None:  # [T, out, in]: each output's weights contiguous
+                self._block_rows = self.blocks.detach().transpose(1, 2).contiguous()
+            groups, rows = self.blocks.shape[0], self._block_rows
+        chain.add_linear(rows.data_ptr(), self.bias.data_ptr(), dst, shape[0], groups, rows.shape[-1],
+                         rows.shape[-2], self.relu)
 
     @classmethod
     def from_layers(cls, linear: nn.Linear, bn: Optional[nn.BatchNorm1d] = None, relu: bool = False):
@@ -337,33 +351,40 @@ class FusedBranches(nn.Module):
         return torch.cat([b(x) for b in self.branches], dim=1)
 
 
-class ConvChainStep:
-    """Consecutive :class:`FusedConv2d` layers run by one C++ call (``_C.ConvChain``) for one
-    float32 CPU input shape, with the intermediate activations in buffers kept here. At batch
-    1 this beats calling the layers' fastest kernels one by one from Python: every layer's
-    weights push the Python and dispatcher code out of the caches, so each call between
-    layers costs 10-15 us there."""
+class ChainStep:
+    """Consecutive fused layers (convs with whole-layer C++ kernels, channels-last flattens,
+    linear layers) run by one C++ call (``_C.LayerChain``) for one float32 CPU input shape,
+    with the intermediate activations in buffers kept here. At batch 1 this beats calling
+    the layers' fastest kernels one by one from Python: every layer's weights push the
+    Python and dispatcher code out of the caches, so each call between layers costs
+    10-15 us there."""
 
-    def __init__(self, layers: Sequence[FusedConv2d], shape: torch.Size):
+    def __init__(self, layers: Sequence[nn.Module], shape: torch.Size):
         from . import _C
 
-        self.chain, self._buffers = _C.ConvChain(), []
+        self.chain, self._buffers = _C.LayerChain(), []
+        shapes = [torch.Size(shape)]
         for index, layer in enumerate(layers):
-            out_shape = layer.chain_output_shape(shape)
+            out_shape = layer.chain_output_shape(shapes[-1])
             if out_shape is None:
-                raise ValueError(f"layer {index} ({layer.extra_repr()}) has no C++ kernel for input {tuple(shape)}")
-            dst = 0
-            if index < len(layers) - 1:
-                self._buffers.append(torch.empty(out_shape, memory_format=torch.channels_last))
+                raise ValueError(f"layer {index} ({type(layer).__name__}) has no C++ kernel for input "
+                                 f"{tuple(shapes[-1])}")
+            shapes.append(torch.Size(out_shape))
+        writers = [i for i, layer in enumerate(layers) if not isinstance(layer, ChannelsLastFlatten)]
+        for index in writers:
+            dst = 0  # the last writer's output is run()'s destination
+            if index != writers[-1]:
+                self._buffers.append(torch.empty(shapes[index + 1], memory_format=torch.channels_last)
+                                     if len(shapes[index + 1]) == 4 else torch.empty(shapes[index + 1]))
                 dst = self._buffers[-1].data_ptr()
-            layer.append_to_chain(self.chain, shape, dst)
-            shape = torch.Size(out_shape)
-        self.out_shape = shape
+            layers[index].append_to_chain(self.chain, shapes[index], dst)
+        self.out_shape = shapes[-1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(self.out_shape, memory_format=torch.channels_last)
-        self.chain.run(x.contiguous(memory_format=torch.channels_last).data_ptr(), out.data_ptr(),
-                       torch.get_num_threads())
+        x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.contiguous()
+        out = (torch.empty(self.out_shape, memory_format=torch.channels_last) if len(self.out_shape) == 4
+               else torch.empty(self.out_shape))
+        self.chain.run(x.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out
 
 
@@ -374,6 +395,11 @@ class ChannelsLastFlatten(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+    @staticmethod
+    def chain_output_shape(shape: torch.Size) -> Optional[tuple[int, ...]]:
+        """In a chain the input is channels-last already: nothing to run."""
+        return (shape[0], math.prod(shape[1:])) if len(shape) == 4 else None
 
 
 def flatten_channels_last(layers: nn.Sequential, after: Optional[FusedLinear] = None) -> None:
@@ -429,9 +455,9 @@ class FusedMultiTaskNet(nn.Module):
     def _first_run(self, x: torch.Tensor) -> torch.Tensor:
         """Run layer by layer; on the CPU, remember what each layer ran for this input shape
         so later calls replay it without module dispatch (at batch 1 that dispatch costs
-        about as much as a small layer). Where consecutive conv layers all have whole-layer
-        C++ kernels, the plan that runs them as one :class:`ConvChainStep` is timed against
-        the one that calls each layer's fastest kernel, and the faster is kept."""
+        about as much as a small layer). Where consecutive layers all have whole-layer C++
+        kernels, the plan that runs them as one :class:`ChainStep` is timed against the one
+        that calls each layer's fastest kernel, and the faster is kept."""
         layers = (list(self.trunk) if isinstance(self.trunk, nn.Sequential) else None,
                   list(self.heads.layers) if isinstance(self.heads, FusedHeads) else None)
         if x.device.type != "cpu" or None in layers:
@@ -445,28 +471,30 @@ class FusedMultiTaskNet(nn.Module):
                 steps.append(functools.partial(torch.flatten, start_dim=layer.start_dim, end_dim=layer.end_dim))
             else:
                 steps.append(layer.forward)
-            joins = (isinstance(layer, FusedConv2d) and x.dtype == torch.float32
+            joins = (isinstance(layer, (FusedConv2d, FusedLinear, ChannelsLastFlatten)) and x.dtype == torch.float32
                      and layer.chain_output_shape(x.shape) is not None)
             chainable.append((layer, x.shape) if joins else None)
             x = y
-        chained = self._chained(steps, chainable)
-        if chained is not None:
-            plans = [functools.partial(self._replay, plan) for plan in (steps, chained)]
-            steps = (steps, chained)[plans.index(fastest(plans, first_input))]
         self._plans[first_input.shape] = steps
-        return x
+        chained = self._chained(steps, chainable)
+        if chained is None:
+            return x
+        plans = [functools.partial(self._replay, plan) for plan in (steps, chained)]
+        self._plans[first_input.shape] = (steps, chained)[plans.index(fastest(plans, first_input))]
+        return self(first_input)  # every call of a shape gives the same result, the first too
 
     @staticmethod
     def _chained(steps: list, chainable: list) -> Optional[list]:
-        """``steps`` with every run of two or more chainable conv layers as one
-        :class:`ConvChainStep`; None where there is no such run."""
+        """``steps`` with every run of chainable layers that has two or more kernels as one
+        :class:`ChainStep`; None where there is no such run."""
         out, index, found = [], 0, False
         while index < len(steps):
             end = index
             while end < len(steps) and chainable[end] is not None:
                 end += 1
-            if end - index >= 2:
-                out.append(ConvChainStep([layer for layer, _ in chainable[index:end]], chainable[index][1]))
+            run = [layer for layer, _ in chainable[index:end]]
+            if sum(not isinstance(layer, ChannelsLastFlatten) for layer in run) >= 2:
+                out.append(ChainStep(run, chainable[index][1]))
                 index, found = end, True
             else:
                 out.append(steps[index])

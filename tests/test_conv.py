@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkernels.ops.conv import conv3x3_single_channel, conv3x3_winograd, maxpool2x2, winograd_weight
+from mtkernels.ops.conv import (conv3x3_single_channel, conv3x3_winograd, conv3x3_winograd_one_pass, grouped_linear,
+                                maxpool2x2, winograd_weight, winograd_weight_blocked)
 
 
 @pytest.mark.parametrize("shape", [(1, 32, 48, 48), (3, 5, 7, 9), (2, 256, 6, 6), (1, 1, 2, 2), (130, 8, 4, 4)])
@@ -43,6 +44,19 @@ def test_bad_inputs_are_reported():
         conv3x3_winograd(torch.zeros(1, 2, 4, 4), u[:9], torch.zeros(3), True, False)
     with pytest.raises(ValueError, match=r"weight must be \[C_out, C_in, 3, 3\]"):
         winograd_weight(torch.zeros(3, 2, 5, 5))
+    blocked = winograd_weight_blocked(u)
+    with pytest.raises(ValueError, match=r"u_blocked must be \[blocks, 16, C_in, 32\]"):
+        conv3x3_winograd_one_pass(torch.zeros(1, 2, 4, 4), u, torch.zeros(3), True, False)
+    with pytest.raises(ValueError, match=r"bias must be \[C_out\] with C_out output channels in 1 blocks of 32"):
+        conv3x3_winograd_one_pass(torch.zeros(1, 2, 4, 4), blocked, torch.zeros(33), True, False)
+    with pytest.raises(ValueError, match=r"\[N, 2, H, W\]"):
+        conv3x3_winograd_one_pass(torch.zeros(1, 3, 4, 4), blocked, torch.zeros(3), True, False)
+    with pytest.raises(ValueError, match="images_per_chunk must be >= 1, got 0"):
+        conv3x3_winograd_one_pass(torch.zeros(1, 2, 4, 4), blocked, torch.zeros(3), True, False, images_per_chunk=0)
+    with pytest.raises(ValueError, match=r"G \* in = 6"):
+        grouped_linear(torch.zeros(2, 6), torch.zeros(2, 4, 2), torch.zeros(8), True)
+    with pytest.raises(TypeError, match="2-D float32 CPU tensor"):
+        grouped_linear(torch.zeros(2, 6, dtype=torch.float64), torch.zeros(1, 4, 6), torch.zeros(4), True)
 
 
 # Winograd F(2x2, 3x3) rounds differently from a direct convolution: its error is bounded
@@ -51,11 +65,13 @@ def test_bad_inputs_are_reported():
 WINOGRAD_RELATIVE_BOUND = 1e-6
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["torch-gemm", "one-pass"])
 @pytest.mark.parametrize("relu,pool", [(True, True), (True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("shape,c_out,chunk", [((1, 32, 48, 48), 32, None), ((3, 5, 7, 9), 6, 2),
                                                ((2, 256, 6, 6), 256, None), ((5, 16, 2, 2), 8, 1),
-                                               ((4, 3, 8, 6), 4, 3)])
-def test_winograd_conv_within_its_error_bound(isa, shape, c_out, chunk, relu, pool):
+                                               ((4, 3, 8, 6), 4, 3), ((3, 8, 10, 12), 70, 2),
+                                               ((67, 4, 4, 4), 33, None)])
+def test_winograd_conv_within_its_error_bound(isa, shape, c_out, chunk, relu, pool, one_pass):
     if pool and (shape[2] % 2 or shape[3] % 2):
         pytest.skip("the fused pool needs even sizes (checked in test_bad_inputs_are_reported)")
     g = torch.Generator().manual_seed(0)
@@ -66,6 +82,25 @@ def test_winograd_conv_within_its_error_bound(isa, shape, c_out, chunk, relu, po
     want = F.relu(want) if relu else want
     if pool:
         want, scale = F.max_pool2d(want, 2, 2), F.max_pool2d(scale, 2, 2)
-    got = conv3x3_winograd(x, winograd_weight(weight), bias, relu, pool, images_per_chunk=chunk)
+    u = winograd_weight(weight)
+    if one_pass:  # 70 and 33 channels: blocks of 32 with a partial last block; 67 images: many tile groups
+        got = conv3x3_winograd_one_pass(x, winograd_weight_blocked(u), bias, relu, pool, images_per_chunk=chunk)
+    else:
+        got = conv3x3_winograd(x, u, bias, relu, pool, images_per_chunk=chunk)
     assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
     assert ((got.double() - want).abs() <= WINOGRAD_RELATIVE_BOUND * scale).all()
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("batch,groups,width_in,width_out", [(1, 1, 2304, 768), (7, 3, 256, 256), (3, 2, 5, 1),
+                                                             (0, 1, 4, 4), (130, 1, 33, 17)])
+def test_grouped_linear_matches_torch(isa, batch, groups, width_in, width_out, relu):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, groups * width_in, generator=g)
+    weight, bias = torch.randn(groups, width_out, width_in, generator=g), torch.randn(groups * width_out, generator=g)
+    want = torch.cat([x[:, k * width_in:(k + 1) * width_in].double() @ weight[k].double().t() for k in range(groups)],
+                     dim=1) + bias.double()
+    want = F.relu(want) if relu else want
+    got = grouped_linear(x, weight, bias, relu)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)

@@ -8,7 +8,7 @@ from torch import nn
 
 import models
 import mtkernels
-from mtkernels.fuse import AffineReLU, FusedConv2d, FusedHeads
+from mtkernels.fuse import AffineReLU, ChainStep, ChannelsLastFlatten, FusedConv2d, FusedHeads
 
 
 def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -51,6 +51,39 @@ def test_fused_equals_eager(eager_and_fused, batch, layout):
     assert torch.equal(replayed, got)
 
 
+@pytest.mark.parametrize("batch", [1, 7])
+def test_layer_chain_equals_layer_by_layer(eager_and_fused, isa, batch):
+    """The leading layers that have whole-layer C++ kernels, as one C++ chain (all of BKNet;
+    the 4-task CNN up to its first odd-sized pool), against the same fused layers called one
+    by one, whatever the per-layer timing chose."""
+    name, model, fused, _ = eager_and_fused
+    if name.startswith("resnet"):
+        pytest.skip("residual blocks have no whole-layer C++ kernel, so ResNets never chain")
+    x = torch.randn(batch, 1, model.input_size, model.input_size, generator=torch.Generator().manual_seed(batch))
+    layers, shape = [], x.shape
+    for layer in list(fused.trunk) + list(fused.heads.layers):
+        if not hasattr(layer, "chain_output_shape") or layer.chain_output_shape(shape) is None:
+            break
+        layers.append(layer)
+        shape = torch.Size(layer.chain_output_shape(shape))
+    assert len(layers) >= (13 if name == "bknet" else 3)
+    want = x
+    with torch.no_grad():
+        for layer in layers:
+            want = layer(want)
+    got = ChainStep(layers, x.shape)(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_layer_chain_refuses_layers_without_kernels(eager_and_fused):
+    name, model, fused, _ = eager_and_fused
+    if not name.startswith("resnet"):
+        pytest.skip("only ResNets have layers without whole-layer C++ kernels")
+    with pytest.raises(ValueError, match="has no C\\+\\+ kernel for input"):
+        ChainStep(list(fused.trunk), torch.Size((1, 1, model.input_size, model.input_size)))
+
+
 def test_original_is_untouched(eager_and_fused):
     _, model, _, before = eager_and_fused
     after = model.state_dict()
@@ -69,6 +102,10 @@ def test_what_is_fused(eager_and_fused):
         # every conv block ends in a conv with the 2x2 pool attached; every conv carries its ReLU
         blocks = sum(isinstance(m, nn.MaxPool2d) for m in model.modules())
         assert sum(c.pool for c in convs) == blocks and all(c.relu for c in convs)
+    if name in ("bknet", "emotion-cnn"):  # the flatten reads the last conv's output in memory order
+        assert sum(isinstance(m, ChannelsLastFlatten) for m in fused.modules()) == 1
+    if name == "bknet":  # the branches' equal second layers run as one batched GEMM
+        assert fused.heads.layers[1].blocks is not None and fused.heads.layers[1].blocks.shape[0] == 3
     if name != "resnet-v2":
         heads = fused.heads
         assert isinstance(heads, FusedHeads)

@@ -29,6 +29,11 @@ def _check(name: str, x: torch.Tensor, channels: int | None = None) -> None:
                          f"got {tuple(x.shape)}")
 
 
+def _check_matrix(name: str, x: torch.Tensor) -> None:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        raise TypeError(f"{name} must be a 2-D float32 CPU tensor, got {x.dim()}-D {x.dtype} on {x.device}")
+
+
 def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2, 2)`` for a channels-last float32 CPU tensor."""
     _check("x", x)
@@ -54,6 +59,24 @@ def conv3x3_single_channel(x: torch.Tensor, weight_k_major: torch.Tensor, bias: 
     out = torch.empty((n, c_out, h, w), memory_format=torch.channels_last)
     _C.conv3x3_single_channel_nhwc(x.data_ptr(), weight_k_major.data_ptr(), bias.data_ptr(), out.data_ptr(),
                                    n, h, w, c_out, relu, torch.get_num_threads())
+    return out
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
+    """``act(x[:, g*in:(g+1)*in] @ weight[g].T + bias[g*out:(g+1)*out])`` for every group g,
+    side by side: ``x`` [N, G * in], ``weight`` [G, out, in], ``bias`` [G * out], float32 CPU.
+    Each weight row is read once for the whole batch (the C++ kernel the fused nets' layer
+    chains run at small batches)."""
+    _check_matrix("x", x)
+    if weight.dim() != 3 or x.shape[1] != weight.shape[0] * weight.shape[2] \
+            or bias.shape != (weight.shape[0] * weight.shape[1],):
+        raise ValueError(f"weight must be [G, out, in] with G * in = {x.shape[1]} (x's width) and bias [G * out], "
+                         f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    out = torch.empty(x.shape[0], bias.shape[0])
+    if out.numel():
+        _C.linear_rows(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0],
+                       weight.shape[2], weight.shape[1], relu, torch.get_num_threads())
     return out
 
 
