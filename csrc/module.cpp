@@ -152,8 +152,8 @@ class LayerChain {
                           int64_t width, int64_t out_channels, bool relu) {
     Layer layer{};
     layer.kind = Kind::single_channel;
-    layer.single = single_channel_problem(0, weight, bias, dst, batch, height, width, out_channels, relu, 1);
-    append(layer);
+    layer.single = single_channel_problem(0, weight, bias, 0, batch, height, width, out_channels, relu, 1);
+    append(layer, dst);
   }
 
   void add_winograd(uintptr_t u, uintptr_t bias, uintptr_t v, uintptr_t dst, int64_t batch, int64_t height,
@@ -161,74 +161,64 @@ class LayerChain {
                     bool pool) {
     Layer layer{};
     layer.kind = Kind::winograd;
-    layer.wino = winograd_problem(0, u, bias, v, dst, batch, height, width, in_channels, out_channels,
+    layer.wino = winograd_problem(0, u, bias, v, 0, batch, height, width, in_channels, out_channels,
                                   images_per_chunk, relu, pool, 1);
-    append(layer);
+    append(layer, dst);
   }
 
   void add_linear(uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t groups, int64_t in_features,
                   int64_t out_features, bool relu) {
     Layer layer{};
     layer.kind = Kind::linear;
-    layer.linear = linear_problem(0, weight, bias, dst, batch, groups, in_features, out_features, relu, 1);
-    append(layer);
+    layer.linear = linear_problem(0, weight, bias, 0, batch, groups, in_features, out_features, relu, 1);
+    append(layer, dst);
   }
 
   int64_t size() const { return int64_t(layers_.size()); }
 
-
   void run(uintptr_t src, uintptr_t dst, int num_threads) {
     if (layers_.empty()) throw std::invalid_argument("the chain has no layers");
-    set_source(layers_.front(), as_ptr<const float>(src));
-    set_destination(layers_.back(), as_ptr<float>(dst));
+    layers_.front().src = as_ptr<const float>(src);
+    layers_.back().dst = as_ptr<float>(dst);
     py::gil_scoped_release release;
     const mtk::KernelTable& kernels = mtk::kernels();
     for (Layer& layer : layers_) {
-      layer.single.num_threads = layer.wino.num_threads = layer.linear.num_threads = std::max(1, num_threads);
       switch (layer.kind) {
-        case Kind::single_channel: kernels.conv3x3_single_channel_nhwc(layer.single); break;
-        case Kind::winograd: kernels.winograd_conv3x3_nhwc(layer.wino); break;
-        case Kind::linear: kernels.linear_rows(layer.linear); break;
+        case Kind::single_channel:
+          kernels.conv3x3_single_channel_nhwc(bind(layer.single, layer, num_threads));
+          break;
+        case Kind::winograd: kernels.winograd_conv3x3_nhwc(bind(layer.wino, layer, num_threads)); break;
+        case Kind::linear: kernels.linear_rows(bind(layer.linear, layer, num_threads)); break;
       }
     }
   }
 
  private:
   enum class Kind { single_channel, winograd, linear };
+  // One of the problems is used, per kind; src and dst are set in it when the chain runs.
   struct Layer {
     Kind kind;
+    const float* src;
+    float* dst;
     mtk::Conv3x3SingleChannelProblem single;
     mtk::WinogradConvProblem wino;
     mtk::LinearProblem linear;
   };
 
-  static float* destination(const Layer& layer) {
-    switch (layer.kind) {
-      case Kind::single_channel: return layer.single.dst;
-      case Kind::winograd: return layer.wino.dst;
-      default: return layer.linear.dst;
-    }
-  }
-  static void set_source(Layer& layer, const float* src) {
-    switch (layer.kind) {
-      case Kind::single_channel: layer.single.src = src; break;
-      case Kind::winograd: layer.wino.src = src; break;
-      case Kind::linear: layer.linear.src = src; break;
-    }
-  }
-  static void set_destination(Layer& layer, float* dst) {
-    switch (layer.kind) {
-      case Kind::single_channel: layer.single.dst = dst; break;
-      case Kind::winograd: layer.wino.dst = dst; break;
-      case Kind::linear: layer.linear.dst = dst; break;
-    }
+  template <class Problem>
+  static const Problem& bind(Problem& problem, const Layer& layer, int num_threads) {
+    problem.src = layer.src;
+    problem.dst = layer.dst;
+    problem.num_threads = std::max(1, num_threads);
+    return problem;
   }
 
-  void append(Layer& layer) {
+  void append(Layer& layer, uintptr_t dst) {
+    layer.dst = as_ptr<float>(dst);
     if (!layers_.empty()) {
-      if (destination(layers_.back()) == nullptr)
+      if (layers_.back().dst == nullptr)
         throw std::invalid_argument("only the last layer of a chain may leave its destination to run()");
-      set_source(layer, destination(layers_.back()));
+      layer.src = layers_.back().dst;
     }
     layers_.push_back(layer);
   }

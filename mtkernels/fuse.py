@@ -241,7 +241,7 @@ class FusedConv2d(nn.Module):
 
 class FusedLinear(nn.Module):
     """linear (BN folded in) + bias (+ ReLU). A block-diagonal layer of equal blocks may also
-    carry them as ``blocks`` ([T, in, out]): the CPU then runs one batched GEMM over the
+    carry them as ``blocks`` ([T, out, in]): the CPU then runs one batched GEMM over the
     blocks instead of reading the zeros of the block-diagonal weight."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, relu: bool, blocks: Optional[torch.Tensor] = None):
@@ -249,29 +249,22 @@ class FusedLinear(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone().contiguous(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.relu = relu
-        self.blocks, self._block_rows = None, None
+        self.blocks = None
         if blocks is not None:
-            if blocks.dim() != 3 or blocks.shape[0] * blocks.shape[1] != weight.shape[1] \
-                    or blocks.shape[0] * blocks.shape[2] != weight.shape[0]:
-                raise ValueError(f"blocks must be [T, in, out] tiling weight {tuple(weight.shape)}, "
+            if blocks.dim() != 3 or blocks.shape[0] * blocks.shape[1] != weight.shape[0] \
+                    or blocks.shape[0] * blocks.shape[2] != weight.shape[1]:
+                raise ValueError(f"blocks must be [T, out, in] tiling weight {tuple(weight.shape)}, "
                                  f"got {tuple(blocks.shape)}")
             self.blocks = nn.Parameter(blocks.detach().clone().contiguous(), requires_grad=False)
-            self.block_bias = nn.Parameter(self.bias.detach().reshape(blocks.shape[0], 1, -1).clone(),
-                                           requires_grad=False)
 
     def chain_output_shape(self, shape: torch.Size) -> Optional[tuple[int, ...]]:
         """Output shape for float32 CPU input of ``shape`` (a ``_C.LayerChain`` can run it)."""
         return (shape[0], self.weight.shape[0]) if len(shape) == 2 and shape[1] == self.weight.shape[1] else None
 
     def append_to_chain(self, chain, shape: torch.Size, dst: int) -> None:
-        if self.blocks is None:
-            groups, rows = 1, self.weight
-        else:
-            if self._block_rows is None:  # [T, out, in]: each output's weights contiguous
-                self._block_rows = self.blocks.detach().transpose(1, 2).contiguous()
-            groups, rows = self.blocks.shape[0], self._block_rows
-        chain.add_linear(rows.data_ptr(), self.bias.data_ptr(), dst, shape[0], groups, rows.shape[-1],
-                         rows.shape[-2], self.relu)
+        rows = self.weight.unsqueeze(0) if self.blocks is None else self.blocks  # [groups, out, in]
+        chain.add_linear(rows.data_ptr(), self.bias.data_ptr(), dst, shape[0], rows.shape[0], rows.shape[2],
+                         rows.shape[1], self.relu)
 
     @classmethod
     def from_layers(cls, linear: nn.Linear, bn: Optional[nn.BatchNorm1d] = None, relu: bool = False):
@@ -292,8 +285,9 @@ class FusedLinear(nn.Module):
 
             return linear_bias_act(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.relu)
         if self.blocks is not None:
-            n, (count, width_in, _) = x.shape[0], self.blocks.shape
-            y = torch.baddbmm(self.block_bias, x.reshape(n, count, width_in).transpose(0, 1), self.blocks)
+            n, (count, _, width_in) = x.shape[0], self.blocks.shape
+            y = torch.baddbmm(self.bias.view(count, 1, -1), x.reshape(n, count, width_in).transpose(0, 1),
+                              self.blocks.transpose(1, 2))
             return (F.relu_(y) if self.relu else y).transpose(0, 1).reshape(n, -1)
         y = torch.addmm(self.bias, x, self.weight.t())
         return F.relu_(y) if self.relu else y
@@ -330,7 +324,7 @@ class FusedHeads(nn.Module):
             weights = [p.weight for p in parts]
             weight = torch.cat(weights) if level == 0 else torch.block_diag(*weights)
             equal = level > 0 and len({w.shape for w in weights}) == 1
-            blocks = torch.stack([w.t() for w in weights]) if equal else None
+            blocks = torch.stack(weights) if equal else None
             layers.append(FusedLinear(weight, torch.cat([p.bias for p in parts]), parts[0].relu, blocks))
         return cls(layers)
 
@@ -374,16 +368,19 @@ class ChainStep:
         for index in writers:
             dst = 0  # the last writer's output is run()'s destination
             if index != writers[-1]:
-                self._buffers.append(torch.empty(shapes[index + 1], memory_format=torch.channels_last)
-                                     if len(shapes[index + 1]) == 4 else torch.empty(shapes[index + 1]))
+                self._buffers.append(self._empty(shapes[index + 1]))
                 dst = self._buffers[-1].data_ptr()
             layers[index].append_to_chain(self.chain, shapes[index], dst)
         self.out_shape = shapes[-1]
 
+    @staticmethod
+    def _empty(shape: torch.Size) -> torch.Tensor:
+        """An activation buffer: channels-last for feature maps."""
+        return torch.empty(shape, memory_format=torch.channels_last) if len(shape) == 4 else torch.empty(shape)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.contiguous()
-        out = (torch.empty(self.out_shape, memory_format=torch.channels_last) if len(self.out_shape) == 4
-               else torch.empty(self.out_shape))
+        out = self._empty(self.out_shape)
         self.chain.run(x.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out
 

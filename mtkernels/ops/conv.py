@@ -113,16 +113,21 @@ class WinogradBuffers:
     def __init__(self):
         self._plans: dict[tuple, tuple] = {}
 
+    @staticmethod
+    def _tiling(shape: torch.Size, c_out: int, pool: bool) -> tuple[int, tuple[int, ...]]:
+        """(tiles per image, output shape) for input ``shape``."""
+        n, _, h, w = shape
+        return ((h + 1) // 2) * ((w + 1) // 2), ((n, c_out, h // 2, w // 2) if pool else (n, c_out, h, w))
+
     def plan(self, shape: torch.Size, c_out: int, pool: bool, images_per_chunk: int | None):
         """(output shape, [(first image, images, V buffer, M buffer)], bytes per input image,
         bytes per output image) for input ``shape``."""
         key = (tuple(shape), c_out, pool, images_per_chunk)
         if key not in self._plans:
             n, c_in, h, w = shape
-            tiles_per_image = ((h + 1) // 2) * ((w + 1) // 2)
+            tiles_per_image, out_shape = self._tiling(shape, c_out, pool)
             if images_per_chunk is None:  # about 4 MB of transformed tiles per chunk
                 images_per_chunk = max(1, (4 << 20) // (64 * tiles_per_image * max(c_in, c_out)))
-            out_shape = (n, c_out, h // 2, w // 2) if pool else (n, c_out, h, w)
             buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             chunks = []
             for start in range(0, n, images_per_chunk):
@@ -138,14 +143,20 @@ class WinogradBuffers:
         """(output shape, images per chunk, V buffer) of :func:`conv3x3_winograd_one_pass`."""
         key = ("one pass", tuple(shape), c_out, pool, images_per_chunk)
         if key not in self._plans:
-            n, c_in, h, w = shape
-            tiles_per_image = ((h + 1) // 2) * ((w + 1) // 2)
+            n, c_in = shape[:2]
+            tiles_per_image, out_shape = self._tiling(shape, c_out, pool)
             if images_per_chunk is None:  # V of about 1 MB, read from the L2 cache by every channel block
                 images_per_chunk = max(1, (1 << 20) // (64 * tiles_per_image * c_in))
             images_per_chunk = min(images_per_chunk, n)
-            out_shape = (n, c_out, h // 2, w // 2) if pool else (n, c_out, h, w)
             self._plans[key] = (out_shape, images_per_chunk, torch.empty(16, images_per_chunk * tiles_per_image, c_in))
         return self._plans[key]
+
+
+def _check_winograd_options(x: torch.Tensor, pool: bool, images_per_chunk: int | None) -> None:
+    if pool and (x.shape[2] % 2 or x.shape[3] % 2):
+        raise ValueError(f"the fused max-pool needs an even height and width, got {x.shape[2]}x{x.shape[3]}")
+    if images_per_chunk is not None and images_per_chunk < 1:
+        raise ValueError(f"images_per_chunk must be >= 1, got {images_per_chunk}")
 
 
 def conv3x3_winograd(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
@@ -157,10 +168,7 @@ def conv3x3_winograd(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu:
     _check("x", x, channels=u.shape[1] if u.dim() == 3 else None)
     if u.dim() != 3 or u.shape[0] != 16 or bias.shape != (u.shape[2],):
         raise ValueError(f"u must be [16, C_in, C_out] and bias [C_out], got {tuple(u.shape)} and {tuple(bias.shape)}")
-    if pool and (x.shape[2] % 2 or x.shape[3] % 2):
-        raise ValueError(f"the fused max-pool needs an even height and width, got {x.shape[2]}x{x.shape[3]}")
-    if images_per_chunk is not None and images_per_chunk < 1:
-        raise ValueError(f"images_per_chunk must be >= 1, got {images_per_chunk}")
+    _check_winograd_options(x, pool, images_per_chunk)
     return winograd_unchecked(x.contiguous(memory_format=torch.channels_last), u, bias.contiguous(), relu, pool,
                               buffers or WinogradBuffers(), images_per_chunk)
 
@@ -178,10 +186,7 @@ def conv3x3_winograd_one_pass(x: torch.Tensor, u_blocked: torch.Tensor, bias: to
     if bias.dim() != 1 or not 0 <= u_blocked.shape[0] * block - bias.shape[0] < block:
         raise ValueError(f"bias must be [C_out] with C_out output channels in {u_blocked.shape[0]} blocks of {block}, "
                          f"got {tuple(bias.shape)}")
-    if pool and (x.shape[2] % 2 or x.shape[3] % 2):
-        raise ValueError(f"the fused max-pool needs an even height and width, got {x.shape[2]}x{x.shape[3]}")
-    if images_per_chunk is not None and images_per_chunk < 1:
-        raise ValueError(f"images_per_chunk must be >= 1, got {images_per_chunk}")
+    _check_winograd_options(x, pool, images_per_chunk)
     return winograd_one_pass_unchecked(x.contiguous(memory_format=torch.channels_last), u_blocked.contiguous(),
                                        bias.contiguous(), relu, pool, buffers or WinogradBuffers(), images_per_chunk)
 
