@@ -1,7 +1,8 @@
 """Table 4: training time. Seconds per SGD step at batch 128 for BKNet and Multi-task ResNet
 ver1 / ver2, with the plain-PyTorch reference loss (the eager baseline), the fused loss,
-the fused loss with channels_last activations, and then also BatchNorm + ReLU fused
-(``mtkernels.fuse_for_training``), in one run; and the projected minutes per epoch of
+the fused loss with channels_last activations, then also BatchNorm + ReLU fused, then also
+the convolutions of ``mtkernels.TrainingConv2d`` (all of ``mtkernels.fuse_for_training``), in
+one run; and the projected minutes per epoch of
 config B4, whose size follows from paper 1's dataset sizes (section 4.2)."""
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from results_io import RESULTS_DIR, save_bar_chart, write_table
 SUITE = "training"
 BATCH = 128
 NETWORKS = ("bknet", "resnet-v1", "resnet-v2")
-VARIANTS = ("reference", "fused", "fused+channels_last", "fused+channels_last+bn_relu")
+VARIANTS = ("reference", "fused", "fused+channels_last", "fused+channels_last+bn_relu",
+            "fused+channels_last+bn_relu+conv")
 # Paper 1, section 4.2, config B4 training splits: GENKI-4K 3000, FER-2013 (Kaggle) 28709, Wiki 30000.
 B4_TRAIN_SIZES = {"genki4k": 3000, "fer2013": 28709, "wiki": 30000}
 
@@ -39,7 +41,7 @@ def make_step(name: str, variant: str, device: str):
     labels = torch.stack([torch.randint(0, c, (BATCH,)) for c in model.num_classes], 1).to(device)
     labels[torch.rand(labels.shape) < 2 / 3] = -1  # multi-source batches: one task labelled per sample
     if "bn_relu" in variant:
-        mtkernels.fuse_for_training(model)
+        mtkernels.fuse_for_training(model, convs="conv" in variant)
     if "channels_last" in variant:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
@@ -91,7 +93,8 @@ def report(device, measurements):
     notes = (f"One SGD step (forward, loss, backward, update) at batch {BATCH}, median. Epoch = config B4's merged, "
              f"balanced training set from paper 1's sizes {B4_TRAIN_SIZES} = {b4_epoch_samples()} samples = "
              f"{steps} steps. 'mtkernels vs reference' = reference step time / the fastest mtkernels variant; "
-             f"bn_relu = mtkernels.fuse_for_training (BatchNorm + ReLU as one op).")
+             f"bn_relu = BatchNorm + ReLU as one op (mtkernels.fuse_for_training(model, convs=False)); conv = "
+             f"also each conv layer's algorithm chosen by shape (mtkernels.TrainingConv2d).")
     path = write_table(SUITE, device, rows, columns, f"Table 4: training time, {device}", notes)
     save_bar_chart(RESULTS_DIR / f"{SUITE}-{device}.png",
                    [("", [r["network"] for r in rows],

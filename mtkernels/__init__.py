@@ -4,7 +4,7 @@
     crit = mtkernels.MultiTaskLoss(num_classes=(2, 7, 2))
     ref  = mtkernels.reference.multitask_loss(...)   # plain PyTorch ground truth
     fast = mtkernels.fuse_for_inference(model)       # eval-mode copy, same outputs
-    mtkernels.fuse_for_training(model)               # BatchNorm2d + ReLU as one op in CPU training
+    mtkernels.fuse_for_training(model)               # CPU training: BatchNorm2d + ReLU as one op, faster convs
     mtkernels.retain_freed_memory()                  # CPU training: reuse freed memory, no page faults
 """
 
@@ -12,8 +12,8 @@ from . import reference
 from .cpu_memory import retain_freed_memory
 from .fuse import fuse_for_inference
 from .loss import MultiTaskLoss, multitask_loss
-from .training import BatchNormReLU2d, fuse_for_training
+from .training import BatchNormReLU2d, TrainingConv2d, fuse_for_training
 
 __all__ = ["multitask_loss", "MultiTaskLoss", "fuse_for_inference", "fuse_for_training", "BatchNormReLU2d",
-           "reference", "retain_freed_memory"]
+           "TrainingConv2d", "reference", "retain_freed_memory"]
 __version__ = "0.1.0"

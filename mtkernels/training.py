@@ -1,16 +1,20 @@
 """Training-time fusion: BatchNorm2d followed by ReLU becomes one module that runs the
 fused ``mtkernels::batchnorm_relu`` op in training on channels-last float32 CPU
-activations (and PyTorch's own BatchNorm + ReLU everywhere else). Parameters, buffers and
-``state_dict`` keys stay exactly those of the BatchNorm2d, so checkpoints, optimisers and
-``fuse_for_inference`` work unchanged."""
+activations (and PyTorch's own BatchNorm + ReLU everywhere else), and each Conv2d runs the
+convolution algorithm that is fastest for its shape on such activations. Parameters,
+buffers and ``state_dict`` keys stay exactly those of the original modules (only their
+class changes), so checkpoints, optimisers and ``fuse_for_inference`` work unchanged."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .ops import batchnorm_relu as _op  # noqa: F401  (registers torch.ops.mtkernels.batchnorm_relu)
+from .ops.conv_training import gemm_conv2d, winograd_conv3x3
 
 
 class BatchNormReLU2d(nn.BatchNorm2d):
@@ -53,16 +57,64 @@ def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return bn(x) if isinstance(bn, BatchNormReLU2d) else torch.relu(bn(x))
 
 
-def fuse_for_training(model: nn.Module) -> nn.Module:
+# Where each algorithm beats oneDNN's own convolution, forward + backward at batch 128 on
+# this project's 2-core AVX-512 CPU (bench/results/conv_training-cpu.md): Winograd from 64
+# channels in and out (below that its transforms move more memory than the multiplications
+# it saves), one GEMM where an image has at most 16 output pixels.
+WINOGRAD_MIN_CHANNELS = 64
+GEMM_MAX_OUTPUT_PIXELS = 16
+
+
+class TrainingConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that, on channels-last float32 CPU input, runs
+    ``mtkernels::winograd_conv3x3`` or ``mtkernels::gemm_conv2d`` where the layer's shape
+    makes them faster than PyTorch's own convolution (:meth:`algorithm`)."""
+
+    def algorithm(self, x: torch.Tensor) -> str:
+        """"winograd", "gemm" or "torch" for input ``x``."""
+        square = self.stride[0] == self.stride[1] and not isinstance(self.padding, str) \
+            and self.padding[0] == self.padding[1]
+        if not (square and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
+                and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            return "torch"
+        if self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) \
+                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS:
+            return "winograd"
+        out_pixels = math.prod((size + 2 * self.padding[0] - k) // self.stride[0] + 1
+                               for size, k in zip(x.shape[2:], self.kernel_size))
+        return "gemm" if 0 < out_pixels <= GEMM_MAX_OUTPUT_PIXELS else "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        algorithm = self.algorithm(x)
+        if algorithm == "winograd":
+            return winograd_conv3x3(x, self.weight, self.bias)
+        if algorithm == "gemm":
+            return gemm_conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
+        return super().forward(x)
+
+
+def as_training_conv(conv: nn.Conv2d) -> TrainingConv2d:
+    """Turn ``conv`` into a :class:`TrainingConv2d` in place (same object and parameters)."""
+    if type(conv) is not nn.Conv2d:
+        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    conv.__class__ = TrainingConv2d
+    return conv
+
+
+def fuse_for_training(model: nn.Module, convs: bool = True) -> nn.Module:
     """Make every ``BatchNorm2d`` directly followed by a ``ReLU`` in an ``nn.Sequential`` a
     :class:`BatchNormReLU2d` (the same object, its class changed) and the ReLU an
     ``Identity``; a module whose forward applies ReLU after its own BatchNorms through
     :func:`bn_relu` lists them by defining ``fuse_for_training(self)``, which calls
-    :func:`as_bn_relu` on each. Changes ``model`` in place and returns it; ``state_dict``
-    is unchanged."""
+    :func:`as_bn_relu` on each. With ``convs``, every ``nn.Conv2d`` also becomes a
+    :class:`TrainingConv2d`. Changes ``model`` in place and returns it; ``state_dict`` is
+    unchanged."""
     for module in model.modules():
         if hasattr(module, "fuse_for_training") and module is not model:
             module.fuse_for_training()
+        if convs and type(module) is nn.Conv2d:
+            as_training_conv(module)
         if not isinstance(module, nn.Sequential):
             continue
         names = list(module._modules)

@@ -83,14 +83,25 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, re
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [(G g G^T) * (B^T d B)] A.
 _WINOGRAD_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]],
                            dtype=torch.float64)
+# G g G^T of every 3x3 filter as one GEMM: row 4i + j, column 3k + l holds G[i, k] G[j, l].
+_WINOGRAD_GG = torch.kron(_WINOGRAD_G, _WINOGRAD_G)
+
+
+def winograd_filter_transform(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """[C_out, C_in, 3, 3] -> U = G g G^T as [16, C_in, C_out], in ``weight``'s dtype. With
+    ``transposed``, U of the filters the input gradient is convolved with (each flipped, C_in
+    and C_out swapped): [16, C_out, C_in]."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be [C_out, C_in, 3, 3], got {tuple(weight.shape)}")
+    c_out, c_in = weight.shape[:2]
+    taps = (weight.flip(2, 3) if transposed else weight).reshape(c_out * c_in, 9)
+    u = (_WINOGRAD_GG.to(weight.dtype) @ taps.t()).view(16, c_out, c_in)
+    return u if transposed else u.transpose(1, 2).contiguous()
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     """[C_out, C_in, 3, 3] -> U = G g G^T as [16, C_in, C_out] float32 (computed in float64)."""
-    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
-        raise ValueError(f"weight must be [C_out, C_in, 3, 3], got {tuple(weight.shape)}")
-    u = torch.einsum("ik,ockl,jl->ijco", _WINOGRAD_G, weight.detach().double().cpu(), _WINOGRAD_G)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).float().contiguous()
+    return winograd_filter_transform(weight.detach().double().cpu()).float()
 
 
 def winograd_weight_blocked(u: torch.Tensor) -> torch.Tensor:

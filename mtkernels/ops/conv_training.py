@@ -1,0 +1,189 @@
+"""Convolutions for CPU training (float32, channels-last), where oneDNN's own kernels are
+slow for the papers' shapes at batch 128:
+
+- ``mtkernels::winograd_conv3x3``: 3x3 / stride 1 / padding 1 by Winograd F(2x2, 3x3), the
+  input and output transforms in C++ (csrc/conv_kernel.cpp) around 16 GEMMs (PyTorch's
+  bmm). Its input gradient is the same algorithm on the output gradient with each filter
+  flipped and C_in / C_out swapped (``mtkernels::winograd_conv3x3_input_grad``); the
+  weight gradient is oneDNN's. 2.25x fewer multiplications than a direct convolution.
+- ``mtkernels::gemm_conv2d``: any convolution as one GEMM over all output pixels of the
+  batch (im2col in channels-last order; a 1x1 / stride 1 layer needs no copy at all).
+  oneDNN blocks its work per image, which leaves the 3x3 and 6x6 maps of the networks'
+  last stages (9 pixels an image) far from the GEMM rate; one GEMM with N * 9 rows is not.
+
+Both are ``torch.library`` custom ops with fake implementations and autograd; which layer
+runs which is :class:`mtkernels.TrainingConv2d`'s choice.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .conv import WinogradBuffers, _check, winograd_filter_transform, winograd_unchecked
+
+_scratch = threading.local()
+
+
+def _winograd_buffers() -> WinogradBuffers:
+    """Per thread: the transformed-tile buffers, kept between steps (one set per shape)."""
+    if not hasattr(_scratch, "buffers"):
+        _scratch.buffers = WinogradBuffers()
+    return _scratch.buffers
+
+
+def _check_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    _check("x", x)
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 4 \
+            or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be a float32 CPU tensor [C_out, {x.shape[1]}, KH, KW] (x has {x.shape[1]} "
+                         f"channels), got {weight.dtype} {tuple(weight.shape)} on {weight.device}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (weight.shape[0],)):
+        raise ValueError(f"bias must be None or a float32 tensor of shape ({weight.shape[0]},), got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
+
+
+def _winograd(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Winograd 3x3 convolution of ``x`` with transformed filters ``u`` [16, C_in, C_out]."""
+    bias = torch.zeros(u.shape[2]) if bias is None else bias.contiguous()
+    return winograd_unchecked(x.contiguous(memory_format=torch.channels_last), u, bias, False, False,
+                              _winograd_buffers())
+
+
+@torch.library.custom_op("mtkernels::winograd_conv3x3", mutates_args=())
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for 3x3 filters by Winograd F(2x2, 3x3);
+    channels-last float32 output."""
+    _check_conv(x, weight, bias)
+    if tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be [C_out, C_in, 3, 3], got {tuple(weight.shape)}")
+    return _winograd(x, winograd_filter_transform(weight.detach()), bias)
+
+
+@winograd_conv3x3.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("mtkernels::winograd_conv3x3_input_grad", mutates_args=())
+def winograd_conv3x3_input_grad(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d x of :func:`winograd_conv3x3` given d y: the 3x3 convolution of ``grad_y`` with the
+    flipped, transposed filters (``F.conv_transpose2d(grad_y, weight, padding=1)``)."""
+    _check("grad_y", grad_y, channels=weight.shape[0])
+    return _winograd(grad_y, winograd_filter_transform(weight.detach(), transposed=True), None)
+
+
+@winograd_conv3x3_input_grad.register_fake
+def _(grad_y, weight):
+    return grad_y.new_empty((grad_y.shape[0], weight.shape[1], *grad_y.shape[2:])).contiguous(
+        memory_format=torch.channels_last)
+
+
+def _save_inputs(ctx, inputs, output):
+    x, weight, bias = inputs[:3]
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.geometry = inputs[3:]  # gemm_conv2d's stride and padding
+
+
+def _winograd_backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    grad_x = winograd_conv3x3_input_grad(grad_y, weight) if ctx.needs_input_grad[0] else None
+    grad_weight = grad_bias = None
+    if ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]:
+        _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_y, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+    return grad_x, grad_weight, grad_bias
+
+
+winograd_conv3x3.register_autograd(_winograd_backward, setup_context=_save_inputs)
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _im2col(x: torch.Tensor, kh: int, kw: int, stride: int, padding: int) -> torch.Tensor:
+    """Channels-last ``x`` -> [N * OH * OW, KH * KW * C], columns ordered (ky, kx, c)."""
+    n, c, h, w = x.shape
+    oh, ow = _output_size(h, kh, stride, padding), _output_size(w, kw, stride, padding)
+    pixels = x.permute(0, 2, 3, 1)  # a view: x is channels-last
+    if (kh, kw, padding) == (1, 1, 0):
+        return pixels[:, ::stride, ::stride].reshape(n * oh * ow, c)
+    padded = F.pad(pixels, (0, 0, padding, padding, padding, padding))
+    cols = x.new_empty(n, oh, ow, kh * kw, c)
+    for ky in range(kh):
+        for kx in range(kw):
+            cols[:, :, :, ky * kw + kx] = padded[:, ky:ky + (oh - 1) * stride + 1:stride,
+                                                 kx:kx + (ow - 1) * stride + 1:stride]
+    return cols.view(n * oh * ow, kh * kw * c)
+
+
+def _col2im(grad_cols: torch.Tensor, x_shape: torch.Size, kh: int, kw: int, stride: int,
+            padding: int) -> torch.Tensor:
+    """The adjoint of :func:`_im2col`: each column's gradient added back to the pixel it was
+    copied from; channels-last [N, C, H, W]."""
+    n, c, h, w = x_shape
+    oh, ow = _output_size(h, kh, stride, padding), _output_size(w, kw, stride, padding)
+    if (kh, kw, padding, stride) == (1, 1, 0, 1):
+        return grad_cols.view(n, h, w, c).permute(0, 3, 1, 2)
+    padded = grad_cols.new_zeros(n, h + 2 * padding, w + 2 * padding, c)
+    grad = grad_cols.view(n, oh, ow, kh * kw, c)
+    for ky in range(kh):
+        for kx in range(kw):
+            padded[:, ky:ky + (oh - 1) * stride + 1:stride, kx:kx + (ow - 1) * stride + 1:stride] += grad[:, :, :, ky * kw + kx]
+    return padded[:, padding:padding + h, padding:padding + w].permute(0, 3, 1, 2).contiguous(
+        memory_format=torch.channels_last)
+
+
+def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """[C_out, C_in, KH, KW] -> [C_out, KH * KW * C_in], columns ordered as :func:`_im2col`'s."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+@torch.library.custom_op("mtkernels::gemm_conv2d", mutates_args=())
+def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                padding: int) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` as one GEMM over every output pixel of
+    the batch; channels-last float32 output."""
+    _check_conv(x, weight, bias)
+    if stride < 1 or padding < 0:
+        raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    oh, ow = _output_size(h, kh, stride, padding), _output_size(w, kw, stride, padding)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"a {kh}x{kw} kernel with padding {padding} does not fit in x of size {h}x{w}")
+    cols = _im2col(x.contiguous(memory_format=torch.channels_last), kh, kw, stride, padding)
+    matrix = _weight_matrix(weight.detach())
+    y = cols @ matrix.t() if bias is None else torch.addmm(bias, cols, matrix.t())
+    return y.view(n, oh, ow, -1).permute(0, 3, 1, 2)
+
+
+@gemm_conv2d.register_fake
+def _(x, weight, bias, stride, padding):
+    shape = (x.shape[0], weight.shape[0], _output_size(x.shape[2], weight.shape[2], stride, padding),
+             _output_size(x.shape[3], weight.shape[3], stride, padding))
+    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+
+
+def _gemm_backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    stride, padding = ctx.geometry
+    kh, kw = weight.shape[2:]
+    rows = grad_y.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _col2im(rows @ _weight_matrix(weight), x.shape, kh, kw, stride, padding)
+    if ctx.needs_input_grad[1]:
+        cols = _im2col(x.contiguous(memory_format=torch.channels_last), kh, kw, stride, padding)
+        grad_weight = (rows.t() @ cols).view(weight.shape[0], kh, kw, -1).permute(0, 3, 1, 2)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = rows.sum(0)
+    return grad_x, grad_weight, grad_bias, None, None
+
+
+gemm_conv2d.register_autograd(_gemm_backward, setup_context=_save_inputs)
