@@ -102,6 +102,25 @@ def _winograd_backward(ctx, grad_y):
 winograd_conv3x3.register_autograd(_winograd_backward, setup_context=_save_inputs)
 
 
+def _save_grad_y_and_weight(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _winograd_input_grad_backward(ctx, grad):
+    """The input gradient is linear in d y and the adjoint of the convolution: this makes
+    :func:`winograd_conv3x3` twice differentiable."""
+    grad_y, weight = ctx.saved_tensors
+    grad_grad_y = winograd_conv3x3(grad, weight, None) if ctx.needs_input_grad[0] else None
+    grad_weight = None
+    if ctx.needs_input_grad[1]:
+        _, grad_weight, _ = torch.ops.aten.convolution_backward(grad_y, grad, weight, None, [1, 1], [1, 1], [1, 1],
+                                                                False, [0, 0], 1, [False, True, False])
+    return grad_grad_y, grad_weight
+
+
+winograd_conv3x3_input_grad.register_autograd(_winograd_input_grad_backward, setup_context=_save_grad_y_and_weight)
+
+
 def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 

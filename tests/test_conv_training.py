@@ -1,0 +1,156 @@
+"""mtkernels::winograd_conv3x3 and mtkernels::gemm_conv2d (mtkernels.ops.conv_training) and
+the TrainingConv2d that picks between them, against float64 PyTorch convolutions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+import mtkernels
+from mtkernels.ops.conv_training import gemm_conv2d, winograd_conv3x3
+from mtkernels.training import TrainingConv2d
+from test_conv import WINOGRAD_RELATIVE_BOUND
+
+# A direct convolution's float32 error relative to sum |w| |x| (a GEMM's accumulation order)
+DIRECT_RELATIVE_BOUND = 1e-6
+
+
+def conv_inputs(shape, c_out, kernel, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, shape[1], kernel, kernel, generator=g)
+    return x, weight, torch.randn(c_out, generator=g) if bias else None
+
+
+def float64_conv_and_bounds(x, weight, bias, grad_y, stride, padding):
+    """(y, d x, d weight, d bias) in float64, and the same computed on absolute values: the
+    scale each float32 result's rounding error is bounded against."""
+    def run(sign):
+        x64, w64 = (sign(t.detach().double()).requires_grad_() for t in (x, weight))
+        b64 = None if bias is None else sign(bias.double()).requires_grad_()
+        y = F.conv2d(x64, w64, b64, stride, padding)
+        grads = torch.autograd.grad(y, [t for t in (x64, w64, b64) if t is not None], sign(grad_y.double()))
+        return (y, *grads)
+    return run(lambda t: t), run(torch.abs)
+
+
+def assert_within(got, want, scale, bound):
+    for name, g, w, s in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want, scale):
+        assert g.shape == w.shape, name
+        assert ((g.double() - w).abs() <= bound * s + 1e-12).all(), name
+
+
+def forward_backward(op, x, weight, bias, grad_y_seed=1):
+    x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    bias = None if bias is None else bias.clone().requires_grad_()
+    y = op(x, weight, bias)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_y_seed))
+    return (y, *torch.autograd.grad(y, [t for t in (x, weight, bias) if t is not None], grad_y)), grad_y
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape,c_out", [((2, 64, 6, 6), 64), ((3, 5, 7, 9), 6), ((1, 3, 1, 1), 2),
+                                         ((4, 70, 3, 3), 33), ((2, 8, 12, 10), 16)])
+def test_winograd_conv_and_gradients_within_error_bound(isa, shape, c_out, bias):
+    x, weight, b = conv_inputs(shape, c_out, 3, bias)
+    got, grad_y = forward_backward(winograd_conv3x3, x, weight, b)
+    want, scale = float64_conv_and_bounds(x, weight, b, grad_y, 1, 1)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) and got[1].shape == x.shape
+    # y and d x are Winograd's; d weight and d bias come from PyTorch's direct convolution
+    assert_within(got[:2], want[:2], scale[:2], WINOGRAD_RELATIVE_BOUND)
+    assert_within(got[2:], want[2:], scale[2:], DIRECT_RELATIVE_BOUND)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape,c_out,kernel,stride,padding", [
+    ((3, 16, 3, 3), 24, 1, 1, 0), ((2, 12, 6, 6), 20, 1, 2, 0), ((2, 9, 7, 5), 4, 1, 2, 0),
+    ((3, 8, 6, 6), 8, 3, 2, 1), ((2, 6, 3, 3), 5, 3, 1, 1), ((1, 4, 5, 7), 3, 3, 1, 0), ((2, 3, 9, 8), 2, 5, 2, 2)])
+def test_gemm_conv_and_gradients_match_float64(shape, c_out, kernel, stride, padding, bias):
+    x, weight, b = conv_inputs(shape, c_out, kernel, bias)
+    got, grad_y = forward_backward(lambda *a: gemm_conv2d(*a, stride, padding), x, weight, b)
+    want, scale = float64_conv_and_bounds(x, weight, b, grad_y, stride, padding)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert_within(got, want, scale, DIRECT_RELATIVE_BOUND)
+
+
+def test_opcheck():
+    x, weight, bias = conv_inputs((2, 4, 5, 5), 3, 3, True)
+    args = (x, weight.requires_grad_(), bias.requires_grad_())
+    torch.library.opcheck(torch.ops.mtkernels.winograd_conv3x3, args)
+    torch.library.opcheck(torch.ops.mtkernels.gemm_conv2d, (*args, 2, 1))
+    torch.library.opcheck(torch.ops.mtkernels.gemm_conv2d, (x, weight[:, :, :1, :1], None, 1, 0))
+    torch.library.opcheck(torch.ops.mtkernels.winograd_conv3x3_input_grad, (torch.randn(2, 3, 5, 5), weight))
+
+
+def test_bad_inputs_are_named():
+    x, weight, bias = conv_inputs((2, 4, 5, 5), 3, 3, True)
+    with pytest.raises(TypeError, match="x must be a float32 CPU tensor"):
+        winograd_conv3x3(x.double(), weight, bias)
+    with pytest.raises(ValueError, match=r"weight must be a float32 CPU tensor \[C_out, 4, KH, KW\]"):
+        winograd_conv3x3(x, weight[:, :2], bias)
+    with pytest.raises(ValueError, match=r"weight must be \[C_out, C_in, 3, 3\], got \(3, 4, 1, 1\)"):
+        winograd_conv3x3(x, weight[:, :, :1, :1], bias)
+    with pytest.raises(ValueError, match=r"bias must be None or a float32 tensor of shape \(3,\)"):
+        gemm_conv2d(x, weight, bias[:2], 1, 1)
+    with pytest.raises(ValueError, match="stride must be >= 1 and padding >= 0, got stride=0"):
+        gemm_conv2d(x, weight, bias, 0, 1)
+    with pytest.raises(ValueError, match="does not fit in x of size 2x2"):
+        gemm_conv2d(x[:, :, :2, :2], weight, bias, 1, 0)
+
+
+def layer(c_in, c_out, kernel, **options):
+    conv = torch.nn.Conv2d(c_in, c_out, kernel, bias=False, **options)
+    conv.__class__ = TrainingConv2d
+    return conv
+
+
+@pytest.mark.parametrize("conv,shape,algorithm", [
+    (layer(64, 64, 3, padding=1), (2, 64, 12, 12), "winograd"),
+    (layer(32, 64, 3, padding=1), (2, 32, 12, 12), "torch"),          # too few channels for Winograd
+    (layer(512, 2048, 1), (2, 512, 3, 3), "gemm"),                    # 9 output pixels an image
+    (layer(256, 256, 3, stride=2, padding=1), (2, 256, 6, 6), "gemm"),
+    (layer(256, 64, 1), (2, 256, 24, 24), "torch"),
+    (layer(64, 64, 3, padding=2, dilation=2), (2, 64, 3, 3), "torch"),
+    (layer(64, 64, 3, padding=1, groups=2), (2, 64, 3, 3), "torch"),
+])
+def test_training_conv_picks_by_shape_and_equals_conv2d(conv, shape, algorithm):
+    x = torch.randn(shape).to(memory_format=torch.channels_last)
+    assert conv.algorithm(x) == algorithm
+    assert conv.algorithm(x.contiguous()) == "torch"  # NCHW activations stay with PyTorch's own
+    want = F.conv2d(x.double(), conv.weight.double(), None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    torch.testing.assert_close(conv(x).double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_fused_for_training_steps_as_close_to_float64_as_plain_float32():
+    """A Multi-task ResNet ver2 step with every conv algorithm in use (Winograd in the
+    stages, GEMM on the 3x3 maps, PyTorch's own on the stem and at 24x24). At batch 4 the
+    last stages' BatchNorms see 36 values a channel, which amplifies rounding: float32
+    itself is about 2% from float64 here, so the bound is relative to it."""
+    torch.manual_seed(0)
+    plain = models.build_model("resnet-v2").train()
+    fused, reference = models.build_model("resnet-v2").train(), models.build_model("resnet-v2").train().double()
+    for model in (fused, reference):
+        model.load_state_dict(plain.state_dict())
+    mtkernels.fuse_for_training(fused)
+    used = set()
+    for m in fused.modules():
+        if isinstance(m, TrainingConv2d):
+            m.register_forward_pre_hook(lambda mod, args: used.add(mod.algorithm(args[0])))
+    x, labels = torch.rand(4, 1, 48, 48), torch.randint(0, 2, (4, 3))
+    grads = []
+    for model, inputs in ((reference, x.double()), (plain.to(memory_format=torch.channels_last), x),
+                          (fused.to(memory_format=torch.channels_last), x)):
+        mtkernels.reference.multitask_loss(model(inputs), labels, model.num_classes).backward()
+        grads.append(torch.cat([p.grad.double().flatten() for p in model.parameters()]))
+    assert used == {"winograd", "gemm", "torch"}
+    want, plain_grad, fused_grad = grads
+    plain_error = (plain_grad - want).norm() / want.norm()
+    fused_error = (fused_grad - want).norm() / want.norm()
+    assert fused_error <= 1.5 * plain_error
+
+
+def test_winograd_conv_is_twice_differentiable():
+    x, weight, bias = conv_inputs((2, 3, 4, 5), 4, 3, True)
+    args = (x.double().requires_grad_(), weight.double().requires_grad_(), bias.double().requires_grad_())
+    torch.autograd.gradgradcheck(lambda *a: winograd_conv3x3(*(t.float() for t in a)).double(), args,
+                                 eps=1e-2, atol=1e-2, rtol=1e-2)
