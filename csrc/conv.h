@@ -50,6 +50,10 @@ struct WinogradOutputProblem {
   int num_threads;
 };
 
+// The adjoint of the output transform, for the weight gradient: dst[k][tile][c] = (A dy A^T)[k],
+// dy the tile's 2x2 block of src (zero past an odd edge); no bias, ReLU or pool. The same
+// buffers and sizes as the input transform, so it takes a WinogradInputProblem.
+
 // The whole layer in one pass per chunk of images: the input transform into the scratch v,
 // then, per block of kWinogradBlock output channels and a few tiles, the 16 GEMMs in
 // registers and the output transform (as above) straight to dst, so the GEMM output never
@@ -94,6 +98,7 @@ using LinearFn = void (*)(const LinearProblem&);
   void conv3x3_single_channel_nhwc(const Conv3x3SingleChannelProblem&); \
   void winograd_input_nhwc(const WinogradInputProblem&);               \
   void winograd_output_nhwc(const WinogradOutputProblem&);             \
+  void winograd_output_adjoint_nhwc(const WinogradInputProblem&);      \
   void winograd_conv3x3_nhwc(const WinogradConvProblem&);              \
   void linear_rows(const LinearProblem&);                              \
   }

@@ -104,6 +104,36 @@ inline void input_tile(const float* src, const TileGrid& g, int64_t tile, int64_
   }
 }
 
+// The 16 values (A dy A^T)[k] of every channel of one tile, dy its 2x2 block of src (``zeros``
+// past an odd edge), plane k at out + k * plane.
+inline void output_adjoint_tile(const float* src, const TileGrid& g, int64_t tile, int64_t C, const float* zeros,
+                                float* out, int64_t plane) {
+  const int64_t n = tile / g.per_image(), t = tile % g.per_image();
+  const int64_t y0 = 2 * (t / g.tiles_w), x0 = 2 * (t % g.tiles_w);
+  const float* d[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const int64_t y = y0 + i, x = x0 + j;
+      d[i][j] = (y < g.height && x < g.width) ? src + ((n * g.height + y) * g.width + x) * C : zeros;
+    }
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    float r[4][2];  // A dy: rows of A are (1, 0), (1, 1), (1, -1), (0, -1)
+    for (int j = 0; j < 2; ++j) {
+      r[0][j] = d[0][j][c];
+      r[1][j] = d[0][j][c] + d[1][j][c];
+      r[2][j] = d[0][j][c] - d[1][j][c];
+      r[3][j] = -d[1][j][c];
+    }
+    for (int i = 0; i < 4; ++i) {  // (A dy) A^T
+      out[(4 * i + 0) * plane + c] = r[i][0];
+      out[(4 * i + 1) * plane + c] = r[i][0] + r[i][1];
+      out[(4 * i + 2) * plane + c] = r[i][0] - r[i][1];
+      out[(4 * i + 3) * plane + c] = -r[i][1];
+    }
+  }
+}
+
 // Where one tile's outputs go, from channel c0 of a [N, H, W, C] (or pooled [N, H/2, W/2, C])
 // output: the pooled value at o[0], or the 2x2 block, positions past an odd edge sent to scratch.
 struct TileOutput {
@@ -218,7 +248,10 @@ constexpr int64_t kPlanePad = 16;
 
 }  // namespace
 
-void winograd_input_nhwc(const WinogradInputProblem& p) {
+namespace {
+// Every tile of p through `transform` (input_tile or output_adjoint_tile).
+template <typename TileTransform>
+void transform_tiles(const WinogradInputProblem& p, TileTransform transform) {
   const TileGrid g(p.height, p.width);
   const int64_t tiles = p.batch * g.per_image(), plane = tiles * p.channels;
   const bool parallel = p.num_threads > 1 && 16 * plane >= kParallelOutputs;
@@ -227,9 +260,14 @@ void winograd_input_nhwc(const WinogradInputProblem& p) {
     const std::vector<float> zeros(p.channels, 0.0f);
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile)
-      input_tile(p.src, g, tile, p.channels, zeros.data(), p.dst + tile * p.channels, plane);
+      transform(p.src, g, tile, p.channels, zeros.data(), p.dst + tile * p.channels, plane);
   }
 }
+}  // namespace
+
+void winograd_input_nhwc(const WinogradInputProblem& p) { transform_tiles(p, input_tile); }
+
+void winograd_output_adjoint_nhwc(const WinogradInputProblem& p) { transform_tiles(p, output_adjoint_tile); }
 
 void winograd_output_nhwc(const WinogradOutputProblem& p) {
   const TileGrid g(p.height, p.width);

@@ -98,11 +98,12 @@ void set_active_isa(Isa isa) {
   current() = isa;
 }
 
-#define MTK_TABLE(isa) \
-  KernelTable {                                                                                  \
-    isa::multitask_loss_forward, isa::maxpool2x2_nhwc, isa::conv3x3_single_channel_nhwc,           \
-        isa::winograd_input_nhwc, isa::winograd_output_nhwc, isa::winograd_conv3x3_nhwc, isa::linear_rows, isa::bn_stats, isa::bn_relu_forward,     \
-        isa::bn_relu_backward_reduce, isa::bn_relu_backward_apply                                    \
+#define MTK_TABLE(isa)                                                                                  \
+  KernelTable {                                                                                         \
+    isa::multitask_loss_forward, isa::maxpool2x2_nhwc, isa::conv3x3_single_channel_nhwc,                \
+        isa::winograd_input_nhwc, isa::winograd_output_nhwc, isa::winograd_output_adjoint_nhwc,         \
+        isa::winograd_conv3x3_nhwc, isa::linear_rows, isa::bn_stats, isa::bn_relu_forward,              \
+        isa::bn_relu_backward_reduce, isa::bn_relu_backward_apply                                       \
   }
 
 const KernelTable& kernels() {

@@ -25,6 +25,7 @@ struct KernelTable {
   Conv3x3SingleChannelFn conv3x3_single_channel_nhwc;
   WinogradInputFn winograd_input_nhwc;
   WinogradOutputFn winograd_output_nhwc;
+  WinogradInputFn winograd_output_adjoint_nhwc;
   WinogradConvFn winograd_conv3x3_nhwc;
   LinearFn linear_rows;
   BnStatsFn bn_stats;

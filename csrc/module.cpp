@@ -80,14 +80,26 @@ void conv3x3_single_channel_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias
   mtk::kernels().conv3x3_single_channel_nhwc(problem);
 }
 
-void winograd_input_nhwc(uintptr_t src, uintptr_t dst, int64_t batch, int64_t height, int64_t width,
-                         int64_t channels, int num_threads) {
+// The input transform or its output-adjoint twin (same buffers) of an NHWC buffer.
+void transform_tiles(mtk::WinogradInputFn transform, uintptr_t src, uintptr_t dst, int64_t batch, int64_t height,
+                     int64_t width, int64_t channels, int num_threads) {
   if (batch < 0 || height < 0 || width < 0 || channels < 0) throw std::invalid_argument("negative size");
   if (batch * height * width * channels == 0) return;
   const mtk::WinogradInputProblem problem{as_ptr<const float>(src), as_ptr<float>(dst), batch, height, width,
                                           channels, std::max(1, num_threads)};
   py::gil_scoped_release release;
-  mtk::kernels().winograd_input_nhwc(problem);
+  transform(problem);
+}
+
+void winograd_input_nhwc(uintptr_t src, uintptr_t dst, int64_t batch, int64_t height, int64_t width,
+                         int64_t channels, int num_threads) {
+  transform_tiles(mtk::kernels().winograd_input_nhwc, src, dst, batch, height, width, channels, num_threads);
+}
+
+void winograd_output_adjoint_nhwc(uintptr_t src, uintptr_t dst, int64_t batch, int64_t height, int64_t width,
+                                  int64_t channels, int num_threads) {
+  transform_tiles(mtk::kernels().winograd_output_adjoint_nhwc, src, dst, batch, height, width, channels,
+                  num_threads);
 }
 
 void winograd_output_nhwc(uintptr_t src, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t height,
@@ -291,6 +303,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("winograd_input_nhwc", &winograd_input_nhwc, py::arg("src"), py::arg("dst"), py::arg("batch"),
         py::arg("height"), py::arg("width"), py::arg("channels"), py::arg("num_threads"),
         "Winograd F(2x2,3x3) input transform of an NHWC float32 image (padding 1) to [16, tiles, C].");
+  m.def("winograd_output_adjoint_nhwc", &winograd_output_adjoint_nhwc, py::arg("src"), py::arg("dst"),
+        py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("channels"), py::arg("num_threads"),
+        "Adjoint of the Winograd F(2x2,3x3) output transform (no bias, ReLU or pool): an NHWC float32 "
+        "gradient to [16, tiles, C], for the weight gradient.");
   m.def("winograd_output_nhwc", &winograd_output_nhwc, py::arg("src"), py::arg("bias"), py::arg("dst"),
         py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("channels"), py::arg("relu"), py::arg("pool"),
         py::arg("num_threads"),

@@ -58,9 +58,9 @@ def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 
 # Where each algorithm beats oneDNN's own convolution, forward + backward at batch 128 on
-# this project's 2-core AVX-512 CPU (bench/results/conv_training-cpu.md): Winograd from 64
-# channels in and out (below that its transforms move more memory than the multiplications
-# it saves), one GEMM where an image has at most 16 output pixels.
+# this project's 2-core AVX-512 CPU (bench/results/conv_training-cpu.md): one GEMM where an
+# image has at most 16 output pixels, else Winograd for 3x3 / stride 1 from 64 channels in
+# and out (below that its transforms move more memory than the multiplications it saves).
 WINOGRAD_MIN_CHANNELS = 64
 GEMM_MAX_OUTPUT_PIXELS = 16
 
@@ -78,12 +78,14 @@ class TrainingConv2d(nn.Conv2d):
                 and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and x.is_contiguous(memory_format=torch.channels_last)):
             return "torch"
+        out_pixels = math.prod((size + 2 * self.padding[0] - k) // self.stride[0] + 1
+                               for size, k in zip(x.shape[2:], self.kernel_size))
+        if 0 < out_pixels <= GEMM_MAX_OUTPUT_PIXELS:
+            return "gemm"
         if self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) \
                 and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS:
             return "winograd"
-        out_pixels = math.prod((size + 2 * self.padding[0] - k) // self.stride[0] + 1
-                               for size, k in zip(x.shape[2:], self.kernel_size))
-        return "gemm" if 0 < out_pixels <= GEMM_MAX_OUTPUT_PIXELS else "torch"
+        return "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         algorithm = self.algorithm(x)

@@ -99,6 +99,14 @@ def winograd_filter_transform(weight: torch.Tensor, transposed: bool = False) ->
     return u if transposed else u.transpose(1, 2).contiguous()
 
 
+def winograd_filter_gradient(grad_u: torch.Tensor) -> torch.Tensor:
+    """The adjoint of :func:`winograd_filter_transform`: d U [16, C_in, C_out] -> d weight
+    [C_out, C_in, 3, 3] (d g = G^T d U G per filter)."""
+    c_in, c_out = grad_u.shape[1:]
+    taps = _WINOGRAD_GG.to(grad_u.dtype).t() @ grad_u.reshape(16, c_in * c_out)
+    return taps.view(3, 3, c_in, c_out).permute(3, 2, 0, 1).contiguous()
+
+
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     """[C_out, C_in, 3, 3] -> U = G g G^T as [16, C_in, C_out] float32 (computed in float64)."""
     return winograd_filter_transform(weight.detach().double().cpu()).float()

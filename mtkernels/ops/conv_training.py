@@ -3,9 +3,12 @@ slow for the papers' shapes at batch 128:
 
 - ``mtkernels::winograd_conv3x3``: 3x3 / stride 1 / padding 1 by Winograd F(2x2, 3x3), the
   input and output transforms in C++ (csrc/conv_kernel.cpp) around 16 GEMMs (PyTorch's
-  bmm). Its input gradient is the same algorithm on the output gradient with each filter
-  flipped and C_in / C_out swapped (``mtkernels::winograd_conv3x3_input_grad``); the
-  weight gradient is oneDNN's. 2.25x fewer multiplications than a direct convolution.
+  bmm), 2.25x fewer multiplications than a direct convolution. All three products of a
+  training step go this way: the input gradient is the same algorithm on the output
+  gradient with each filter flipped and C_in / C_out swapped
+  (``mtkernels::winograd_conv3x3_input_grad``); the weight gradient is the adjoint of the
+  forward, d U[k] = V[k]^T d M[k] summed over every tile of the batch, with d M the
+  adjoint output transform of d y (also C++) and d weight = G^T d U G.
 - ``mtkernels::gemm_conv2d``: any convolution as one GEMM over all output pixels of the
   batch (im2col in channels-last order; a 1x1 / stride 1 layer needs no copy at all).
   oneDNN blocks its work per image, which leaves the 3x3 and 6x6 maps of the networks'
@@ -22,7 +25,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .conv import WinogradBuffers, _check, winograd_filter_transform, winograd_unchecked
+from .. import _C
+from .conv import (WinogradBuffers, _check, winograd_filter_gradient, winograd_filter_transform,
+                   winograd_unchecked)
 
 _scratch = threading.local()
 
@@ -81,6 +86,36 @@ def _(grad_y, weight):
         memory_format=torch.channels_last)
 
 
+@torch.library.custom_op("mtkernels::winograd_conv3x3_weight_grad", mutates_args=())
+def winograd_conv3x3_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """d weight [C_out, C_in, 3, 3] of :func:`winograd_conv3x3` given its input and d y, by
+    Winograd: per chunk of images, the input transform of x (V) and the adjoint output
+    transform of d y (d M) into scratch buffers, then d U += V^T d M."""
+    _check("x", x)
+    _check("grad_y", grad_y)
+    if grad_y.shape[0] != x.shape[0] or grad_y.shape[2:] != x.shape[2:]:
+        raise ValueError(f"grad_y must be [{x.shape[0]}, C_out, {x.shape[2]}, {x.shape[3]}] (x is "
+                         f"{tuple(x.shape)}), got {tuple(grad_y.shape)}")
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    _, c_in, h, w = x.shape
+    c_out = grad_y.shape[1]
+    _, chunks, in_bytes, out_bytes = _winograd_buffers().plan(x.shape, c_out, False, None)
+    threads = torch.get_num_threads()
+    grad_u = torch.zeros(16, c_in, c_out)
+    for start, images, v, m in chunks:
+        _C.winograd_input_nhwc(x.data_ptr() + start * in_bytes, v.data_ptr(), images, h, w, c_in, threads)
+        _C.winograd_output_adjoint_nhwc(grad_y.data_ptr() + start * out_bytes, m.data_ptr(), images, h, w, c_out,
+                                        threads)
+        grad_u.baddbmm_(v.transpose(1, 2), m)
+    return winograd_filter_gradient(grad_u)
+
+
+@winograd_conv3x3_weight_grad.register_fake
+def _(x, grad_y):
+    return x.new_empty((grad_y.shape[1], x.shape[1], 3, 3))
+
+
 def _save_inputs(ctx, inputs, output):
     x, weight, bias = inputs[:3]
     ctx.save_for_backward(x, weight)
@@ -91,18 +126,15 @@ def _save_inputs(ctx, inputs, output):
 def _winograd_backward(ctx, grad_y):
     x, weight = ctx.saved_tensors
     grad_x = winograd_conv3x3_input_grad(grad_y, weight) if ctx.needs_input_grad[0] else None
-    grad_weight = grad_bias = None
-    if ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]:
-        _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_y, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+    grad_weight = winograd_conv3x3_weight_grad(x, grad_y) if ctx.needs_input_grad[1] else None
+    grad_bias = grad_y.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_x, grad_weight, grad_bias
 
 
 winograd_conv3x3.register_autograd(_winograd_backward, setup_context=_save_inputs)
 
 
-def _save_grad_y_and_weight(ctx, inputs, output):
+def _save_tensor_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
@@ -111,14 +143,23 @@ def _winograd_input_grad_backward(ctx, grad):
     :func:`winograd_conv3x3` twice differentiable."""
     grad_y, weight = ctx.saved_tensors
     grad_grad_y = winograd_conv3x3(grad, weight, None) if ctx.needs_input_grad[0] else None
-    grad_weight = None
-    if ctx.needs_input_grad[1]:
-        _, grad_weight, _ = torch.ops.aten.convolution_backward(grad_y, grad, weight, None, [1, 1], [1, 1], [1, 1],
-                                                                False, [0, 0], 1, [False, True, False])
+    grad_weight = winograd_conv3x3_weight_grad(grad, grad_y) if ctx.needs_input_grad[1] else None
     return grad_grad_y, grad_weight
 
 
-winograd_conv3x3_input_grad.register_autograd(_winograd_input_grad_backward, setup_context=_save_grad_y_and_weight)
+winograd_conv3x3_input_grad.register_autograd(_winograd_input_grad_backward, setup_context=_save_tensor_inputs)
+
+
+def _winograd_weight_grad_backward(ctx, grad):
+    """The weight gradient is bilinear in x and d y: <grad, d weight> = <d y, conv(x, grad)>
+    = <x, conv_transpose(d y, grad)>."""
+    x, grad_y = ctx.saved_tensors
+    grad_x = winograd_conv3x3_input_grad(grad_y, grad) if ctx.needs_input_grad[0] else None
+    grad_grad_y = winograd_conv3x3(x, grad, None) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_grad_y
+
+
+winograd_conv3x3_weight_grad.register_autograd(_winograd_weight_grad_backward, setup_context=_save_tensor_inputs)
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
