@@ -7,8 +7,6 @@ class changes), so checkpoints, optimisers and ``fuse_for_inference`` work uncha
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,9 +76,9 @@ class TrainingConv2d(nn.Conv2d):
                 and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and x.is_contiguous(memory_format=torch.channels_last)):
             return "torch"
-        out_pixels = math.prod((size + 2 * self.padding[0] - k) // self.stride[0] + 1
-                               for size, k in zip(x.shape[2:], self.kernel_size))
-        if 0 < out_pixels <= GEMM_MAX_OUTPUT_PIXELS:
+        (padding, _), (stride, _), (kh, kw) = self.padding, self.stride, self.kernel_size
+        out_h, out_w = (x.shape[2] + 2 * padding - kh) // stride + 1, (x.shape[3] + 2 * padding - kw) // stride + 1
+        if out_h > 0 and out_w > 0 and out_h * out_w <= GEMM_MAX_OUTPUT_PIXELS:
             return "gemm"
         if self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) \
                 and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS:

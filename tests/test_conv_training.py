@@ -159,3 +159,21 @@ def test_winograd_conv_is_twice_differentiable():
     args = (x.double().requires_grad_(), weight.double().requires_grad_(), bias.double().requires_grad_())
     torch.autograd.gradgradcheck(lambda *a: winograd_conv3x3(*(t.float() for t in a)).double(), args,
                                  eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+def test_training_convs_under_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    convs = torch.nn.Sequential(layer(64, 64, 3, padding=1), layer(64, 32, 3, stride=2, padding=1))
+    x = torch.randn(2, 64, 6, 6).to(memory_format=torch.channels_last)
+    assert [conv.algorithm(t) for conv, t in ((convs[0], x), (convs[1], convs[0](x)))] == ["winograd", "gemm"]
+    compiled = torch.compile(convs, fullgraph=True)
+    compiled(x).square().sum().backward()
+    got = [p.grad.clone() for p in convs.parameters()]
+    convs.zero_grad()
+    want = x.double()
+    for conv in convs:
+        want = F.conv2d(want, conv.weight.double(), None, conv.stride, conv.padding)
+    want.square().sum().backward()
+    torch.testing.assert_close(compiled(x).double(), want, rtol=1e-4, atol=1e-4)
+    for g, p in zip(got, convs.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4)
