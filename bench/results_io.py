@@ -71,12 +71,16 @@ def save_bar_chart(path: Path, panels, ylabel: str, title: str, log: bool = Fals
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 5.5 * len(panels)), 4), squeeze=False)
+    most = max(len(categories) for _, categories, _ in panels)
+    crowded = most > 8  # long category lists: a wider figure and slanted labels
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 5.5 * len(panels), 0.4 * most * len(panels)),
+                                                      5 if crowded else 4), squeeze=False)
     for ax, (panel_title, categories, series) in zip(axes[0], panels):
         width = 0.8 / max(1, len(series))
         for k, (name, values) in enumerate(series.items()):
             ax.bar([i + k * width for i in range(len(categories))], values, width, label=name)
-        ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(categories))], categories, fontsize=7)
+        ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(categories))], categories, fontsize=7,
+                      rotation=50 if crowded else 0, ha="right" if crowded else "center")
         ax.set_title(panel_title)
         ax.set_ylabel(ylabel)
         if log:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import models
 from harness import measure, register_report
 from mtkernels.ops.conv_training import gemm_conv2d, winograd_conv3x3
-from mtkernels.training import TrainingConv2d
+from mtkernels.training import as_training_conv
 from results_io import RESULTS_DIR, save_bar_chart, write_table
 
 SUITE = "conv_training"
@@ -88,8 +88,7 @@ def test_conv_forward_backward(benchmark, device, shape, algorithm):
 
 def chosen(shape: tuple) -> str:
     c_in, c_out, kernel, stride, padding, side = shape
-    conv = torch.nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False)
-    conv.__class__ = TrainingConv2d
+    conv = as_training_conv(torch.nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False))
     return conv.algorithm(torch.empty(1, c_in, side, side).to(memory_format=torch.channels_last))
 
 

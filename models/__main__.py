@@ -310,9 +310,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-impl", choices=["fused", "reference"], default="fused",
                    help="mtkernels' fused loss (default) or the plain-PyTorch reference, for comparison")
     p.add_argument("--plain-layers", action="store_true",
-                   help="CPU: keep PyTorch's BatchNorm + ReLU and NCHW activations (default: channels-last and "
-                        "mtkernels' fused BatchNorm + ReLU; steps measured 1.08x-1.30x faster with them, "
-                        "bench/results/training-cpu.md)")
+                   help="CPU: keep PyTorch's BatchNorm + ReLU, convolutions and NCHW activations (default: "
+                        "channels-last, mtkernels' fused BatchNorm + ReLU and each conv layer's fastest algorithm; "
+                        "steps measured 1.40x-1.59x faster with them, bench/results/training-cpu.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set lr=0.02 --set batch_size=64 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

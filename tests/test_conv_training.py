@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import models
 import mtkernels
 from mtkernels.ops.conv_training import gemm_conv2d, winograd_conv3x3, winograd_conv3x3_weight_grad
-from mtkernels.training import TrainingConv2d
+from mtkernels.training import TrainingConv2d, as_training_conv
 from test_conv import WINOGRAD_RELATIVE_BOUND
 
 # A direct convolution's float32 error relative to sum |w| |x| (a GEMM's accumulation order)
@@ -103,9 +103,7 @@ def test_bad_inputs_are_named():
 
 
 def layer(c_in, c_out, kernel, **options):
-    conv = torch.nn.Conv2d(c_in, c_out, kernel, bias=False, **options)
-    conv.__class__ = TrainingConv2d
-    return conv
+    return as_training_conv(torch.nn.Conv2d(c_in, c_out, kernel, bias=False, **options))
 
 
 @pytest.mark.parametrize("conv,shape,algorithm", [

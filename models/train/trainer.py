@@ -169,8 +169,9 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
           fuse_layers: bool = True) -> TrainResult:
     """Train ``config.model`` on ``train_set`` for ``config.epochs`` epochs on ``device``,
     writing a checkpoint and a metrics row per epoch to ``out_dir``. ``resume`` continues
-    from the last checkpoint. ``fuse_layers``: on the CPU, channels-last activations and
-    BatchNorm + ReLU as one op (``mtkernels.fuse_for_training``; same state_dict)."""
+    from the last checkpoint. ``fuse_layers``: on the CPU, channels-last activations,
+    BatchNorm + ReLU as one op and each conv layer's fastest algorithm
+    (``mtkernels.fuse_for_training``; same state_dict)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
