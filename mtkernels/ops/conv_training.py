@@ -11,8 +11,8 @@ slow for the papers' shapes at batch 128:
   adjoint output transform of d y (also C++) and d weight = G^T d U G.
 - ``mtkernels::gemm_conv2d``: any convolution as one GEMM over all output pixels of the
   batch (im2col in channels-last order; a 1x1 / stride 1 layer needs no copy at all).
-  oneDNN blocks its work per image, which leaves the 3x3 and 6x6 maps of the networks'
-  last stages (9 pixels an image) far from the GEMM rate; one GEMM with N * 9 rows is not.
+  oneDNN blocks its work per image, which leaves layers with 3x3 output maps (the ResNets'
+  last stage, 9 pixels an image) far from the GEMM rate; one GEMM with N * 9 rows is not.
 
 Both are ``torch.library`` custom ops with fake implementations and autograd; which layer
 runs which is :class:`mtkernels.TrainingConv2d`'s choice.
@@ -194,7 +194,8 @@ def _col2im(grad_cols: torch.Tensor, x_shape: torch.Size, kh: int, kw: int, stri
     grad = grad_cols.view(n, oh, ow, kh * kw, c)
     for ky in range(kh):
         for kx in range(kw):
-            padded[:, ky:ky + (oh - 1) * stride + 1:stride, kx:kx + (ow - 1) * stride + 1:stride] += grad[:, :, :, ky * kw + kx]
+            padded[:, ky:ky + (oh - 1) * stride + 1:stride,
+                   kx:kx + (ow - 1) * stride + 1:stride] += grad[:, :, :, ky * kw + kx]
     return padded[:, padding:padding + h, padding:padding + w].permute(0, 3, 1, 2).contiguous(
         memory_format=torch.channels_last)
 
