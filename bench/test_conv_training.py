@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import models
 from harness import measure, register_report
-from mtkernels.ops.conv_training import gemm_conv2d, winograd_conv3x3
+from mtkernels.ops.conv_training import conv_output_size, gemm_conv2d, winograd_conv3x3
 from mtkernels.training import as_training_conv
 from results_io import RESULTS_DIR, save_bar_chart, write_table
 
@@ -55,7 +55,7 @@ def label(shape: tuple) -> str:
 
 def algorithms(shape: tuple) -> list[str]:
     c_in, c_out, kernel, stride, padding, side = shape
-    out_side = (side + 2 * padding - kernel) // stride + 1
+    out_side = conv_output_size(side, kernel, stride, padding)
     return (["torch"] + (["winograd"] if (kernel, stride, padding) == (3, 1, 1) else [])
             + (["gemm"] if out_side * out_side <= GEMM_MAX_TIMED_PIXELS else []))
 

@@ -2,8 +2,8 @@
 ver1 / ver2, with the plain-PyTorch reference loss (the eager baseline), the fused loss,
 the fused loss with channels_last activations, then also BatchNorm + ReLU fused, then also
 the convolutions of ``mtkernels.TrainingConv2d`` (all of ``mtkernels.fuse_for_training``), in
-one run; and the projected minutes per epoch of
-config B4, whose size follows from paper 1's dataset sizes (section 4.2)."""
+one run; and the projected minutes per epoch of config B4, whose size follows from paper 1's
+dataset sizes (section 4.2)."""
 
 from __future__ import annotations
 

@@ -37,6 +37,9 @@ struct WinogradInputProblem {
   int64_t batch, height, width, channels;
   int num_threads;
 };
+// The same problem also describes the adjoint of the output transform below, for the
+// weight gradient: dst[k][tile][c] = (A dy A^T)[k], dy the tile's 2x2 block of src (zero
+// past an odd edge); no bias, ReLU or pool.
 
 // Output: y = A^T m A + bias per tile (optional ReLU), m[k] = M[k][tile][c]. With pool, the
 // 2x2 block's maximum is written, one value per tile (the 2x2 / stride 2 max-pool, which
@@ -49,10 +52,6 @@ struct WinogradOutputProblem {
   bool relu, pool;
   int num_threads;
 };
-
-// The adjoint of the output transform, for the weight gradient: dst[k][tile][c] = (A dy A^T)[k],
-// dy the tile's 2x2 block of src (zero past an odd edge); no bias, ReLU or pool. The same
-// buffers and sizes as the input transform, so it takes a WinogradInputProblem.
 
 // The whole layer in one pass per chunk of images: the input transform into the scratch v,
 // then, per block of kWinogradBlock output channels and a few tiles, the 16 GEMMs in

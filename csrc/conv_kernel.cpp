@@ -246,9 +246,6 @@ constexpr int64_t kMaxGroupTiles = 64;
 // values of a tile would otherwise fall in the same L1 cache set.
 constexpr int64_t kPlanePad = 16;
 
-}  // namespace
-
-namespace {
 // Every tile of p through `transform` (input_tile or output_adjoint_tile).
 template <typename TileTransform>
 void transform_tiles(const WinogradInputProblem& p, TileTransform transform) {

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import batchnorm_relu as _op  # noqa: F401  (registers torch.ops.mtkernels.batchnorm_relu)
-from .ops.conv_training import gemm_conv2d, winograd_conv3x3
+from .ops.conv_training import conv_output_size, gemm_conv2d, winograd_conv3x3
 
 
 class BatchNormReLU2d(nn.BatchNorm2d):
@@ -77,7 +77,8 @@ class TrainingConv2d(nn.Conv2d):
                 and x.is_contiguous(memory_format=torch.channels_last)):
             return "torch"
         (padding, _), (stride, _), (kh, kw) = self.padding, self.stride, self.kernel_size
-        out_h, out_w = (x.shape[2] + 2 * padding - kh) // stride + 1, (x.shape[3] + 2 * padding - kw) // stride + 1
+        out_h = conv_output_size(x.shape[2], kh, stride, padding)
+        out_w = conv_output_size(x.shape[3], kw, stride, padding)
         if out_h > 0 and out_w > 0 and out_h * out_w <= GEMM_MAX_OUTPUT_PIXELS:
             return "gemm"
         if self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) \

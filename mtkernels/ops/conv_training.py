@@ -162,14 +162,15 @@ def _winograd_weight_grad_backward(ctx, grad):
 winograd_conv3x3_weight_grad.register_autograd(_winograd_weight_grad_backward, setup_context=_save_tensor_inputs)
 
 
-def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output height (or width) of a convolution over ``size`` input pixels."""
     return (size + 2 * padding - kernel) // stride + 1
 
 
 def _im2col(x: torch.Tensor, kh: int, kw: int, stride: int, padding: int) -> torch.Tensor:
     """Channels-last ``x`` -> [N * OH * OW, KH * KW * C], columns ordered (ky, kx, c)."""
     n, c, h, w = x.shape
-    oh, ow = _output_size(h, kh, stride, padding), _output_size(w, kw, stride, padding)
+    oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
     pixels = x.permute(0, 2, 3, 1)  # a view: x is channels-last
     if (kh, kw, padding) == (1, 1, 0):
         return pixels[:, ::stride, ::stride].reshape(n * oh * ow, c)
@@ -187,7 +188,7 @@ def _col2im(grad_cols: torch.Tensor, x_shape: torch.Size, kh: int, kw: int, stri
     """The adjoint of :func:`_im2col`: each column's gradient added back to the pixel it was
     copied from; channels-last [N, C, H, W]."""
     n, c, h, w = x_shape
-    oh, ow = _output_size(h, kh, stride, padding), _output_size(w, kw, stride, padding)
+    oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
     if (kh, kw, padding, stride) == (1, 1, 0, 1):
         return grad_cols.view(n, h, w, c).permute(0, 3, 1, 2)
     padded = grad_cols.new_zeros(n, h + 2 * padding, w + 2 * padding, c)
@@ -215,7 +216,7 @@ def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
     n, _, h, w = x.shape
     kh, kw = weight.shape[2:]
-    oh, ow = _output_size(h, kh, stride, padding), _output_size(w, kw, stride, padding)
+    oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
     if oh < 1 or ow < 1:
         raise ValueError(f"a {kh}x{kw} kernel with padding {padding} does not fit in x of size {h}x{w}")
     cols = _im2col(x.contiguous(memory_format=torch.channels_last), kh, kw, stride, padding)
@@ -226,8 +227,8 @@ def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 @gemm_conv2d.register_fake
 def _(x, weight, bias, stride, padding):
-    shape = (x.shape[0], weight.shape[0], _output_size(x.shape[2], weight.shape[2], stride, padding),
-             _output_size(x.shape[3], weight.shape[3], stride, padding))
+    shape = (x.shape[0], weight.shape[0], conv_output_size(x.shape[2], weight.shape[2], stride, padding),
+             conv_output_size(x.shape[3], weight.shape[3], stride, padding))
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
 
 
