@@ -3,9 +3,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import device, pytest_sessionfinish  # noqa: E402,F401  (fixture and hook for pytest)
+from harness import device, pytest_sessionfinish  # noqa: F401  (fixture and hook for pytest)
 
-import mtkernels  # noqa: E402
+import mtkernels
 
 # Every suite runs with freed CPU memory kept for reuse. With glibc's default, large
 # allocations are page-faulted in afresh, at a cost that depends on what ran earlier in

@@ -1,6 +1,7 @@
-"""Benchmark harness (used by bench/conftest.py and the suites): every benchmark runs on each device present (cpu always, cuda when
-available; an absent device is skipped, never faked) and records what it measured, so the
-suites can write their tables, with ratios taken within the same run, at the end."""
+"""Benchmark harness (used by bench/conftest.py and the suites): every benchmark runs on each
+device present (cpu always, cuda when available; an absent device is skipped, never faked)
+and records what it measured, so the suites can write their tables, with ratios taken within
+the same run, at the end."""
 
 from __future__ import annotations
 

@@ -11,13 +11,13 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from harness import MEASUREMENTS, measure, register_report
 from PIL import Image
+from results_io import RESULTS_DIR, save_bar_chart, write_table
 from skimage import data
 
-from harness import MEASUREMENTS, measure, register_report
 from models.analysis import Analyzer
 from models.train import config_by_name, train
-from results_io import RESULTS_DIR, save_bar_chart, write_table
 
 SUITE = "analyze"
 GROUP = 16          # LFW faces per group photo

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-import mtkernels
 from harness import measure, register_report
 from results_io import RESULTS_DIR, save_bar_chart, write_table
+
+import mtkernels
 
 SUITE = "batchnorm_relu"
 BATCH = 128

@@ -11,12 +11,12 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import measure, register_report
+from results_io import RESULTS_DIR, save_bar_chart, write_table
 
 import models
-from harness import measure, register_report
 from mtkernels.ops.conv_training import conv_output_size, gemm_conv2d, winograd_conv3x3
 from mtkernels.training import as_training_conv
-from results_io import RESULTS_DIR, save_bar_chart, write_table
 
 SUITE = "conv_training"
 BATCH = 128

@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from harness import measure, register_report, sgd_step
+from results_io import write_table
 
 import models
 import mtkernels
-from harness import measure, register_report, sgd_step
 from models.data import augment_batch, to_model_input
-from results_io import write_table
 
 SUITE = "data"
 BATCH = 128

@@ -14,13 +14,13 @@ import io
 
 import pytest
 import torch
+from harness import measure, register_report
+from results_io import RESULTS_DIR, save_bar_chart, write_table
 
 import models
 import mtkernels
-from harness import measure, register_report
 from models.report import PAPER_TABLE3
 from models.summary import count_macs
-from results_io import RESULTS_DIR, save_bar_chart, write_table
 
 SUITE = "inference"
 NETWORKS = ("bknet", "resnet-v1", "resnet-v2")

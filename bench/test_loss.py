@@ -7,9 +7,9 @@ import functools
 
 import pytest
 import torch
-
 from harness import measure, register_report
 from results_io import RESULTS_DIR, save_bar_chart, write_table
+
 from mtkernels import MultiTaskLoss
 from mtkernels._validation import loss_spec
 from mtkernels.reference import loss_from_spec

@@ -11,13 +11,13 @@ import math
 
 import pytest
 import torch
+from harness import measure, register_report, sgd_step
+from results_io import RESULTS_DIR, save_bar_chart, write_table
 
 import models
 import mtkernels
-from harness import measure, register_report, sgd_step
 from models.data.merge import balancing_copies
 from models.report import PAPER_TABLE4
-from results_io import RESULTS_DIR, save_bar_chart, write_table
 
 SUITE = "training"
 BATCH = 128

@@ -74,7 +74,7 @@ struct WinogradConvProblem {
 // sum_i src[n, g * in + i] * weight[g][o][i]). Each weight row is read once and dotted with
 // every row of the batch, so a batch-1 layer streams its weights once (groups > 1: the
 // equal branch layers of a multi-task head side by side).
-struct LinearProblem {
+struct GroupedLinearProblem {
   const float* src;     // [N, groups * in]
   const float* weight;  // [groups, out, in]
   const float* bias;    // [groups * out]
@@ -89,7 +89,7 @@ using Conv3x3SingleChannelFn = void (*)(const Conv3x3SingleChannelProblem&);
 using WinogradInputFn = void (*)(const WinogradInputProblem&);
 using WinogradOutputFn = void (*)(const WinogradOutputProblem&);
 using WinogradConvFn = void (*)(const WinogradConvProblem&);
-using LinearFn = void (*)(const LinearProblem&);
+using GroupedLinearFn = void (*)(const GroupedLinearProblem&);
 
 #define MTK_DECLARE_CONV(isa)                                          \
   namespace isa {                                                      \
@@ -98,8 +98,8 @@ using LinearFn = void (*)(const LinearProblem&);
   void winograd_input_nhwc(const WinogradInputProblem&);               \
   void winograd_output_nhwc(const WinogradOutputProblem&);             \
   void winograd_output_adjoint_nhwc(const WinogradInputProblem&);      \
-  void winograd_conv3x3_nhwc(const WinogradConvProblem&);              \
-  void linear_rows(const LinearProblem&);                              \
+  void winograd_conv3x3_one_pass_nhwc(const WinogradConvProblem&);              \
+  void grouped_linear(const GroupedLinearProblem&);                              \
   }
 MTK_DECLARE_CONV(baseline)
 MTK_DECLARE_CONV(avx2)

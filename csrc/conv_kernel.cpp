@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "conv.h"
+#include "float_ops.h"
 #include "isa_variant.h"
 
 
@@ -32,7 +33,7 @@ void maxpool2x2_nhwc(const MaxPoolProblem& p) {
     for (int64_t x = 0; x < out_w; ++x) {
       const float *a = top + 2 * x * C, *b = bottom + 2 * x * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) out[x * C + c] = std::max(std::max(a[c], a[C + c]), std::max(b[c], b[C + c]));
+      for (int64_t c = 0; c < C; ++c) out[x * C + c] = max_nan(max_nan(a[c], a[C + c]), max_nan(b[c], b[C + c]));
     }
   }
 }
@@ -174,7 +175,7 @@ inline void output_tile(const float* m, int64_t plane, int64_t count, const floa
     for (int64_t c = 0; c < count; ++c) {
       MTK_WINOGRAD_BLOCK
       // the bias is the same for the 4 outputs and ReLU is monotonic: pool first
-      o00[c] = std::max(std::max(std::max(y00, y01), std::max(y10, y11)) + bias[c], floor);
+      o00[c] = std::max(max_nan(max_nan(y00, y01), max_nan(y10, y11)) + bias[c], floor);
     }
   } else {
 #pragma omp simd
@@ -281,7 +282,7 @@ void winograd_output_nhwc(const WinogradOutputProblem& p) {
   }
 }
 
-void winograd_conv3x3_nhwc(const WinogradConvProblem& p) {
+void winograd_conv3x3_one_pass_nhwc(const WinogradConvProblem& p) {
   const TileGrid g(p.height, p.width);
   const int64_t c_in = p.in_channels, c_out = p.out_channels;
   const int64_t blocks = (c_out + kWinogradBlock - 1) / kWinogradBlock;
@@ -337,7 +338,7 @@ void winograd_conv3x3_nhwc(const WinogradConvProblem& p) {
   }
 }
 
-void linear_rows(const LinearProblem& p) {
+void grouped_linear(const GroupedLinearProblem& p) {
   const int64_t rows = p.groups * p.out_features, in = p.in_features, width_in = p.groups * in;
   const bool parallel = p.num_threads > 1 && rows * in >= kParallelOutputs;
 #pragma omp parallel for num_threads(p.num_threads) if (parallel) schedule(static)

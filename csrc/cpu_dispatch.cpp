@@ -98,13 +98,15 @@ void set_active_isa(Isa isa) {
   current() = isa;
 }
 
-#define MTK_TABLE(isa)                                                                                  \
-  KernelTable {                                                                                         \
-    isa::multitask_loss_forward, isa::maxpool2x2_nhwc, isa::conv3x3_single_channel_nhwc,                \
-        isa::winograd_input_nhwc, isa::winograd_output_nhwc, isa::winograd_output_adjoint_nhwc,         \
-        isa::winograd_conv3x3_nhwc, isa::linear_rows, isa::bn_stats, isa::bn_relu_forward,              \
-        isa::bn_relu_backward_reduce, isa::bn_relu_backward_apply                                       \
-  }
+// A variant's table, each field assigned from the function of the same name.
+#define MTK_KERNEL_ASSIGN(name, type) table.name = variant::name;
+#define MTK_TABLE(isa)               \
+  [] {                               \
+    namespace variant = isa;         \
+    KernelTable table;               \
+    MTK_KERNELS(MTK_KERNEL_ASSIGN)   \
+    return table;                    \
+  }()
 
 const KernelTable& kernels() {
   static const KernelTable baseline_table = MTK_TABLE(baseline);
@@ -120,5 +122,6 @@ const KernelTable& kernels() {
 }
 
 #undef MTK_TABLE
+#undef MTK_KERNEL_ASSIGN
 
 }  // namespace mtk

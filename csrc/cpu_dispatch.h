@@ -18,20 +18,28 @@ Isa isa_from_name(const std::string& name);  // throws std::invalid_argument
 const char* isa_name(Isa isa);
 Isa active_isa();
 void set_active_isa(Isa isa);  // throws std::invalid_argument if unsupported here
+// Every kernel of a variant, as X(name, function type). The table's fields and the code that
+// fills them both come from this one list, field by name (cpu_dispatch.cpp), so two kernels
+// of the same signature cannot be swapped by their position.
+#define MTK_KERNELS(X)                                           \
+  X(multitask_loss_forward, LossForwardFn)                      \
+  X(maxpool2x2_nhwc, MaxPoolFn)                                  \
+  X(conv3x3_single_channel_nhwc, Conv3x3SingleChannelFn)         \
+  X(winograd_input_nhwc, WinogradInputFn)                        \
+  X(winograd_output_nhwc, WinogradOutputFn)                      \
+  X(winograd_output_adjoint_nhwc, WinogradInputFn)               \
+  X(winograd_conv3x3_one_pass_nhwc, WinogradConvFn)              \
+  X(grouped_linear, GroupedLinearFn)                             \
+  X(bn_stats, BnStatsFn)                                         \
+  X(bn_relu_forward, BnReluForwardFn)                            \
+  X(bn_relu_backward_reduce, BnReluBackwardReduceFn)             \
+  X(bn_relu_backward_apply, BnReluBackwardApplyFn)
+
 // The active variant's kernels.
 struct KernelTable {
-  LossForwardFn multitask_loss_forward;
-  MaxPoolFn maxpool2x2_nhwc;
-  Conv3x3SingleChannelFn conv3x3_single_channel_nhwc;
-  WinogradInputFn winograd_input_nhwc;
-  WinogradOutputFn winograd_output_nhwc;
-  WinogradInputFn winograd_output_adjoint_nhwc;
-  WinogradConvFn winograd_conv3x3_nhwc;
-  LinearFn linear_rows;
-  BnStatsFn bn_stats;
-  BnReluForwardFn bn_relu_forward;
-  BnReluBackwardReduceFn bn_relu_backward_reduce;
-  BnReluBackwardApplyFn bn_relu_backward_apply;
+#define MTK_KERNEL_FIELD(name, type) type name = nullptr;
+  MTK_KERNELS(MTK_KERNEL_FIELD)
+#undef MTK_KERNEL_FIELD
 };
 const KernelTable& kernels();
 

@@ -126,63 +126,67 @@ mtk::WinogradConvProblem winograd_problem(uintptr_t src, uintptr_t u, uintptr_t 
                                   out_channels, images_per_chunk, relu, pool, std::max(1, num_threads)};
 }
 
-void winograd_conv3x3_nhwc(uintptr_t src, uintptr_t u, uintptr_t bias, uintptr_t v, uintptr_t dst, int64_t batch,
+void winograd_conv3x3_one_pass_nhwc(uintptr_t src, uintptr_t u, uintptr_t bias, uintptr_t v, uintptr_t dst, int64_t batch,
                            int64_t height, int64_t width, int64_t in_channels, int64_t out_channels,
                            int64_t images_per_chunk, bool relu, bool pool, int num_threads) {
   const auto problem = winograd_problem(src, u, bias, v, dst, batch, height, width, in_channels, out_channels,
                                         images_per_chunk, relu, pool, num_threads);
   if (batch * height * width * in_channels * out_channels == 0) return;
   py::gil_scoped_release release;
-  mtk::kernels().winograd_conv3x3_nhwc(problem);
+  mtk::kernels().winograd_conv3x3_one_pass_nhwc(problem);
 }
 
-mtk::LinearProblem linear_problem(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch,
+mtk::GroupedLinearProblem grouped_linear_problem(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch,
                                   int64_t groups, int64_t in_features, int64_t out_features, bool relu,
                                   int num_threads) {
   if (batch < 0 || groups < 1 || in_features < 1 || out_features < 1)
     throw std::invalid_argument("batch must be >= 0 and groups, in_features, out_features >= 1");
-  return mtk::LinearProblem{as_ptr<const float>(src), as_ptr<const float>(weight), as_ptr<const float>(bias),
+  return mtk::GroupedLinearProblem{as_ptr<const float>(src), as_ptr<const float>(weight), as_ptr<const float>(bias),
                             as_ptr<float>(dst), batch, groups, in_features, out_features, relu,
                             std::max(1, num_threads)};
 }
 
-void linear_rows(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t groups,
+void grouped_linear(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t groups,
                  int64_t in_features, int64_t out_features, bool relu, int num_threads) {
   const auto problem =
-      linear_problem(src, weight, bias, dst, batch, groups, in_features, out_features, relu, num_threads);
+      grouped_linear_problem(src, weight, bias, dst, batch, groups, in_features, out_features, relu, num_threads);
   py::gil_scoped_release release;
-  mtk::kernels().linear_rows(problem);
+  mtk::kernels().grouped_linear(problem);
 }
 
 // Consecutive layers run by one call with the GIL released: at batch 1 the Python and
 // dispatcher code between layers costs more than the code itself, since each layer's
-// weights push it out of the caches. Layers are added in order with their buffers; the
-// first layer's source and the last layer's destination are given to run().
+// weights push it out of the caches. Layers are added in order with the tensors they read
+// and write; the chain keeps a reference to each of them, so every address it holds stays
+// valid for its lifetime. The first layer's source and the last layer's destination are
+// given to run() (dst None when adding the last layer).
 class LayerChain {
  public:
-  void add_single_channel(uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t height,
+  void add_single_channel(py::object weight, py::object bias, py::object dst, int64_t batch, int64_t height,
                           int64_t width, int64_t out_channels, bool relu) {
     Layer layer{};
     layer.kind = Kind::single_channel;
-    layer.single = single_channel_problem(0, weight, bias, 0, batch, height, width, out_channels, relu, 1);
+    layer.single = single_channel_problem(0, keep(weight), keep(bias), 0, batch, height, width, out_channels, relu,
+                                          1);
     append(layer, dst);
   }
 
-  void add_winograd(uintptr_t u, uintptr_t bias, uintptr_t v, uintptr_t dst, int64_t batch, int64_t height,
-                    int64_t width, int64_t in_channels, int64_t out_channels, int64_t images_per_chunk, bool relu,
-                    bool pool) {
+  void add_winograd_conv3x3_one_pass(py::object u, py::object bias, py::object v, py::object dst, int64_t batch,
+                                     int64_t height, int64_t width, int64_t in_channels, int64_t out_channels,
+                                     int64_t images_per_chunk, bool relu, bool pool) {
     Layer layer{};
-    layer.kind = Kind::winograd;
-    layer.wino = winograd_problem(0, u, bias, v, 0, batch, height, width, in_channels, out_channels,
-                                  images_per_chunk, relu, pool, 1);
+    layer.kind = Kind::winograd_conv3x3_one_pass;
+    layer.wino = winograd_problem(0, keep(u), keep(bias), keep(v), 0, batch, height, width, in_channels,
+                                  out_channels, images_per_chunk, relu, pool, 1);
     append(layer, dst);
   }
 
-  void add_linear(uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t groups, int64_t in_features,
-                  int64_t out_features, bool relu) {
+  void add_grouped_linear(py::object weight, py::object bias, py::object dst, int64_t batch, int64_t groups,
+                          int64_t in_features, int64_t out_features, bool relu) {
     Layer layer{};
-    layer.kind = Kind::linear;
-    layer.linear = linear_problem(0, weight, bias, 0, batch, groups, in_features, out_features, relu, 1);
+    layer.kind = Kind::grouped_linear;
+    layer.linear = grouped_linear_problem(0, keep(weight), keep(bias), 0, batch, groups, in_features, out_features,
+                                          relu, 1);
     append(layer, dst);
   }
 
@@ -199,14 +203,16 @@ class LayerChain {
         case Kind::single_channel:
           kernels.conv3x3_single_channel_nhwc(bind(layer.single, layer, num_threads));
           break;
-        case Kind::winograd: kernels.winograd_conv3x3_nhwc(bind(layer.wino, layer, num_threads)); break;
-        case Kind::linear: kernels.linear_rows(bind(layer.linear, layer, num_threads)); break;
+        case Kind::winograd_conv3x3_one_pass:
+          kernels.winograd_conv3x3_one_pass_nhwc(bind(layer.wino, layer, num_threads));
+          break;
+        case Kind::grouped_linear: kernels.grouped_linear(bind(layer.linear, layer, num_threads)); break;
       }
     }
   }
 
  private:
-  enum class Kind { single_channel, winograd, linear };
+  enum class Kind { single_channel, winograd_conv3x3_one_pass, grouped_linear };
   // One of the problems is used, per kind; src and dst are set in it when the chain runs.
   struct Layer {
     Kind kind;
@@ -214,7 +220,7 @@ class LayerChain {
     float* dst;
     mtk::Conv3x3SingleChannelProblem single;
     mtk::WinogradConvProblem wino;
-    mtk::LinearProblem linear;
+    mtk::GroupedLinearProblem linear;
   };
 
   template <class Problem>
@@ -225,8 +231,15 @@ class LayerChain {
     return problem;
   }
 
-  void append(Layer& layer, uintptr_t dst) {
-    layer.dst = as_ptr<float>(dst);
+  // The address of a tensor's data, with the tensor kept alive by this chain.
+  uintptr_t keep(const py::object& tensor) {
+    if (tensor.is_none()) throw std::invalid_argument("a chain layer's weights and buffers must be tensors");
+    owners_.push_back(tensor);
+    return tensor.attr("data_ptr")().cast<uintptr_t>();
+  }
+
+  void append(Layer& layer, const py::object& dst) {
+    layer.dst = dst.is_none() ? nullptr : as_ptr<float>(keep(dst));
     if (!layers_.empty()) {
       if (layers_.back().dst == nullptr)
         throw std::invalid_argument("only the last layer of a chain may leave its destination to run()");
@@ -236,6 +249,7 @@ class LayerChain {
   }
 
   std::vector<Layer> layers_;
+  std::vector<py::object> owners_;
 };
 
 void check_rows(int64_t rows, int64_t channels) {
@@ -311,28 +325,29 @@ PYBIND11_MODULE(_C, m) {
         py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("channels"), py::arg("relu"), py::arg("pool"),
         py::arg("num_threads"),
         "Winograd F(2x2,3x3) output transform of [16, tiles, C] to NHWC, + bias (+ ReLU) (+ 2x2 max-pool).");
-  m.def("winograd_conv3x3_nhwc", &winograd_conv3x3_nhwc, py::arg("src"), py::arg("u"), py::arg("bias"), py::arg("v"),
+  m.def("winograd_conv3x3_one_pass_nhwc", &winograd_conv3x3_one_pass_nhwc, py::arg("src"), py::arg("u"), py::arg("bias"), py::arg("v"),
         py::arg("dst"), py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"),
         py::arg("out_channels"), py::arg("images_per_chunk"), py::arg("relu"), py::arg("pool"), py::arg("num_threads"),
         "Winograd F(2x2,3x3) conv + bias (+ ReLU) (+ 2x2 max-pool) of NHWC float32, one pass per chunk of images; "
         "u packed per block of winograd_block_channels output channels.");
   m.attr("winograd_block_channels") = mtk::kWinogradBlock;
-  m.def("linear_rows", &linear_rows, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
+  m.def("grouped_linear", &grouped_linear, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
         py::arg("batch"), py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
         py::arg("num_threads"),
         "Grouped linear layer + bias (+ ReLU) for small batches: weight [groups, out, in], float32.");
-  py::class_<LayerChain>(m, "LayerChain", "Consecutive layers run by one call (buffers are raw addresses).")
+  py::class_<LayerChain>(m, "LayerChain", "Consecutive layers run by one call; keeps the tensors it reads and writes.")
       .def(py::init<>())
       .def("add_single_channel", &LayerChain::add_single_channel, py::arg("weight"), py::arg("bias"), py::arg("dst"),
            py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("out_channels"), py::arg("relu"),
-           "Append conv3x3_single_channel_nhwc; dst 0 for the last layer (given to run).")
-      .def("add_winograd", &LayerChain::add_winograd, py::arg("u"), py::arg("bias"), py::arg("v"), py::arg("dst"),
+           "Append conv3x3_single_channel_nhwc; dst None for the last layer (given to run).")
+      .def("add_winograd_conv3x3_one_pass", &LayerChain::add_winograd_conv3x3_one_pass, py::arg("u"), py::arg("bias"),
+           py::arg("v"), py::arg("dst"),
            py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"), py::arg("out_channels"),
            py::arg("images_per_chunk"), py::arg("relu"), py::arg("pool"),
-           "Append winograd_conv3x3_nhwc; dst 0 for the last layer (given to run).")
-      .def("add_linear", &LayerChain::add_linear, py::arg("weight"), py::arg("bias"), py::arg("dst"), py::arg("batch"),
+           "Append winograd_conv3x3_one_pass_nhwc; dst None for the last layer (given to run).")
+      .def("add_grouped_linear", &LayerChain::add_grouped_linear, py::arg("weight"), py::arg("bias"), py::arg("dst"), py::arg("batch"),
            py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
-           "Append linear_rows; dst 0 for the last layer (given to run).")
+           "Append grouped_linear; dst None for the last layer (given to run).")
       .def("__len__", &LayerChain::size)
       .def("run", &LayerChain::run, py::arg("src"), py::arg("dst"), py::arg("num_threads"),
            "Run the layers in order from src into dst.");

@@ -20,9 +20,6 @@ def build_model(name: str) -> MultiTaskNet:
     return MODELS[name]()
 
 
-__all__ = ["MultiTaskBKNet", "MultiTaskResNet", "FourTaskCNN", "MultiTaskNet", "MODELS", "build_model"]
-
-
 from .analysis import analyze  # noqa: E402  (after build_model, which it uses)
 
-__all__.append("analyze")
+__all__ = ["MultiTaskBKNet", "MultiTaskResNet", "FourTaskCNN", "MultiTaskNet", "MODELS", "build_model", "analyze"]

@@ -29,6 +29,12 @@ class MultiTaskNet(nn.Module):
         shared = self.trunk(x)
         return torch.cat([branch(shared) for branch in self.branches], dim=1)
 
+    def fuse_for_inference(self, fuser) -> nn.Module:
+        """Called by ``mtkernels.fuse_for_inference``: the trunk and branches fused, with this
+        network's input checks and task layout."""
+        return fuser.multitask(self.trunk, self.branches, self.num_classes, self.task_names,
+                               in_channels=self.in_channels, input_size=self.input_size)
+
     def split(self, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per-task views of a ``[N, sum(C)]`` logits tensor."""
         return logits.split(self.num_classes, dim=1)

@@ -11,8 +11,9 @@ PyTorch training step at batch 128 went from 0.63-0.64 s to 0.49-0.50 s, and the
 mtkernels step from 0.44-0.46 s to 0.38-0.39 s. How much a process pays depends on what it
 ran before (the threshold adapts), which is why the benchmarks run with it on.
 ``retain_freed_memory()`` raises both thresholds so the process keeps and reuses that
-memory; the cost is a resident size that stays at the step's peak. It changes the process's allocator for good (the dynamic default
-cannot be restored), works with glibc only, and does nothing where it cannot apply.
+memory; the cost is a resident size that stays at the step's peak. It changes the process's
+allocator for good (the dynamic default cannot be restored), works with glibc only, and does
+nothing where it cannot apply.
 """
 
 from __future__ import annotations

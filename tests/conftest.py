@@ -2,13 +2,26 @@ import pytest
 
 from mtkernels import _C
 
-ISAS = [isa for isa in ("baseline", "avx2", "avx512") if _C.isa_supported(isa)]
+ISAS = ("baseline", "avx2", "avx512")
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    """Runs a test once per kernel variant this CPU supports (csrc/ is compiled per ISA)."""
+    """Runs a test once per kernel variant (csrc/ is compiled per ISA); a variant this CPU
+    or build cannot run is skipped, saying so."""
+    if not _C.isa_supported(request.param):
+        pytest.skip(f"ISA variant {request.param!r} is not supported by this CPU or build "
+                    f"(cpu_features: {_C.cpu_features()})")
     before = _C.isa()
     _C.set_isa(request.param)
     yield request.param
     _C.set_isa(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_tuning_cache(tmp_path_factory):
+    """Tests tune into a cache of their own, never the user's ~/.cache/mtkernels."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MTKERNELS_CACHE_DIR", str(tmp_path_factory.mktemp("mtkernels-cache")))
+    yield
+    mp.undo()

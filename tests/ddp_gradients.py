@@ -6,9 +6,9 @@ import sys
 
 import torch
 import torch.distributed as dist
+from test_train import GLOBAL_BATCH, frozen_statistics_model, learnable_dataset, loss_on
 
 from models.train.trainer import shard
-from test_train import GLOBAL_BATCH, frozen_statistics_model, learnable_dataset, loss_on
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data
+from test_train import learnable_dataset, small_config
 
 import models
 from models.__main__ import main
@@ -18,7 +19,6 @@ from models.checkpoint import CheckpointError, model_record
 from models.io import atomic_write
 from models.tasks import PAPER1_TASKS, PAPER2_TASKS
 from models.train import config_by_name, train
-from test_train import learnable_dataset, small_config
 
 # Eileen Collins' face in skimage's astronaut photo, boxed by hand (x0, y0, x1, y1).
 ASTRONAUT_FACE = (180, 65, 265, 180)

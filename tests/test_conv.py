@@ -5,8 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkernels.ops.conv import (conv3x3_single_channel, conv3x3_winograd, conv3x3_winograd_one_pass, grouped_linear,
-                                maxpool2x2, winograd_weight, winograd_weight_blocked)
+from mtkernels.ops.conv import (
+    conv3x3_single_channel,
+    grouped_linear,
+    maxpool2x2,
+    winograd_conv3x3_bias_act,
+    winograd_conv3x3_one_pass,
+    winograd_weight,
+    winograd_weight_blocked,
+)
 
 
 @pytest.mark.parametrize("shape", [(1, 32, 48, 48), (3, 5, 7, 9), (2, 256, 6, 6), (1, 1, 2, 2), (130, 8, 4, 4)])
@@ -21,7 +28,8 @@ def test_maxpool_matches_torch(isa, shape):
 @pytest.mark.parametrize("shape,c_out", [((1, 1, 48, 48), 32), ((3, 1, 5, 7), 13), ((130, 1, 8, 8), 16)])
 def test_single_channel_conv_matches_torch(isa, shape, c_out, relu):
     g = torch.Generator().manual_seed(0)
-    x, weight, bias = torch.randn(shape, generator=g), torch.randn(c_out, 1, 3, 3, generator=g), torch.randn(c_out, generator=g)
+    x, weight = torch.randn(shape, generator=g), torch.randn(c_out, 1, 3, 3, generator=g)
+    bias = torch.randn(c_out, generator=g)
     want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
     want = F.relu(want) if relu else want
     k_major = weight.permute(2, 3, 1, 0).reshape(9, c_out)
@@ -39,20 +47,20 @@ def test_bad_inputs_are_reported():
         conv3x3_single_channel(torch.zeros(1, 1, 4, 4), torch.zeros(8, 3), torch.zeros(3), True)
     u = winograd_weight(torch.zeros(3, 2, 3, 3))
     with pytest.raises(ValueError, match="needs an even height and width, got 5x4"):
-        conv3x3_winograd(torch.zeros(1, 2, 5, 4), u, torch.zeros(3), True, True)
+        winograd_conv3x3_bias_act(torch.zeros(1, 2, 5, 4), u, torch.zeros(3), True, True)
     with pytest.raises(ValueError, match=r"u must be \[16, C_in, C_out\]"):
-        conv3x3_winograd(torch.zeros(1, 2, 4, 4), u[:9], torch.zeros(3), True, False)
+        winograd_conv3x3_bias_act(torch.zeros(1, 2, 4, 4), u[:9], torch.zeros(3), True, False)
     with pytest.raises(ValueError, match=r"weight must be \[C_out, C_in, 3, 3\]"):
         winograd_weight(torch.zeros(3, 2, 5, 5))
     blocked = winograd_weight_blocked(u)
     with pytest.raises(ValueError, match=r"u_blocked must be \[blocks, 16, C_in, 32\]"):
-        conv3x3_winograd_one_pass(torch.zeros(1, 2, 4, 4), u, torch.zeros(3), True, False)
+        winograd_conv3x3_one_pass(torch.zeros(1, 2, 4, 4), u, torch.zeros(3), True, False)
     with pytest.raises(ValueError, match=r"bias must be \[C_out\] with C_out output channels in 1 blocks of 32"):
-        conv3x3_winograd_one_pass(torch.zeros(1, 2, 4, 4), blocked, torch.zeros(33), True, False)
+        winograd_conv3x3_one_pass(torch.zeros(1, 2, 4, 4), blocked, torch.zeros(33), True, False)
     with pytest.raises(ValueError, match=r"\[N, 2, H, W\]"):
-        conv3x3_winograd_one_pass(torch.zeros(1, 3, 4, 4), blocked, torch.zeros(3), True, False)
+        winograd_conv3x3_one_pass(torch.zeros(1, 3, 4, 4), blocked, torch.zeros(3), True, False)
     with pytest.raises(ValueError, match="images_per_chunk must be >= 1, got 0"):
-        conv3x3_winograd_one_pass(torch.zeros(1, 2, 4, 4), blocked, torch.zeros(3), True, False, images_per_chunk=0)
+        winograd_conv3x3_one_pass(torch.zeros(1, 2, 4, 4), blocked, torch.zeros(3), True, False, images_per_chunk=0)
     with pytest.raises(ValueError, match=r"G \* in = 6"):
         grouped_linear(torch.zeros(2, 6), torch.zeros(2, 4, 2), torch.zeros(8), True)
     with pytest.raises(TypeError, match="2-D float32 CPU tensor"):
@@ -84,9 +92,9 @@ def test_winograd_conv_within_its_error_bound(isa, shape, c_out, chunk, relu, po
         want, scale = F.max_pool2d(want, 2, 2), F.max_pool2d(scale, 2, 2)
     u = winograd_weight(weight)
     if one_pass:  # 70 and 33 channels: blocks of 32 with a partial last block; 67 images: many tile groups
-        got = conv3x3_winograd_one_pass(x, winograd_weight_blocked(u), bias, relu, pool, images_per_chunk=chunk)
+        got = winograd_conv3x3_one_pass(x, winograd_weight_blocked(u), bias, relu, pool, images_per_chunk=chunk)
     else:
-        got = conv3x3_winograd(x, u, bias, relu, pool, images_per_chunk=chunk)
+        got = winograd_conv3x3_bias_act(x, u, bias, relu, pool, images_per_chunk=chunk)
     assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
     assert ((got.double() - want).abs() <= WINOGRAD_RELATIVE_BOUND * scale).all()
 

@@ -4,12 +4,12 @@ the TrainingConv2d that picks between them, against float64 PyTorch convolutions
 import pytest
 import torch
 import torch.nn.functional as F
+from test_conv import WINOGRAD_RELATIVE_BOUND
 
 import models
 import mtkernels
 from mtkernels.ops.conv_training import gemm_conv2d, winograd_conv3x3, winograd_conv3x3_weight_grad
 from mtkernels.training import TrainingConv2d, as_training_conv
-from test_conv import WINOGRAD_RELATIVE_BOUND
 
 # A direct convolution's float32 error relative to sum |w| |x| (a GEMM's accumulation order)
 DIRECT_RELATIVE_BOUND = 1e-6

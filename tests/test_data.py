@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import (augment_batch, kfold_splits, merge_sources, read_fer2013, read_genki4k, read_imdb_wiki,
-                         read_rafdb, split_by_fraction)
-from models.data import synthetic
-
+from models.data import (
+    augment_batch,
+    kfold_splits,
+    merge_sources,
+    read_fer2013,
+    read_genki4k,
+    read_imdb_wiki,
+    read_rafdb,
+    split_by_fraction,
+    synthetic,
+)
 
 # --- readers ------------------------------------------------------------------------------------
 

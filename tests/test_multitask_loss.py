@@ -5,12 +5,12 @@ import os
 import subprocess
 import sys
 
+import loss_oracle
 import numpy as np
 import pytest
 import torch
-
-import loss_oracle
 from triton_checks import compile_ptx, run_under_interpreter
+
 import mtkernels
 from mtkernels import _C, reference
 from mtkernels.ops.multitask_loss import multitask_loss_op

@@ -2,11 +2,11 @@
 
 import math
 
+import loss_oracle
 import numpy as np
 import pytest
 import torch
 
-import loss_oracle
 from mtkernels import reference
 
 CLASSES = (2, 7, 2)

@@ -20,8 +20,10 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 def test_table3_seconds_per_image_beside_the_paper(tmp_path):
     write_csv(tmp_path / "inference-cpu.csv", [
-        {"network": "bknet", "batch": "1", "paper TITAN X ms/img": "20", "eager ms/img": "3.048", "fused ms/img": "1.577"},
-        {"network": "resnet-v2", "batch": "128", "paper TITAN X ms/img": "71", "eager ms/img": "14.5", "fused ms/img": ""},
+        {"network": "bknet", "batch": "1", "paper TITAN X ms/img": "20", "eager ms/img": "3.048",
+         "fused ms/img": "1.577"},
+        {"network": "resnet-v2", "batch": "128", "paper TITAN X ms/img": "71", "eager ms/img": "14.5",
+         "fused ms/img": ""},
     ])
     head, *rows = table_rows(table3(tmp_path, "cpu"))
     assert head == ["framework", "batch", "paper (TITAN X) s/img", "eager s/img", "fused s/img"]

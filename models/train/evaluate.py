@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import BEST, CheckpointError, HOW_TO_TRAIN, config_of, epoch_checkpoints, load_checkpoint
+from ..checkpoint import BEST, HOW_TO_TRAIN, CheckpointError, config_of, epoch_checkpoints, load_checkpoint
 from ..checkpoint import load_model as load_trained
 from ..data.augment import to_model_input
 from ..io import atomic_write

@@ -20,12 +20,13 @@ import torch
 import mtkernels
 
 from .. import build_model
+from ..checkpoint import BEST, CHECKPOINTS, epoch_checkpoints, load_checkpoint, model_record
 from ..data.augment import augment_batch, to_model_input
 from ..data.merge import MultiTaskDataset
-from ..checkpoint import BEST, CHECKPOINTS, epoch_checkpoints, load_checkpoint, model_record
 from ..io import atomic_write
 from .config import TrainConfig
 from .evaluate import accuracy, correct_counts, task_scores
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stops, earlier checkpoints are kept."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from ..lru import LruCache
 
 
 def conv_weight_k_major(weight: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, re
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
     out = torch.empty(x.shape[0], bias.shape[0])
     if out.numel():
-        _C.linear_rows(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0],
+        _C.grouped_linear(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0],
                        weight.shape[2], weight.shape[1], relu, torch.get_num_threads())
     return out
 
@@ -114,7 +115,7 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def winograd_weight_blocked(u: torch.Tensor) -> torch.Tensor:
     """U [16, C_in, C_out] -> [ceil(C_out / B), 16, C_in, B] (B = ``_C.winograd_block_channels``),
-    zero-padded: each block of output channels contiguous, as :func:`conv3x3_winograd_one_pass`
+    zero-padded: each block of output channels contiguous, as :func:`winograd_conv3x3_one_pass`
     reads it."""
     if u.dim() != 3 or u.shape[0] != 16:
         raise ValueError(f"u must be [16, C_in, C_out], got {tuple(u.shape)}")
@@ -127,10 +128,15 @@ def winograd_weight_blocked(u: torch.Tensor) -> torch.Tensor:
 class WinogradBuffers:
     """Per input shape: the chunking of the batch and the transformed-input and GEMM-output
     buffers, kept so neither is recomputed (at batch 1 that bookkeeping costs about a tenth
-    of a layer) nor page-faulted in again on every call."""
+    of a layer) nor page-faulted in again on every call. At most ``capacity`` shapes are kept
+    (least recently used dropped), so a stream of batch sizes cannot grow them forever."""
 
-    def __init__(self):
-        self._plans: dict[tuple, tuple] = {}
+    def __init__(self, capacity: int = 4):
+        self._plans = LruCache(capacity)
+
+    def tensors(self) -> list:
+        """The plans, holding the buffers (for :func:`mtkernels.lru.tensor_bytes`)."""
+        return self._plans.tensors()
 
     @staticmethod
     def _tiling(shape: torch.Size, c_out: int, pool: bool) -> tuple[int, tuple[int, ...]]:
@@ -142,7 +148,8 @@ class WinogradBuffers:
         """(output shape, [(first image, images, V buffer, M buffer)], bytes per input image,
         bytes per output image) for input ``shape``."""
         key = (tuple(shape), c_out, pool, images_per_chunk)
-        if key not in self._plans:
+        found = self._plans.get(key)
+        if found is None:
             n, c_in, h, w = shape
             tiles_per_image, out_shape = self._tiling(shape, c_out, pool)
             if images_per_chunk is None:  # about 4 MB of transformed tiles per chunk
@@ -155,20 +162,23 @@ class WinogradBuffers:
                     buffers[images] = (torch.empty(16, images * tiles_per_image, c_in),
                                        torch.empty(16, images * tiles_per_image, c_out))
                 chunks.append((start, images, *buffers[images]))
-            self._plans[key] = (out_shape, chunks, 4 * h * w * c_in, 4 * out_shape[2] * out_shape[3] * c_out)
-        return self._plans[key]
+            found = (out_shape, chunks, 4 * h * w * c_in, 4 * out_shape[2] * out_shape[3] * c_out)
+            self._plans[key] = found
+        return found
 
     def one_pass_plan(self, shape: torch.Size, c_out: int, pool: bool, images_per_chunk: int | None):
-        """(output shape, images per chunk, V buffer) of :func:`conv3x3_winograd_one_pass`."""
+        """(output shape, images per chunk, V buffer) of :func:`winograd_conv3x3_one_pass`."""
         key = ("one pass", tuple(shape), c_out, pool, images_per_chunk)
-        if key not in self._plans:
+        found = self._plans.get(key)
+        if found is None:
             n, c_in = shape[:2]
             tiles_per_image, out_shape = self._tiling(shape, c_out, pool)
             if images_per_chunk is None:  # V of about 1 MB, read from the L2 cache by every channel block
                 images_per_chunk = max(1, (1 << 20) // (64 * tiles_per_image * c_in))
-            images_per_chunk = min(images_per_chunk, n)
-            self._plans[key] = (out_shape, images_per_chunk, torch.empty(16, images_per_chunk * tiles_per_image, c_in))
-        return self._plans[key]
+            images_per_chunk = max(1, min(images_per_chunk, n))
+            found = (out_shape, images_per_chunk, torch.empty(16, images_per_chunk * tiles_per_image, c_in))
+            self._plans[key] = found
+        return found
 
 
 def _check_winograd_options(x: torch.Tensor, pool: bool, images_per_chunk: int | None) -> None:
@@ -178,7 +188,7 @@ def _check_winograd_options(x: torch.Tensor, pool: bool, images_per_chunk: int |
         raise ValueError(f"images_per_chunk must be >= 1, got {images_per_chunk}")
 
 
-def conv3x3_winograd(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
+def winograd_conv3x3_bias_act(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
                      buffers: WinogradBuffers | None = None, images_per_chunk: int | None = None) -> torch.Tensor:
     """3x3 / stride 1 / padding 1 convolution + bias (+ ReLU) (+ 2x2 / stride 2 max-pool) of a
     float32 [N, C_in, H, W] by Winograd F(2x2, 3x3), channels-last output; ``u`` from
@@ -188,14 +198,14 @@ def conv3x3_winograd(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu:
     if u.dim() != 3 or u.shape[0] != 16 or bias.shape != (u.shape[2],):
         raise ValueError(f"u must be [16, C_in, C_out] and bias [C_out], got {tuple(u.shape)} and {tuple(bias.shape)}")
     _check_winograd_options(x, pool, images_per_chunk)
-    return winograd_unchecked(x.contiguous(memory_format=torch.channels_last), u, bias.contiguous(), relu, pool,
-                              buffers or WinogradBuffers(), images_per_chunk)
+    return winograd_conv3x3_bias_act_unchecked(x.contiguous(memory_format=torch.channels_last), u, bias.contiguous(),
+                                               relu, pool, buffers or WinogradBuffers(), images_per_chunk)
 
 
-def conv3x3_winograd_one_pass(x: torch.Tensor, u_blocked: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
+def winograd_conv3x3_one_pass(x: torch.Tensor, u_blocked: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
                               buffers: WinogradBuffers | None = None,
                               images_per_chunk: int | None = None) -> torch.Tensor:
-    """:func:`conv3x3_winograd` as one C++ pass per chunk of images (the GEMM in registers
+    """:func:`winograd_conv3x3_bias_act` as one C++ pass per chunk of images (the GEMM in registers
     between the two transforms, no PyTorch GEMM); ``u_blocked`` from
     :func:`winograd_weight_blocked`."""
     block = _C.winograd_block_channels
@@ -206,25 +216,27 @@ def conv3x3_winograd_one_pass(x: torch.Tensor, u_blocked: torch.Tensor, bias: to
         raise ValueError(f"bias must be [C_out] with C_out output channels in {u_blocked.shape[0]} blocks of {block}, "
                          f"got {tuple(bias.shape)}")
     _check_winograd_options(x, pool, images_per_chunk)
-    return winograd_one_pass_unchecked(x.contiguous(memory_format=torch.channels_last), u_blocked.contiguous(),
+    return winograd_conv3x3_one_pass_unchecked(x.contiguous(memory_format=torch.channels_last), u_blocked.contiguous(),
                                        bias.contiguous(), relu, pool, buffers or WinogradBuffers(), images_per_chunk)
 
 
-def winograd_one_pass_unchecked(x: torch.Tensor, u_blocked: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
-                                buffers: WinogradBuffers, images_per_chunk: int | None = None) -> torch.Tensor:
-    """:func:`conv3x3_winograd_one_pass` without its checks, for callers that made them once."""
+def winograd_conv3x3_one_pass_unchecked(x: torch.Tensor, u_blocked: torch.Tensor, bias: torch.Tensor, relu: bool,
+                                        pool: bool, buffers: WinogradBuffers,
+                                        images_per_chunk: int | None = None) -> torch.Tensor:
+    """:func:`winograd_conv3x3_one_pass` without its checks, for callers that made them once."""
     n, c_in, h, w = x.shape
     c_out = bias.shape[0]
     out_shape, images_per_chunk, v = buffers.one_pass_plan(x.shape, c_out, pool, images_per_chunk)
     out = torch.empty(out_shape, memory_format=torch.channels_last)
-    _C.winograd_conv3x3_nhwc(x.data_ptr(), u_blocked.data_ptr(), bias.data_ptr(), v.data_ptr(), out.data_ptr(), n, h,
-                             w, c_in, c_out, images_per_chunk, relu, pool, torch.get_num_threads())
+    _C.winograd_conv3x3_one_pass_nhwc(x.data_ptr(), u_blocked.data_ptr(), bias.data_ptr(), v.data_ptr(),
+                                      out.data_ptr(), n, h, w, c_in, c_out, images_per_chunk, relu, pool,
+                                      torch.get_num_threads())
     return out
 
 
-def winograd_unchecked(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
+def winograd_conv3x3_bias_act_unchecked(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
                        buffers: WinogradBuffers, images_per_chunk: int | None = None) -> torch.Tensor:
-    """:func:`conv3x3_winograd` without its checks, for callers that made them once."""
+    """:func:`winograd_conv3x3_bias_act` without its checks, for callers that made them once."""
     _, _, h, w = x.shape
     c_in, c_out = u.shape[1], u.shape[2]
     out_shape, chunks, in_bytes, out_bytes = buffers.plan(x.shape, c_out, pool, images_per_chunk)

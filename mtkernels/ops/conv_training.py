@@ -26,8 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import _C
-from .conv import (WinogradBuffers, _check, winograd_filter_gradient, winograd_filter_transform,
-                   winograd_unchecked)
+from .conv import (
+    WinogradBuffers,
+    _check,
+    winograd_conv3x3_bias_act_unchecked,
+    winograd_filter_gradient,
+    winograd_filter_transform,
+)
 
 _scratch = threading.local()
 
@@ -53,7 +58,7 @@ def _check_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def _winograd(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Winograd 3x3 convolution of ``x`` with transformed filters ``u`` [16, C_in, C_out]."""
     bias = torch.zeros(u.shape[2]) if bias is None else bias.contiguous()
-    return winograd_unchecked(x.contiguous(memory_format=torch.channels_last), u, bias, False, False,
+    return winograd_conv3x3_bias_act_unchecked(x.contiguous(memory_format=torch.channels_last), u, bias, False, False,
                               _winograd_buffers())
 
 

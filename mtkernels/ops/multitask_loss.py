@@ -20,7 +20,8 @@ import torch
 
 from .. import _C
 from .._validation import LossSpec, check_label_range, loss_spec
-from ..reference import loss_dtype, multitask_loss as reference_multitask_loss
+from ..reference import loss_dtype
+from ..reference import multitask_loss as reference_multitask_loss
 
 _C_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _C_KIND = {"ce": 0, "svm": 1}

@@ -1,0 +1,403 @@
+"""The fused layers that ``fuse_for_inference`` builds: conv (+ BN) + bias (+ ReLU)
+(+ 2x2 max-pool), linear (+ BN) + bias (+ ReLU), BN + ReLU, multi-task heads, and the
+channels-last flatten between them.
+
+Each keeps what it derives from its parameters (packed or transformed weights, buffers per
+input shape) only while those parameters are the ones it was derived from: a change of
+dtype or device (any ``_apply``: ``.to()``, ``.double()``, ``.cuda()``, ...), a
+``load_state_dict``, or an in-place update of a weight (its version counter moves) drops
+it, and it is rebuilt on the next call.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..lru import tensor_bytes
+from . import tuning
+
+__all__ = ["FusedConv2d", "FusedLinear", "AffineReLU", "FusedHeads", "FusedBranches", "ChannelsLastFlatten",
+           "fold_batchnorm", "parameter_epoch"]
+
+# Bumped whenever any fused module's tensors are moved, converted or loaded, so every plan
+# built from them (here and in mtkernels.fuse.plans) knows to rebuild.
+_EPOCH = [0]
+
+
+def parameter_epoch() -> int:
+    return _EPOCH[0]
+
+
+class DerivedState(nn.Module):
+    """A module whose caches are derived from its tensors: moving, converting or loading
+    them (here or in any parent) bumps the epoch that invalidates every such cache."""
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        _EPOCH[0] += 1
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        _EPOCH[0] += 1
+
+    def _state_token(self) -> tuple:
+        own = [t for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)) if t is not None]
+        return (_EPOCH[0], *((t.data_ptr(), t._version) for t in own))
+
+    def derived(self) -> dict:
+        """This module's caches, emptied when its tensors changed since they were filled."""
+        token = self._state_token()
+        if getattr(self, "_derived_token", None) != token:
+            self._derived_token, self._derived_cache = token, {}
+        return self._derived_cache
+
+    def derived_bytes(self, seen: Optional[set[int]] = None) -> int:
+        """Bytes held by this module's caches (not its parameters)."""
+        return tensor_bytes(getattr(self, "_derived_cache", {}), seen)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_available() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
+
+
+def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as y = scale * x + shift, per channel."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0.0)
+    return scale.detach().clone(), shift.detach().clone()
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(layer(x))`` for a conv / linear ``layer`` (eval-mode BN)."""
+    scale, shift = _bn_affine(bn)
+    folded_w = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+    folded_b = shift if bias is None else bias * scale + shift
+    return folded_w.detach().clone(), folded_b.detach().clone()
+
+
+def layer_signature(layer: nn.Module) -> str:
+    """What identifies a layer's computation (not its values) in a tuning key."""
+    return f"{type(layer).__name__}({layer.extra_repr()})"
+
+
+class FusedConv2d(DerivedState):
+    """conv (BN folded in) + bias (+ ReLU) (+ 2x2/2 max-pool), channels-last activations.
+
+    On the CPU each input kind (per-image shape, dtype, batch bucket) runs the candidate
+    measured fastest for it (see :mod:`mtkernels.fuse.tuning`): ``aten`` (``F.conv2d`` +
+    in-place ReLU), ``onednn`` (oneDNN's convolution with a ReLU post-op, weights packed
+    once), ``single_channel`` (a direct C++ kernel for the one-input-channel first layer),
+    and for 3x3 / stride 1 convs Winograd F(2x2, 3x3) as C++ transforms around PyTorch's
+    batched GEMM (``winograd``) or as one C++ pass (``winograd_one_pass``); the last two pool
+    in their output transform, the others are followed by a C++ NHWC pool. CUDA: the Triton
+    implicit-GEMM kernel, the pool in its epilogue."""
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, relu: bool = False,
+                 pool: bool = False):
+        super().__init__()
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError(f"FusedConv2d supports numeric zero padding, got {conv.padding!r}/{conv.padding_mode!r}")
+        weight, bias = conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach().clone()
+        if bn is not None:
+            weight, bias = fold_batchnorm(weight, bias, bn)
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        self.weight = nn.Parameter(weight.contiguous(memory_format=torch.channels_last), requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+        self.stride, self.padding, self.dilation, self.groups = (
+            list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        self.relu, self.pool = relu, pool
+        self.chosen: dict[tuple, str] = {}  # (bucket, dtype, per-image shape) -> candidate name
+        self.triton_ok = (self.groups == 1 and self.dilation == [1, 1] and len(set(self.stride)) == 1
+                          and len(set(self.padding)) == 1)
+        plain_3x3 = (tuple(weight.shape[2:]) == (3, 3) and self.stride == [1, 1] and self.padding == [1, 1]
+                     and self.dilation == [1, 1] and self.groups == 1)
+        self.single_channel_3x3 = plain_3x3 and weight.shape[1] == 1
+        self.winograd_ok = plain_3x3 and weight.shape[1] > 1
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}, "
+                f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, dilation={tuple(self.dilation)}, "
+                f"groups={self.groups}, relu={self.relu}, pool={self.pool}")
+
+    # -- candidates -------------------------------------------------------------------------
+    def _aten(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.relu_(y) if self.relu else y
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        derived = self.derived()
+        key = ("onednn", tuple(x.shape[1:]))
+        packed = derived.get(key)
+        if packed is None:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape))
+            derived[key] = packed
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            "relu" if self.relu else "none", [], "")
+
+    def weight_k_major(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight as [KH * KW * C_in, C_out] and bias, in ``dtype`` on the weight's device."""
+        derived = self.derived()
+        key = ("k_major", dtype)
+        if key not in derived:
+            from ..ops.conv import conv_weight_k_major
+
+            derived[key] = (conv_weight_k_major(self.weight).to(dtype), self.bias.to(dtype))
+        return derived[key]
+
+    def _single_channel(self, x: torch.Tensor) -> torch.Tensor:
+        from ..ops.conv import conv3x3_single_channel
+
+        return conv3x3_single_channel(x, *self.weight_k_major(torch.float32), self.relu)
+
+    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+        from ..triton.conv import conv2d_bias_act
+
+        weight, bias = self.weight_k_major(x.dtype)
+        return conv2d_bias_act(x, weight, bias, tuple(self.weight.shape[2:]), self.stride[0], self.padding[0],
+                               self.relu, self.pool)
+
+    def winograd_operands(self):
+        """(U [16, C_in, C_out], U packed per channel block, its per-shape buffers)."""
+        derived = self.derived()
+        if "winograd" not in derived:  # the shapes were checked when this candidate was offered
+            from ..ops.conv import WinogradBuffers, winograd_weight, winograd_weight_blocked
+
+            u = winograd_weight(self.weight)
+            derived["winograd"] = (u, winograd_weight_blocked(u), WinogradBuffers())
+        return derived["winograd"]
+
+    def _winograd(self, x: torch.Tensor) -> torch.Tensor:
+        from ..ops.conv import winograd_conv3x3_bias_act_unchecked
+
+        u, _, buffers = self.winograd_operands()
+        return winograd_conv3x3_bias_act_unchecked(x, u, self.bias, self.relu, self.pool, buffers)
+
+    def _winograd_one_pass(self, x: torch.Tensor) -> torch.Tensor:
+        from ..ops.conv import winograd_conv3x3_one_pass_unchecked
+
+        _, u_blocked, buffers = self.winograd_operands()
+        return winograd_conv3x3_one_pass_unchecked(x, u_blocked, self.bias, self.relu, self.pool, buffers)
+
+    def _pooled(self, impl: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``impl`` followed by the 2x2 max-pool (for implementations without it fused)."""
+        if not self.pool:
+            return impl
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            y = impl(x)
+            if y.device.type == "cpu" and y.dtype == torch.float32:
+                from ..ops.conv import maxpool2x2
+
+                return maxpool2x2(y)
+            return F.max_pool2d(y, 2, 2)
+        return run
+
+    def candidates(self, x: torch.Tensor) -> list[str]:
+        """Names of the implementations that can run ``x`` (CPU)."""
+        names = ["aten"]
+        if x.dtype != torch.float32:
+            return names
+        if _onednn_available():
+            names.append("onednn")
+        if self.single_channel_3x3:
+            names.append("single_channel")
+        if self.winograd_ok and not (self.pool and (x.shape[2] % 2 or x.shape[3] % 2)):
+            names += ["winograd", "winograd_one_pass"]
+        return names
+
+    def build(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        impl = getattr(self, "_" + name)
+        return impl if name.startswith("winograd") else self._pooled(impl)
+
+    @staticmethod
+    def heuristic(names: Sequence[str]) -> str:
+        """Without timing: the C++ kernels where they apply (measured fastest on most of the
+        papers' layers, all of BKNet's at batch 1), else oneDNN, else ATen."""
+        for name in ("single_channel", "winograd_one_pass", "onednn"):
+            if name in names:
+                return name
+        return "aten"
+
+    def implementation(self, x: torch.Tensor, bucket: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The implementation for CPU input like ``x`` in batch bucket ``bucket`` (timed on ``x``
+        only if no decision for it is stored)."""
+        kind = (bucket, x.dtype, tuple(x.shape[1:]))
+        name = self.chosen.get(kind)
+        if name is None:
+            names = self.candidates(x)
+            key = f"conv:{layer_signature(self)}:in{'x'.join(map(str, x.shape[1:]))}:{x.dtype}:cpu:b{bucket}"
+            name = tuning.choose(key, names, self.build, x, self.heuristic(names))
+            self.chosen[kind] = name
+        return self.build(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        if x.is_cuda and self.triton_ok:
+            return self._triton(x)  # pool fused in the kernel's epilogue
+        if x.shape[0] == 0 or x.device.type != "cpu":
+            return self._pooled(self._aten)(x)
+        return self.implementation(x, tuning.batch_bucket(x.shape[0]))(x)
+
+    # -- layer chains -----------------------------------------------------------------------
+    def chain_output_shape(self, shape: torch.Size) -> Optional[tuple[int, ...]]:
+        """Output shape for float32 CPU input of ``shape`` if a C++ kernel does the whole layer
+        (so it can join a ``_C.LayerChain``), else None."""
+        n, _, h, w = shape
+        c_out = self.weight.shape[0]
+        if self.single_channel_3x3 and not self.pool:
+            return (n, c_out, h, w)
+        if self.winograd_ok and not (self.pool and (h % 2 or w % 2)):
+            return (n, c_out, h // 2, w // 2) if self.pool else (n, c_out, h, w)
+        return None
+
+    def append_to_chain(self, chain, shape: torch.Size, dst: Optional[torch.Tensor]) -> None:
+        """Append this layer (``chain_output_shape(shape)`` not None) to a ``_C.LayerChain``,
+        writing to ``dst`` (None: the chain's output)."""
+        n, c_in, h, w = shape
+        if self.single_channel_3x3:
+            weight, bias = self.weight_k_major(torch.float32)
+            chain.add_single_channel(weight, bias, dst, n, h, w, weight.shape[1], self.relu)
+        else:
+            _, u_blocked, buffers = self.winograd_operands()
+            _, images_per_chunk, v = buffers.one_pass_plan(shape, self.bias.shape[0], self.pool, None)
+            chain.add_winograd_conv3x3_one_pass(u_blocked, self.bias, v, dst, n, h, w, c_in, self.bias.shape[0],
+                                                images_per_chunk, self.relu, self.pool)
+
+
+class FusedLinear(DerivedState):
+    """linear (BN folded in) + bias (+ ReLU). A block-diagonal layer of equal blocks may also
+    carry them as ``blocks`` ([T, out, in]): the CPU then runs one batched GEMM over the
+    blocks instead of reading the zeros of the block-diagonal weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, relu: bool, blocks: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone().contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.relu = relu
+        self.blocks = None
+        if blocks is not None:
+            if blocks.dim() != 3 or blocks.shape[0] * blocks.shape[1] != weight.shape[0] \
+                    or blocks.shape[0] * blocks.shape[2] != weight.shape[1]:
+                raise ValueError(f"blocks must be [T, out, in] tiling weight {tuple(weight.shape)}, "
+                                 f"got {tuple(blocks.shape)}")
+            self.blocks = nn.Parameter(blocks.detach().clone().contiguous(), requires_grad=False)
+
+    def chain_output_shape(self, shape: torch.Size) -> Optional[tuple[int, ...]]:
+        """Output shape for float32 CPU input of ``shape`` (a ``_C.LayerChain`` can run it)."""
+        return (shape[0], self.weight.shape[0]) if len(shape) == 2 and shape[1] == self.weight.shape[1] else None
+
+    def append_to_chain(self, chain, shape: torch.Size, dst: Optional[torch.Tensor]) -> None:
+        rows = self.weight.unsqueeze(0) if self.blocks is None else self.blocks  # [groups, out, in]
+        chain.add_grouped_linear(rows, self.bias, dst, shape[0], rows.shape[0], rows.shape[2], rows.shape[1],
+                                 self.relu)
+
+    @classmethod
+    def from_layers(cls, linear: nn.Linear, bn: Optional[nn.BatchNorm1d] = None, relu: bool = False):
+        weight = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach()
+        if bn is not None:
+            weight, bias = fold_batchnorm(weight, bias, bn)
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return cls(weight, bias, relu)
+
+    def extra_repr(self) -> str:
+        blocks = "" if self.blocks is None else f", blocks={tuple(self.blocks.shape)}"
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, relu={self.relu}{blocks}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from ..triton.conv import linear_bias_act
+
+            return linear_bias_act(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.relu)
+        if self.blocks is not None:
+            n, (count, _, width_in) = x.shape[0], self.blocks.shape
+            y = torch.baddbmm(self.bias.view(count, 1, -1), x.reshape(n, count, width_in).transpose(0, 1),
+                              self.blocks.transpose(1, 2))
+            return (F.relu_(y) if self.relu else y).transpose(0, 1).reshape(n, -1)
+        y = torch.addmm(self.bias, x, self.weight.t())
+        return F.relu_(y) if self.relu else y
+
+
+class AffineReLU(DerivedState):
+    """Eval-mode BatchNorm2d followed by ReLU, as one per-channel multiply-add + ReLU, in the
+    input's dtype."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        scale, shift = _bn_affine(bn)
+        self.scale = nn.Parameter(scale.reshape(1, -1, 1, 1), requires_grad=False)
+        self.shift = nn.Parameter(shift.reshape(1, -1, 1, 1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.scale.dtype:
+            return F.relu_(torch.addcmul(self.shift, x, self.scale))
+        return F.relu_(torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype)))
+
+
+class FusedHeads(DerivedState):
+    """All task branches of a multi-task net as len(layers) GEMMs: the first layers side by
+    side, every later layer block-diagonal (on the CPU a batched GEMM where the branches'
+    layers have equal shapes). Output: ``[N, sum(C)]``."""
+
+    def __init__(self, layers: Sequence[FusedLinear]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    @classmethod
+    def from_branches(cls, branches: Sequence[Sequence[FusedLinear]]) -> "FusedHeads":
+        depth = len(branches[0])
+        layers = []
+        for level in range(depth):
+            parts = [b[level] for b in branches]
+            weights = [p.weight for p in parts]
+            weight = torch.cat(weights) if level == 0 else torch.block_diag(*weights)
+            equal = level > 0 and len({w.shape for w in weights}) == 1
+            blocks = torch.stack(weights) if equal else None
+            layers.append(FusedLinear(weight, torch.cat([p.bias for p in parts]), parts[0].relu, blocks))
+        return cls(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class FusedBranches(DerivedState):
+    """Branches that are not plain MLPs (e.g. per-task residual stages): run each, concatenate."""
+
+    def __init__(self, branches: Sequence[nn.Module]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(x) for b in self.branches], dim=1)
+
+
+class ChannelsLastFlatten(nn.Module):
+    """Flattens [N, C, H, W] in (H, W, C) order: free for channels-last activations, where
+    ``nn.Flatten``'s (C, H, W) order copies. The next layer's columns are permuted to match
+    (see :func:`mtkernels.fuse.rewrite.flatten_channels_last`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+    @staticmethod
+    def chain_output_shape(shape: torch.Size) -> Optional[tuple[int, ...]]:
+        """In a chain the input is channels-last already: nothing to run."""
+        return (shape[0], math.prod(shape[1:])) if len(shape) == 4 else None

@@ -1,0 +1,213 @@
+"""Plans of a fused multi-task network: per input shape, the steps that compute it.
+
+A plan is the list of the layers' chosen implementations, called one after another without
+module dispatch (at batch 1 that dispatch costs about as much as a small layer), with
+every run of layers that have whole-layer C++ kernels optionally joined into one
+:class:`ChainStep`. Which layer implementation and whether to chain are decisions of
+:mod:`mtkernels.fuse.tuning`, made once per batch bucket and kept on disk; a plan itself is
+cheap to build and is kept for at most ``max_plans`` input shapes (least recently used
+dropped). Plans hold the tensors they read; they are rebuilt when any parameter of the
+network is moved, converted, loaded or updated in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..lru import LruCache
+from . import tuning
+from .layers import (
+    ChannelsLastFlatten,
+    DerivedState,
+    FusedConv2d,
+    FusedHeads,
+    FusedLinear,
+    layer_signature,
+    parameter_epoch,
+)
+
+__all__ = ["ChainStep", "FusedMultiTaskNet"]
+
+# Batch buckets where a C++ layer chain is offered: what it saves is the Python and dispatch
+# between layers (10-15 us each), under 1% of a pass from 16 images up, where timing the two
+# plans costs seconds and their measured order flips from run to run.
+CHAIN_BUCKETS = ("1", "2-3", "4-15")
+
+
+class ChainStep:
+    """Consecutive fused layers (convs with whole-layer C++ kernels, channels-last flattens,
+    linear layers) run by one C++ call (``_C.LayerChain``) for one float32 CPU input shape,
+    with the intermediate activations in buffers kept here. At batch 1 this beats calling
+    the layers' fastest kernels one by one from Python: every layer's weights push the
+    Python and dispatcher code out of the caches, so each call between layers costs
+    10-15 us there. The C++ chain holds a reference to every tensor it addresses."""
+
+    def __init__(self, layers: Sequence[nn.Module], shape: torch.Size):
+        from .. import _C
+
+        self.chain, self._buffers = _C.LayerChain(), []
+        shapes = [torch.Size(shape)]
+        for index, layer in enumerate(layers):
+            out_shape = layer.chain_output_shape(shapes[-1])
+            if out_shape is None:
+                raise ValueError(f"layer {index} ({type(layer).__name__}) has no C++ kernel for input "
+                                 f"{tuple(shapes[-1])}")
+            shapes.append(torch.Size(out_shape))
+        writers = [i for i, layer in enumerate(layers) if not isinstance(layer, ChannelsLastFlatten)]
+        for index in writers:
+            dst = None  # the last writer's output is run()'s destination
+            if index != writers[-1]:
+                dst = self._empty(shapes[index + 1])
+                self._buffers.append(dst)
+            layers[index].append_to_chain(self.chain, shapes[index], dst)
+        self.in_shape, self.out_shape = shapes[0], shapes[-1]
+
+    @staticmethod
+    def _empty(shape: torch.Size) -> torch.Tensor:
+        """An activation buffer: channels-last for feature maps."""
+        return torch.empty(shape, memory_format=torch.channels_last) if len(shape) == 4 else torch.empty(shape)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The activation buffers this step owns."""
+        return self._buffers
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape != self.in_shape or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"this chain runs float32 CPU input of shape {tuple(self.in_shape)}, "
+                             f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+        x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.contiguous()
+        out = self._empty(self.out_shape)
+        self.chain.run(x.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+def _replay(steps: Sequence[Callable], x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous(memory_format=torch.channels_last)
+    for step in steps:
+        x = step(x)
+    return x
+
+
+class FusedMultiTaskNet(DerivedState):
+    """Fused trunk + fused heads, with the input checks of the original network. Output:
+    ``[N, sum(num_classes)]`` logits; an empty batch gives an empty ``[0, sum(C)]``."""
+
+    def __init__(self, trunk: nn.Module, heads: nn.Module, in_channels: Optional[int], input_size: Optional[int],
+                 num_classes: Sequence[int], task_names: Sequence[str], max_plans: int = 8,
+                 max_plan_bytes: int = 256 << 20):
+        super().__init__()
+        self.trunk, self.heads = trunk, heads
+        self.in_channels, self.input_size = in_channels, input_size
+        self.num_classes, self.task_names = tuple(num_classes), tuple(task_names)
+        self._plans = LruCache(max_plans, max_plan_bytes)
+        self._plans_token = None
+        self.plannable = isinstance(trunk, nn.Sequential) and isinstance(heads, FusedHeads)
+        self._layers = list(trunk) + list(heads.layers) if self.plannable else []
+        self._parameter_list = tuple(self.parameters())
+        self._signature = hashlib.sha1("|".join(map(layer_signature, self._layers)).encode()).hexdigest()[:16]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"input must be a 4-D [N, C, H, W] tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"input must be a floating tensor, got {x.dtype}")
+        model_dtype, model_device = self._parameter_list[-1].dtype, self._parameter_list[-1].device
+        if x.device != model_device:
+            raise ValueError(f"input is on {x.device}, the model on {model_device}")
+        allowed = (torch.float32, torch.float16, torch.bfloat16) if x.is_cuda else (model_dtype,)
+        if x.dtype not in allowed:
+            raise TypeError(f"input dtype {x.dtype} is not supported on {x.device.type} by this model "
+                            f"(parameters in {model_dtype}); use one of {allowed}")
+        if self.in_channels is not None and x.shape[1] != self.in_channels:
+            raise ValueError(f"input has {x.shape[1]} channels, the model takes {self.in_channels}")
+        if self.input_size is not None and tuple(x.shape[2:]) != (self.input_size, self.input_size):
+            raise ValueError(f"input is {x.shape[2]}x{x.shape[3]}, the model takes "
+                             f"{self.input_size}x{self.input_size}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if x.shape[0] == 0:
+            return torch.empty((0, sum(self.num_classes)), dtype=x.dtype, device=x.device)
+        if x.device.type != "cpu" or not self.plannable:
+            return self.heads(self.trunk(x))
+        token = self._parameters_token()
+        if token != self._plans_token:
+            self._plans.clear()
+            self._plans_token = token
+        key = (tuple(x.shape), x.dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(x)
+            self._plans[key] = plan
+        return _replay(plan, x)
+
+    def _parameters_token(self) -> tuple:
+        """Changes whenever a parameter is moved, converted, loaded or updated in place."""
+        return (parameter_epoch(), *(p._version for p in self._parameter_list))
+
+    def _plan(self, x: torch.Tensor) -> list[Callable]:
+        """The steps for input like ``x``: each layer's implementation for its batch bucket
+        (timed on at most ``tuning.TUNING_BATCH`` images where no decision is stored), with
+        runs of layers that have whole-layer C++ kernels chained where that was measured
+        faster."""
+        n, bucket = x.shape[0], tuning.batch_bucket(x.shape[0])
+        probe = x[:tuning.TUNING_BATCH].contiguous(memory_format=torch.channels_last)
+        steps, chainable, h = [], [], probe
+        for layer in self._layers:
+            if isinstance(layer, FusedConv2d):
+                step = layer.implementation(h, bucket)
+            elif isinstance(layer, nn.Flatten):
+                step = functools.partial(torch.flatten, start_dim=layer.start_dim, end_dim=layer.end_dim)
+            else:
+                step = layer.forward
+            joins = (isinstance(layer, (FusedConv2d, FusedLinear, ChannelsLastFlatten))
+                     and x.dtype == torch.float32 and layer.chain_output_shape(h.shape) is not None)
+            chainable.append((layer, h.shape[1:]) if joins else None)
+            steps.append(step)
+            h = step(h)
+        if bucket not in CHAIN_BUCKETS or self._chained(steps, chainable, n) is None:
+            return steps
+        key = f"net:{self._signature}:in{'x'.join(map(str, x.shape[1:]))}:{x.dtype}:cpu:b{bucket}"
+        chain_probe = functools.lru_cache(maxsize=1)(lambda: self._chained(steps, chainable, probe.shape[0]))
+        plans = {"layers": lambda: functools.partial(_replay, steps),
+                 "chain": lambda: functools.partial(_replay, chain_probe())}
+        choice = tuning.choose(key, list(plans), lambda name: plans[name](), probe,
+                               heuristic="chain" if bucket == "1" else "layers")
+        return self._chained(steps, chainable, n) if choice == "chain" else steps
+
+    @staticmethod
+    def _chained(steps: list, chainable: list, batch: int) -> Optional[list]:
+        """``steps`` with every run of chainable layers that has two or more kernels as one
+        :class:`ChainStep` for ``batch`` images; None where there is no such run."""
+        out, index, found = [], 0, False
+        while index < len(steps):
+            end = index
+            while end < len(steps) and chainable[end] is not None:
+                end += 1
+            run = [layer for layer, _ in chainable[index:end]]
+            if sum(not isinstance(layer, ChannelsLastFlatten) for layer in run) >= 2:
+                out.append(ChainStep(run, torch.Size((batch, *chainable[index][1]))))
+                index, found = end, True
+            else:
+                out.append(steps[index])
+                index += 1
+        return out if found else None
+
+    def plan_memory(self) -> dict:
+        """How many input shapes have a plan, and the bytes held by plans and layer caches
+        (activation buffers, packed and transformed weights), parameters not included."""
+        seen: set[int] = set()
+        plan_bytes = self._plans.nbytes(seen)
+        layer_bytes = sum(m.derived_bytes(seen) for m in self.modules() if isinstance(m, DerivedState))
+        return {"plans": len(self._plans), "max_plans": self._plans.capacity, "max_plan_bytes": self._plans.max_bytes,
+                "bytes": plan_bytes + layer_bytes}
+
+    @property
+    def heads_dtype(self) -> torch.dtype:
+        return self._parameter_list[-1].dtype
