@@ -6,10 +6,13 @@ namespace mtk {
 
 // dst[n, y, x, c] = max over the 2x2 window at (2y, 2x) of src[n, :, :, c]; H, W even or
 // odd (the last row / column is dropped, as max_pool2d(2, 2) does).
+// 2x2 / stride 2 max-pool of NHWC, optionally followed by ReLU (max(relu(x)) = relu(max(x)),
+// so a conv without a fused ReLU pays no extra pass); NaN propagates as in PyTorch.
 struct MaxPoolProblem {
   const float* src;
   float* dst;
   int64_t batch, height, width, channels;
+  bool relu;
   int num_threads;
 };
 

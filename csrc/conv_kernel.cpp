@@ -30,10 +30,12 @@ void maxpool2x2_nhwc(const MaxPoolProblem& p) {
     const float* top = p.src + ((n * p.height + 2 * y) * p.width) * C;
     const float* bottom = top + p.width * C;
     float* out = p.dst + row * out_w * C;
+    const float floor = p.relu ? 0.0f : -std::numeric_limits<float>::infinity();
     for (int64_t x = 0; x < out_w; ++x) {
       const float *a = top + 2 * x * C, *b = bottom + 2 * x * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) out[x * C + c] = max_nan(max_nan(a[c], a[C + c]), max_nan(b[c], b[C + c]));
+      for (int64_t c = 0; c < C; ++c)
+        out[x * C + c] = std::max(max_nan(max_nan(a[c], a[C + c]), max_nan(b[c], b[C + c])), floor);
     }
   }
 }

@@ -53,11 +53,11 @@ int64_t multitask_loss_forward(uintptr_t logits, int dtype, int64_t rows, int64_
 }
 
 void maxpool2x2_nhwc(uintptr_t src, uintptr_t dst, int64_t batch, int64_t height, int64_t width,
-                     int64_t channels, int num_threads) {
+                     int64_t channels, bool relu, int num_threads) {
   if (batch < 0 || height < 0 || width < 0 || channels < 0) throw std::invalid_argument("negative size");
   if (batch * (height / 2) * (width / 2) * channels == 0) return;
   const mtk::MaxPoolProblem problem{as_ptr<const float>(src), as_ptr<float>(dst), batch, height, width, channels,
-                                    std::max(1, num_threads)};
+                                    relu, std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().maxpool2x2_nhwc(problem);
 }
@@ -308,8 +308,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads"),
         "Masked multi-task loss and its gradient in one pass; returns the number of out-of-range labels.");
   m.def("maxpool2x2_nhwc", &maxpool2x2_nhwc, py::arg("src"), py::arg("dst"), py::arg("batch"), py::arg("height"),
-        py::arg("width"), py::arg("channels"), py::arg("num_threads"),
-        "2x2 / stride 2 max-pool of a contiguous NHWC float32 buffer.");
+        py::arg("width"), py::arg("channels"), py::arg("relu"), py::arg("num_threads"),
+        "2x2 / stride 2 max-pool (+ ReLU) of a contiguous NHWC float32 buffer; NaN propagates.");
   m.def("conv3x3_single_channel_nhwc", &conv3x3_single_channel_nhwc, py::arg("src"), py::arg("weight"),
         py::arg("bias"), py::arg("dst"), py::arg("batch"), py::arg("height"), py::arg("width"),
         py::arg("out_channels"), py::arg("relu"), py::arg("num_threads"),

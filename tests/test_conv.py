@@ -112,3 +112,70 @@ def test_grouped_linear_matches_torch(isa, batch, groups, width_in, width_out, r
     got = grouped_linear(x, weight, bias, relu)
     assert got.shape == want.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+# Non-finite values: each kernel's output is non-finite exactly where PyTorch's own ops
+# (float64, eager) give a non-finite value, NaN where they give NaN. A SIMD max(x, 0) or a
+# max-pool built on maxps returns the other operand for NaN and would hide a corrupt input.
+def assert_same_non_finite(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert finite.any()
+    torch.testing.assert_close(got.double()[finite], want.double()[finite], rtol=1e-4, atol=1e-3)
+
+
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("corner", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_maxpool_propagates_non_finite_from_every_corner(isa, corner, value):
+    x = torch.randn(2, 19, 6, 8).to(memory_format=torch.channels_last)
+    x[1, 3, 2 + corner[0], 4 + corner[1]] = value
+    x[0, 18, corner[0], corner[1]] = value
+    assert_same_non_finite(maxpool2x2(x), F.max_pool2d(x.double(), 2, 2))
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_single_channel_conv_propagates_non_finite(isa, relu, value):
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(2, 1, 9, 7, generator=g), torch.randn(16, 1, 3, 3, generator=g), torch.randn(16)
+    x[1, 0, 4, 3] = value
+    want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    want = F.relu(want) if relu else want
+    from mtkernels.ops.conv import conv_weight_k_major
+
+    assert_same_non_finite(conv3x3_single_channel(x, conv_weight_k_major(weight), bias, relu), want)
+
+
+@pytest.mark.parametrize("one_pass", [False, True], ids=["torch-gemm", "one-pass"])
+@pytest.mark.parametrize("relu,pool", [(True, True), (True, False), (False, True)])
+def test_winograd_conv_propagates_nan(isa, relu, pool, one_pass):
+    """A NaN pixel makes NaN of every output it reaches in eager (its 3x3 neighbourhood, then
+    the pool windows over it), whatever the sign of the weights, and nothing else. (An inf
+    reaches the same outputs as inf or NaN, depending on the Winograd transform's sums, so
+    only non-finiteness is the contract there: see the network tests.)"""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 8, 10, generator=g).to(memory_format=torch.channels_last)
+    x[1, 2, 3, 6] = float("nan")
+    weight, bias = torch.randn(40, 8, 3, 3, generator=g), torch.randn(40, generator=g)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    want = F.relu(want) if relu else want
+    want = F.max_pool2d(want, 2, 2) if pool else want
+    u = winograd_weight(weight)
+    got = (winograd_conv3x3_one_pass(x, winograd_weight_blocked(u), bias, relu, pool) if one_pass
+           else winograd_conv3x3_bias_act(x, u, bias, relu, pool))
+    assert torch.isnan(want).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isfinite(got[~torch.isnan(want)]).all()
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_grouped_linear_propagates_non_finite(isa, relu, value):
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(3, 2 * 6, generator=g), torch.randn(2, 5, 6, generator=g), torch.randn(10)
+    x[1, 7] = value
+    want = torch.cat([x[:, k * 6:(k + 1) * 6].double() @ weight[k].double().t() for k in range(2)], 1) + bias.double()
+    assert_same_non_finite(grouped_linear(x, weight, bias, relu), F.relu(want) if relu else want)

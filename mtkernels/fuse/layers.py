@@ -87,6 +87,9 @@ def fold_batchnorm(weight: torch.Tensor, bias: Optional[torch.Tensor],
     return folded_w.detach().clone(), folded_b.detach().clone()
 
 
+Layer = Callable[[torch.Tensor], torch.Tensor]
+
+
 def layer_signature(layer: nn.Module) -> str:
     """What identifies a layer's computation (not its values) in a tuning key."""
     return f"{type(layer).__name__}({layer.extra_repr()})"
@@ -97,9 +100,9 @@ class FusedConv2d(DerivedState):
 
     On the CPU each input kind (per-image shape, dtype, batch bucket) runs the candidate
     measured fastest for it (see :mod:`mtkernels.fuse.tuning`): ``aten`` (``F.conv2d`` +
-    in-place ReLU), ``onednn`` (oneDNN's convolution with a ReLU post-op, weights packed
-    once), ``single_channel`` (a direct C++ kernel for the one-input-channel first layer),
-    and for 3x3 / stride 1 convs Winograd F(2x2, 3x3) as C++ transforms around PyTorch's
+    in-place ReLU), ``onednn`` (oneDNN's convolution, weights packed once, then ReLU; not its
+    ReLU post-op, which turns NaN into 0), ``single_channel`` (a direct C++ kernel for the
+    one-input-channel first layer), and for 3x3 / stride 1 convs Winograd F(2x2, 3x3) as C++ transforms around PyTorch's
     batched GEMM (``winograd``) or as one C++ pass (``winograd_one_pass``); the last two pool
     in their output transform, the others are followed by a C++ NHWC pool. CUDA: the Triton
     implicit-GEMM kernel, the pool in its epilogue."""
@@ -133,9 +136,10 @@ class FusedConv2d(DerivedState):
                 f"groups={self.groups}, relu={self.relu}, pool={self.pool}")
 
     # -- candidates -------------------------------------------------------------------------
+    # aten and onednn return the conv + bias; the ReLU runs in the epilogue (see build): oneDNN's
+    # ReLU post-op returns 0 for NaN, where eager PyTorch returns NaN.
     def _aten(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return F.relu_(y) if self.relu else y
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         derived = self.derived()
@@ -146,8 +150,7 @@ class FusedConv2d(DerivedState):
                 self.weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape))
             derived[key] = packed
         return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, self.bias, self.padding, self.stride, self.dilation, self.groups,
-            "relu" if self.relu else "none", [], "")
+            x, packed, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
 
     def weight_k_major(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight as [KH * KW * C_in, C_out] and bias, in ``dtype`` on the weight's device."""
@@ -193,18 +196,19 @@ class FusedConv2d(DerivedState):
         _, u_blocked, buffers = self.winograd_operands()
         return winograd_conv3x3_one_pass_unchecked(x, u_blocked, self.bias, self.relu, self.pool, buffers)
 
-    def _pooled(self, impl: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``impl`` followed by the 2x2 max-pool (for implementations without it fused)."""
+    def _epilogue(self, impl: Layer, relu: bool) -> Layer:
+        """``impl`` followed by the ReLU (if ``relu``) and the 2x2 max-pool, in one C++ pass
+        where there is a pool (for implementations without them fused)."""
         if not self.pool:
-            return impl
+            return (lambda x: F.relu_(impl(x))) if relu else impl
 
         def run(x: torch.Tensor) -> torch.Tensor:
             y = impl(x)
             if y.device.type == "cpu" and y.dtype == torch.float32:
                 from ..ops.conv import maxpool2x2
 
-                return maxpool2x2(y)
-            return F.max_pool2d(y, 2, 2)
+                return maxpool2x2(y, relu)
+            return F.max_pool2d(F.relu_(y) if relu else y, 2, 2)
         return run
 
     def candidates(self, x: torch.Tensor) -> list[str]:
@@ -222,7 +226,9 @@ class FusedConv2d(DerivedState):
 
     def build(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         impl = getattr(self, "_" + name)
-        return impl if name.startswith("winograd") else self._pooled(impl)
+        if name.startswith("winograd"):  # ReLU and pool in the output transform
+            return impl
+        return self._epilogue(impl, relu=self.relu and name != "single_channel")
 
     @staticmethod
     def heuristic(names: Sequence[str]) -> str:
@@ -250,7 +256,7 @@ class FusedConv2d(DerivedState):
         if x.is_cuda and self.triton_ok:
             return self._triton(x)  # pool fused in the kernel's epilogue
         if x.shape[0] == 0 or x.device.type != "cpu":
-            return self._pooled(self._aten)(x)
+            return self.build("aten")(x)
         return self.implementation(x, tuning.batch_bucket(x.shape[0]))(x)
 
     # -- layer chains -----------------------------------------------------------------------

@@ -35,13 +35,13 @@ def _check_matrix(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a 2-D float32 CPU tensor, got {x.dim()}-D {x.dtype} on {x.device}")
 
 
-def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
-    """``F.max_pool2d(x, 2, 2)`` for a channels-last float32 CPU tensor."""
+def maxpool2x2(x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """``F.max_pool2d(x, 2, 2)`` (then ReLU if ``relu``) for a channels-last float32 CPU tensor."""
     _check("x", x)
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     out = torch.empty((n, c, h // 2, w // 2), memory_format=torch.channels_last)
-    _C.maxpool2x2_nhwc(x.data_ptr(), out.data_ptr(), n, h, w, c, torch.get_num_threads())
+    _C.maxpool2x2_nhwc(x.data_ptr(), out.data_ptr(), n, h, w, c, relu, torch.get_num_threads())
     return out
 
 
