@@ -55,6 +55,22 @@ def sgd_step(model: torch.nn.Module, x: torch.Tensor, loss_fn):
     return step
 
 
+def one_epoch_bknet_run(run_dir: Path) -> Path:
+    """A BKNet run directory trained for one epoch on 64 random images: what the analysis
+    benchmarks load (their timings do not depend on what the model learned)."""
+    import numpy as np
+
+    from models.data import merge_sources
+    from models.train import config_by_name, train
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 48, 48), dtype=np.uint8)
+    dataset = merge_sources([("fer2013", images, {"emotion": rng.integers(0, 7, 64)}),
+                             ("wiki", images, {"gender": rng.integers(0, 2, 64)})], ("smile", "emotion", "gender"))
+    train(config_by_name("B4").replace(epochs=1, batch_size=64), dataset, run_dir, progress=False)
+    return run_dir
+
+
 def register_report(suite: str):
     """Decorator for a function(device, measurements) that writes a suite's results."""
     def wrap(fn):

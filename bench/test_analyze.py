@@ -11,13 +11,12 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from harness import MEASUREMENTS, measure, register_report
+from harness import MEASUREMENTS, measure, one_epoch_bknet_run, register_report
 from PIL import Image
 from results_io import RESULTS_DIR, save_bar_chart, write_table
 from skimage import data
 
 from models.analysis import Analyzer
-from models.train import config_by_name, train
 
 SUITE = "analyze"
 GROUP = 16          # LFW faces per group photo
@@ -44,15 +43,7 @@ def write_photos(folder) -> int:
 def workload(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
     faces = write_photos(folder)
-    run = tmp_path_factory.mktemp("run")
-    rng = np.random.default_rng(0)
-    from models.data import merge_sources
-
-    images = rng.integers(0, 256, (64, 48, 48), dtype=np.uint8)
-    dataset = merge_sources([("fer2013", images, {"emotion": rng.integers(0, 7, 64)}),
-                             ("wiki", images, {"gender": rng.integers(0, 2, 64)})], ("smile", "emotion", "gender"))
-    train(config_by_name("B4").replace(epochs=1, batch_size=64), dataset, run, progress=False)
-    return folder, run, faces
+    return folder, one_epoch_bknet_run(tmp_path_factory.mktemp("run")), faces
 
 
 @pytest.mark.parametrize("impl", ["eager", "fused"])

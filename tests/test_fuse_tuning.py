@@ -131,7 +131,7 @@ def test_fastest_picks_the_fast_candidate_and_drops_slow_ones():
         return x
 
     assert tuning.fastest({"slow": slow, "fast": fast}, torch.zeros(1)) == "fast"
-    assert calls["slow"] <= 2  # one untimed call, one timed round, then dropped
+    assert calls["slow"] <= 4  # two untimed calls, two timed rounds, then dropped
 
 
 def test_models_fuse_through_their_own_hook():

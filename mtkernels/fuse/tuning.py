@@ -95,19 +95,24 @@ def machine_context() -> dict:
             "torch": torch.__version__, "mtkernels": __version__}
 
 
-def fastest(candidates: Mapping[str, Callable[[torch.Tensor], object]], x: torch.Tensor, runs: int = 3,
+def fastest(candidates: Mapping[str, Callable[[torch.Tensor], object]], x: torch.Tensor, runs: int = 5,
             min_seconds: float = 1e-3) -> str:
     """The name of the candidate with the lowest best-of-``runs`` time per call on ``x``.
-    One untimed call first builds primitives, packed weights and buffers. The candidates
-    take turns, so a slow spell of the machine hits all; after the first round, which times
-    one call each, every timing repeats a candidate until it covers ``min_seconds`` (one
-    0.1 ms call is mostly timer noise). After each round a candidate over twice the best so
-    far drops out: it will not win, and timing it again only makes the first call slower."""
+    Two untimed calls first build primitives, packed weights and buffers (the second also
+    sets how often each timing repeats a candidate: until it covers ``min_seconds``, since one
+    0.1 ms call is mostly timer noise). The candidates take turns, so a slow spell of the
+    machine hits all. From the second round on, a candidate whose best is over twice the
+    leader's drops out: it will not win, and timing it again only makes the first call
+    slower. (After one round a single slow call could still be noise.)"""
     names = list(candidates)
+    repeats = {}
     for name in names:
-        candidates[name](x)
+        run = candidates[name]
+        run(x)
+        start = time.perf_counter()
+        run(x)
+        repeats[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-7)))
     best = {name: math.inf for name in names}
-    repeats = dict.fromkeys(names, 1)
     alive = names
     for round_ in range(runs):
         for name in alive:
@@ -115,14 +120,12 @@ def fastest(candidates: Mapping[str, Callable[[torch.Tensor], object]], x: torch
             start = time.perf_counter()
             for _ in range(n):
                 run(x)
-            elapsed = time.perf_counter() - start
-            best[name] = min(best[name], elapsed / n)
-            if round_ == 0:
-                repeats[name] = max(1, math.ceil(min_seconds / max(elapsed, 1e-7)))
-        leader = min(best[name] for name in alive)
-        alive = [name for name in alive if best[name] <= 2.0 * leader]
-        if len(alive) == 1:
-            break
+            best[name] = min(best[name], (time.perf_counter() - start) / n)
+        if round_ >= 1:
+            leader = min(best[name] for name in alive)
+            alive = [name for name in alive if best[name] <= 2.0 * leader]
+            if len(alive) == 1:
+                break
     return min(alive, key=best.__getitem__)
 
 
