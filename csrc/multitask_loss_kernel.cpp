@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "float_ops.h"
 #include "isa_variant.h"
 #include "multitask_loss.h"
 
@@ -272,7 +273,7 @@ void cross_entropy_task(const float* xt, float* gt, const int32_t* y, const int3
     }
     for (int64_t j = 1; j < classes; ++j)
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) run_max[l] = std::max(run_max[l], x[j * R + l]);
+      for (int l = 0; l < kLanes; ++l) run_max[l] = max_nan(run_max[l], x[j * R + l]);
     for (int64_t j = 0; j < classes; ++j)
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) {
@@ -285,7 +286,10 @@ void cross_entropy_task(const float* xt, float* gt, const int32_t* y, const int3
       const bool valid = y[r0 + l] >= 0;
       const float sum = float(run_sum[l]);
       loss[r0 + l] = keep_if(valid, log_at_least_one(sum) + run_max[l] - xt[y_at[r0 + l]]);
-      coef[l] = keep_if(valid, scale / sum);
+      // A NaN or +inf logit (run_max NaN or inf), or a row of -inf, makes the row's softmax
+      // NaN in the reference: max - max is NaN exactly then, 0 otherwise. An unlabelled row
+      // stays exactly 0 (keep_if selects, it does not multiply).
+      coef[l] = keep_if(valid, scale / sum + (run_max[l] - run_max[l]));
     }
     if (!kWantGrad) continue;
     for (int64_t j = 0; j < classes; ++j)

@@ -196,6 +196,33 @@ def test_triton_kernels_under_interpreter(dtype):
     run_under_interpreter("test_fuse", "check_triton_kernels_under_interpreter", dtype)
 
 
+def check_triton_kernels_propagate_nan():
+    """Runs in a subprocess: a NaN pixel through the Triton conv (ReLU, pool) and linear
+    (ReLU) gives NaN exactly where eager PyTorch does, whatever the sign of the weights."""
+    import torch.nn.functional as F
+
+    from mtkernels.ops.conv import conv_weight_k_major
+    from mtkernels.triton.conv import conv2d_bias_act, linear_bias_act
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    x[1, 0, 3, 4] = float("nan")
+    weight, bias = torch.randn(12, 3, 3, 3, generator=g), torch.randn(12, generator=g)
+    want = F.max_pool2d(F.relu(F.conv2d(x.double(), weight.double(), bias.double(), padding=1)), 2)
+    got = conv2d_bias_act(x.to(memory_format=torch.channels_last), conv_weight_k_major(weight), bias, (3, 3), 1, 1,
+                          True, True)
+    assert torch.isnan(want).any() and torch.equal(torch.isnan(got), torch.isnan(want))
+    rows = torch.randn(3, 20, generator=g)
+    rows[2, 7] = float("nan")
+    got = linear_bias_act(rows, torch.randn(9, 20, generator=g), torch.randn(9, generator=g), True)
+    assert torch.isnan(got[2]).all() and not torch.isnan(got[:2]).any()
+
+
+def test_triton_kernels_propagate_nan_under_interpreter():
+    run_under_interpreter("test_fuse", "check_triton_kernels_propagate_nan")
+
+
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("pool", [False, True])

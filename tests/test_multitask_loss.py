@@ -32,7 +32,7 @@ def loss_and_grad(fn, logits, labels, upstream, **kw):
     x = logits.clone().requires_grad_()
     loss = fn(x, labels, **kw)
     (grad,) = torch.autograd.grad(loss, x, upstream.to(loss.dtype))
-    return loss.detach().double().numpy(), grad.double().numpy()
+    return loss.detach().double().cpu().numpy(), grad.double().cpu().numpy()
 
 
 def max_err(a, b):
@@ -314,3 +314,113 @@ def test_cuda_matches_reference(kind, reduction, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     np.testing.assert_allclose(got[0], want[0], rtol=tol, atol=tol)
     np.testing.assert_allclose(got[1], want[1], rtol=tol, atol=tol * np.abs(want[1]).max())
+
+
+# --- non-finite logits and empty batches ----------------------------------------------------------
+
+NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+SIZES = (2, 7, 2)
+
+
+def non_finite_batch(dtype, value):
+    """Rows 0-3 labelled for every task, row 4 for none; the value lands in task 1 (7 classes)
+    at its first column (row 0), the true class (row 1), another column (rows 2 and 4), and
+    in every column of task 1 (row 3)."""
+    logits, _ = make_batch(5, SIZES, torch.float32, seed=3)
+    labels = torch.tensor([[0, 4, 1], [1, 5, 0], [0, 2, 1], [1, 0, 0], [-1, -1, -1]])
+    for row, column in ((0, 2), (1, 2 + 5), (2, 2 + 6), (4, 2 + 6)):
+        logits[row, column] = value
+    logits[3, 2:9] = value
+    return logits.to(dtype), labels
+
+
+def assert_follows_the_reference(kind, dtype, value, fn=mtkernels.multitask_loss):
+    logits, labels = non_finite_batch(dtype, value)
+    got_rows, got_grad = loss_and_grad(fn, logits, labels, torch.ones(5, 3), num_classes=SIZES, kind=kind,
+                                       reduction="none")
+    want_rows, want_grad = loss_and_grad(reference.multitask_loss, logits.double(), labels, torch.ones(5, 3),
+                                         num_classes=SIZES, kind=kind, reduction="none")
+    labelled = labels.numpy() >= 0
+    assert np.array_equal(np.isfinite(got_rows), np.isfinite(want_rows) | ~labelled)
+    assert (got_rows[~labelled] == 0).all() and (got_grad[4] == 0).all()  # unlabelled: exactly 0, whatever it holds
+    finite = np.isfinite(want_rows) & labelled
+    np.testing.assert_allclose(got_rows[finite], want_rows[finite], rtol=1e-2, atol=1e-2)
+    if kind == "ce":  # as the reference: NaN where the row's softmax is (a NaN or +inf logit), else finite
+        assert np.array_equal(np.isnan(got_grad[:4]), np.isnan(want_grad[:4]))
+        assert np.array_equal(np.isfinite(got_grad[:4]), np.isfinite(want_grad[:4]))
+    else:  # the reference's clamp gives a 0 gradient at a NaN; here a non-finite loss has a non-finite gradient
+        offsets = np.cumsum((0,) + SIZES)
+        for task in range(len(SIZES)):
+            columns = got_grad[:4, offsets[task]:offsets[task + 1]]
+            assert np.array_equal(np.isfinite(columns).all(1), np.isfinite(want_rows[:4, task]))
+    if kind == "ce" and value != float("-inf"):  # every row of task 1 holds a NaN or +inf logit
+        assert not np.isfinite(got_rows[:4, 1]).any()
+    total = fn(logits, labels, SIZES, kind=kind)
+    assert torch.isfinite(total).item() == bool(np.isfinite(want_rows[labelled]).all())
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["ce", "svm"])
+def test_non_finite_logits_follow_the_reference(isa, kind, dtype, value):
+    assert_follows_the_reference(kind, dtype, NON_FINITE[value])
+
+
+def test_a_nan_among_many_rows_and_classes_is_not_lost():
+    logits, labels = make_batch(5000, (7, 300), torch.float32)
+    labels[1234] = torch.tensor([3, 17])
+    logits[1234, 7 + 250] = float("nan")
+    loss = mtkernels.multitask_loss(logits, labels, (7, 300), reduction="none")
+    assert torch.isnan(loss[1234, 1]) and torch.isfinite(loss[1234, 0])
+    assert torch.isfinite(loss[torch.arange(5000) != 1234]).all()
+    assert torch.isnan(mtkernels.multitask_loss(logits, labels, (7, 300)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["ce", "svm"])
+def test_an_empty_batch(kind, reduction):
+    logits = torch.zeros(0, 11, requires_grad=True)
+    loss = mtkernels.multitask_loss(logits, torch.zeros(0, 3, dtype=torch.long), SIZES, kind=kind,
+                                    reduction=reduction)
+    assert loss.shape == ((0, 3) if reduction == "none" else ())
+    if reduction != "none":
+        assert loss.item() == 0.0
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert grad.shape == (0, 11)
+
+
+def check_triton_non_finite_under_interpreter(kind, value_name):
+    """Runs in a subprocess under TRITON_INTERPRET=1: the Triton kernel's per-row losses and
+    gradient against the same expectations as the CPU kernel's."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+
+    def triton_rows(logits, labels, num_classes, kind, reduction):
+        assert reduction == "none"
+        return TritonRows.apply(logits, labels, kind)
+
+    class TritonRows(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, labels, kind):
+            rows, grad, _ = triton_loss.multitask_loss_forward(logits, labels, SIZES, (1.0, 1.0, 1.0), 1.0, kind,
+                                                               1.0, True)
+            ctx.save_for_backward(grad)
+            return rows
+
+        @staticmethod
+        def backward(ctx, upstream):
+            return ctx.saved_tensors[0] * upstream.sum(1, keepdim=True).to(ctx.saved_tensors[0].dtype), None, None
+
+    logits, labels = non_finite_batch(torch.float32, NON_FINITE[value_name])
+    rows = triton_rows(logits, labels, SIZES, kind, "none")
+    want, _ = loss_and_grad(reference.multitask_loss, logits.double(), labels, torch.ones(5, 3), num_classes=SIZES,
+                            kind=kind, reduction="none")
+    labelled = labels.numpy() >= 0
+    got = rows.detach().double().numpy()
+    assert np.array_equal(np.isfinite(got), np.isfinite(want) | ~labelled), (got, want)
+    assert (got[~labelled] == 0).all()
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize("kind", ["ce", "svm"])
+def test_triton_non_finite_under_interpreter(kind, value):
+    run_under_interpreter("test_multitask_loss", "check_triton_non_finite_under_interpreter", kind, value)

@@ -112,6 +112,27 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 2  # header + epoch 1
 
 
+def test_a_nan_image_stops_training_through_the_model_and_the_fused_loss(tmp_path, monkeypatch):
+    """No multiplying the loss afterwards: one corrupt image in epoch 2's second batch flows
+    through the network (fused BatchNorm + ReLU on the CPU) and the fused C++ loss, whose
+    result must be non-finite for the trainer to stop."""
+    import models.train.trainer as trainer
+
+    real_input, calls = trainer.to_model_input, [0]
+
+    def corrupt_in_epoch_two(images):
+        calls[0] += 1
+        x = real_input(images)
+        if calls[0] == 5:  # 3 batches per epoch: epoch 2, batch 2
+            x[0] = float("nan")
+        return x
+
+    monkeypatch.setattr(trainer, "to_model_input", corrupt_in_epoch_two)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, batch 2.*epoch-0001\.pt"):
+        train(small_config(epochs=3), learnable_dataset(per_source=32), tmp_path, progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("*.pt")] == ["epoch-0001.pt"]
+
+
 def test_unwritable_output_directory_fails_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

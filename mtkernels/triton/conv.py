@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .float_ops import max_nan, relu_nan
+
 
 @triton.jit
 def conv2d_bias_act_kernel(
@@ -63,10 +65,10 @@ def conv2d_bias_act_kernel(
         b = tl.load(w_ptr + k[:, None] * c_out + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc)
     if POOL:
-        acc = tl.max(tl.reshape(acc, [BLOCK_M, WINDOW, BLOCK_N]), axis=1)
+        acc = tl.reduce(tl.reshape(acc, [BLOCK_M, WINDOW, BLOCK_N]), 1, max_nan)
     acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu_nan(acc)
     out_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out_off = out_rows[:, None].to(tl.int64) * c_out + cols[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty),
@@ -92,7 +94,7 @@ def linear_bias_act_kernel(
         acc = tl.dot(a, b, acc)
     acc += tl.load(bias_ptr + c, mask=c < n_out, other=0.0).to(tl.float32)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu_nan(acc)
     tl.store(out_ptr + r[:, None].to(tl.int64) * n_out + c[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(r < rows)[:, None] & (c < n_out)[None, :])
 

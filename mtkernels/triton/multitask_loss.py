@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .float_ops import relu_nan
+
 # Elements per program tile: enough work per program, small enough to stay in registers.
 TILE_ELEMENTS = 4096
 MAX_BLOCK_C = 1024
@@ -58,7 +60,7 @@ def multitask_loss_kernel(
             c = c0 + cols
             m = valid[:, None] & (c < classes)[None, :]
             z = tl.load(row_base[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
-            h = tl.maximum(z - true_score[:, None] + margin, 0.0)
+            h = relu_nan(z - true_score[:, None] + margin)
             h = tl.where(m & (c[None, :] != label[:, None]), h, 0.0)
             hinge_sum += tl.sum(h, axis=1)
             hinge_sq += tl.sum(h * h, axis=1)
@@ -91,7 +93,7 @@ def multitask_loss_kernel(
             z = tl.load(row_base[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
             is_label = c[None, :] == label[:, None]
             if IS_SVM:
-                h = tl.maximum(z - true_score[:, None] + margin, 0.0)
+                h = relu_nan(z - true_score[:, None] + margin)
                 g = tl.where(is_label, -hinge_sum[:, None], h) * (2.0 * g_scale)[:, None]
             else:
                 g = (tl.exp(z - lse[:, None]) - is_label.to(tl.float32)) * g_scale[:, None]
