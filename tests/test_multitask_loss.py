@@ -424,3 +424,13 @@ def check_triton_non_finite_under_interpreter(kind, value_name):
 @pytest.mark.parametrize("kind", ["ce", "svm"])
 def test_triton_non_finite_under_interpreter(kind, value):
     run_under_interpreter("test_multitask_loss", "check_triton_non_finite_under_interpreter", kind, value)
+
+
+def test_double_backward_names_the_workaround():
+    x = torch.randn(4, 11, requires_grad=True)
+    labels = torch.tensor([[0, 1, 1]] * 4)
+    (grad,) = torch.autograd.grad(mtkernels.multitask_loss(x, labels, SIZES), x, create_graph=True)
+    want, = torch.autograd.grad(reference.multitask_loss(x, labels, SIZES), x)
+    torch.testing.assert_close(grad, want)  # create_graph alone is fine
+    with pytest.raises(RuntimeError, match="does not support double backward.*mtkernels.reference.multitask_loss"):
+        grad.pow(2).sum().backward()

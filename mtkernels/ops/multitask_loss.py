@@ -111,11 +111,30 @@ class FusedMultiTaskLoss(torch.autograd.Function):
         loss, grad = fused_forward(logits, labels, spec, True, validate)
         ctx.grad = grad
         ctx.spec = spec
+        ctx.save_for_backward(logits)  # only for create_graph=True (see backward)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return scale_saved_grad(ctx.grad, grad_loss, ctx.spec), None, None, None
+        grad = scale_saved_grad(ctx.grad, grad_loss, ctx.spec)
+        if torch.is_grad_enabled():  # create_graph=True: a later backward through grad must fail clearly
+            grad = _NoDoubleBackward.apply(grad, *ctx.saved_tensors)
+        return grad, None, None, None
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """``grad``, as a function of ``logits`` whose backward says that the fused loss has no
+    second derivative."""
+
+    @staticmethod
+    def forward(ctx, grad, logits):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("mtkernels.multitask_loss does not support double backward (a gradient of its "
+                           "gradient); use mtkernels.reference.multitask_loss, which has the same signature, "
+                           "where higher-order gradients are needed")
 
 
 # ---------------------------------------------------------------------------------
