@@ -434,3 +434,28 @@ def test_double_backward_names_the_workaround():
     torch.testing.assert_close(grad, want)  # create_graph alone is fine
     with pytest.raises(RuntimeError, match="does not support double backward.*mtkernels.reference.multitask_loss"):
         grad.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [1024, 8192])
+def test_one_wide_task_row_by_row(isa, classes, dtype):
+    """Single cross-entropy tasks this wide run row by row (csrc: cross_entropy_rows), 16-bit
+    logits from 1024 classes, float32 from 8192: the same error rule, labels out of range
+    counted, and non-finite logits as elsewhere."""
+    for reduction in ("mean", "none"):
+        logits, labels = make_batch(37, (classes,), dtype, seed=classes)
+        assert_no_worse_than_eager(logits, labels, (classes,), dtype, reduction=reduction)
+    logits[3, 700] = float("nan")
+    logits[5, 11] = float("inf")
+    labels[3] = labels[5] = 2
+    labels[6] = -1
+    logits[6, 0] = float("nan")
+    x = logits.clone().requires_grad_()
+    rows = mtkernels.multitask_loss(x, labels, (classes,), reduction="none")
+    (grad,) = torch.autograd.grad(rows.sum(), x)
+    bad = torch.zeros(37, dtype=torch.bool)
+    bad[[3, 5]] = True
+    assert torch.equal(~torch.isfinite(rows[:, 0]), bad) and torch.isnan(grad[bad]).all()
+    assert torch.isfinite(grad[~bad]).all() and rows[6, 0] == 0 and (grad[6] == 0).all()
+    with pytest.raises(ValueError, match="label"):
+        mtkernels.multitask_loss(logits, torch.full((37, 1), classes), (classes,))
