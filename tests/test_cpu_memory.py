@@ -35,6 +35,10 @@ def step_page_faults(mode: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and getrusage page-fault counts")
 def test_training_steps_reuse_freed_memory():
-    default, retained = step_page_faults("default"), step_page_faults("retained")
+    # The least of two processes per mode, alike for both: on a loaded machine one process's
+    # count can include faults of pages the kernel reclaimed meanwhile (seen once in a full
+    # test run: 9792 retained against 36833 default; 0 against 18435-103059 alone).
+    default = min(step_page_faults("default") for _ in range(2))
+    retained = min(step_page_faults("retained") for _ in range(2))
     assert default > 10_000  # every step faults its large buffers in again
     assert retained < default / 10

@@ -97,8 +97,6 @@ def fused_forward(logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec, co
 def scale_saved_grad(grad: torch.Tensor, grad_loss: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """Backward of the fused loss: the stored gradient times the incoming one."""
     if spec.reduction != "none":
-        if grad.device.type == "cpu" and grad_loss.item() == 1.0:  # loss.backward(): no pass over the gradient
-            return grad
         return grad * grad_loss.to(grad.dtype)
     per_column = torch.cat(
         [grad_loss[:, t:t + 1].expand(-1, c) for t, c in enumerate(spec.num_classes)], dim=1)
@@ -118,7 +116,10 @@ class FusedMultiTaskLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad = scale_saved_grad(ctx.grad, grad_loss, ctx.spec)
+        if ctx.spec.reduction != "none" and ctx.grad.device.type == "cpu" and grad_loss.item() == 1.0:
+            grad = ctx.grad  # loss.backward(): no pass over the gradient (eager only: .item() is free on the CPU)
+        else:
+            grad = scale_saved_grad(ctx.grad, grad_loss, ctx.spec)
         if torch.is_grad_enabled():  # create_graph=True: a later backward through grad must fail clearly
             grad = _NoDoubleBackward.apply(grad, *ctx.saved_tensors)
         return grad, None, None, None
