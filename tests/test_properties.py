@@ -253,11 +253,22 @@ def test_grouped_linear_is_eagers(batch, groups, width_in, width_out, relu, seed
 
 # --- training kernels ------------------------------------------------------------------------
 
+def winograd_weight_grad_scale(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """The same for the Winograd weight gradient (d U = V^T d M per tile, then d w = G^T d U G):
+    every tap of d w[o, c] mixes, per tile, all of the 4x4 input tile of channel c with all of
+    the 2x2 output block of d y_o, so the scale of every tap is
+    sum over images and tiles of (sum over the tile |x_c|)(sum over the block |d y_o|)."""
+    _, _, h, w = x.shape
+    tile_sums = F.avg_pool2d(F.pad(x.double().abs(), (1, 1 + w % 2, 1, 1 + h % 2)), 4, stride=2) * 16
+    block_sums = F.avg_pool2d(F.pad(grad_y.double().abs(), (0, w % 2, 0, h % 2)), 2, stride=2) * 4
+    per_pair = torch.einsum("ncij,noij->oc", tile_sums, block_sums)
+    return per_pair[:, :, None, None].expand(-1, -1, 3, 3)
+
+
 @given(x=feature_maps(), c_out=st.integers(1, 40), bias=st.booleans(), seed=seeds)
 def test_training_winograd_within_its_bound(x, c_out, bias, seed):
     """y and d x are Winograd convolutions (of x with w; of d y with the flipped, transposed
-    w): each against its tile scale. d w (the adjoint transform) against the example tests'
-    conv(|x|, |w|) scale on images of at least 4x4; d bias is a plain sum."""
+    w), d w its adjoint: each against its tile scale; d bias is a plain sum."""
     assume(x.shape[0] > 0)
     weight = randn((c_out, x.shape[1], 3, 3), seed)
     b = randn((c_out,), seed + 1) if bias else None
@@ -265,9 +276,8 @@ def test_training_winograd_within_its_bound(x, c_out, bias, seed):
     want, scale = float64_conv_and_bounds(x, weight, b, grad_y, 1, 1)
     y_scale = winograd_error_scale(x, weight, b if b is not None else torch.zeros(c_out))
     x_scale = winograd_error_scale(grad_y, weight.flip(2, 3).transpose(0, 1), torch.zeros(x.shape[1]))
-    assert_within(got[:2], want[:2], [y_scale, x_scale], WINOGRAD_RELATIVE_BOUND)
-    if min(x.shape[2:]) >= 4:
-        assert_within(got[2:3], want[2:3], scale[2:3], WINOGRAD_RELATIVE_BOUND, RESULTS[2:3])
+    assert_within(got[:3], want[:3], [y_scale, x_scale, winograd_weight_grad_scale(x, grad_y)],
+                  WINOGRAD_RELATIVE_BOUND)
     assert_within(got[3:], want[3:], scale[3:], DIRECT_RELATIVE_BOUND, RESULTS[3:])
 
 
@@ -284,10 +294,13 @@ def test_gemm_conv_within_its_bound(x, c_out, kernel, stride, padding, bias, see
 
 @given(x=feature_maps(), seed=seeds, flat=st.booleans())
 def test_batchnorm_relu_is_eagers(x, seed, flat):
-    assume(x.shape[0] * x.shape[2] * x.shape[3] > 1)  # BatchNorm needs two values per channel
+    # At least 8 values per channel: with fewer the normalised values hardly depend on x, and
+    # float32 rounding in the gradient grows as 1 / std, beyond the fixed tolerance used here.
+    assume(x.shape[0] * x.shape[2] * x.shape[3] >= 8)
     x = (x * 3 + 1).permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if flat else x * 3 + 1
     c = x.shape[1]
-    weight, bias = torch.rand(c) + 0.5, torch.rand(c) - 0.5
+    g = torch.Generator().manual_seed(seed)
+    weight, bias = torch.rand(c, generator=g) + 0.5, torch.rand(c, generator=g) - 0.5
     grad_y = randn(x.shape, seed)
     xs, ws, bs = (t.clone().requires_grad_() for t in (x, weight, bias))
     y, _, _ = batchnorm_relu(xs, ws, bs, 1e-5)
