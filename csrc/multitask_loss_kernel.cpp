@@ -26,11 +26,14 @@ namespace {
 // Floats per tile: the tile's logits and gradient stay in L1/L2.
 constexpr int64_t kTileElements = 4096;
 // A single cross-entropy task at least this wide runs row by row (cross_entropy_rows)
-// instead of in column-major tiles: measured faster from here up at N = 4096 (float32 tiles
-// have an AVX-512 transpose; 16-bit logits go through gathers).
-constexpr int64_t kRowMajorClassesF32 = 8192, kRowMajorClasses16 = 1024;
+// instead of in column-major tiles. Measured at N = 4096 (AVX-512, 2 threads): 16-bit rows
+// win from 128 classes (1.1x there, 4x at 2048: their tiles load through gathers), float32
+// rows from 2048 (1.3x; level with the tiles' AVX-512 transpose from 256 to 1024).
+constexpr int64_t kRowMajorClassesF32 = 2048, kRowMajorClasses16 = 128;
 // Below this many logits, starting OpenMP threads costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 15;
+
+inline int64_t element_bytes(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t u = uint32_t(bits) << 16;
@@ -42,9 +45,9 @@ inline float bf16_to_float(uint16_t bits) {
 inline uint16_t float_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-  return uint16_t(u >> 16);
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // to nearest, ties to even
+  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 // v if keep else +0.0, as a bit mask: GCC vectorises this where it keeps a ternary on
@@ -260,7 +263,9 @@ void store_tile(const LossProblem& p, int64_t row0, int64_t rows, int64_t R, con
 // The task functions walk the tile kLanes rows at a time with the class loop outside
 // the lane loop: the per-row accumulators are fixed-size local arrays that stay in
 // registers (GCC does not vectorise the outer row loop of a class loop by itself).
-// Sums over classes are in double so their error does not grow with the class count.
+// Sums over classes are in float within blocks of kFloatSumTerms terms and in double across
+// blocks, so their error does not grow with the class count.
+constexpr int64_t kFloatSumTerms = 64;
 
 // Softmax cross-entropy of one task; fills loss[r], and g with d(scale * loss)/dz.
 template <bool kWantGrad>
@@ -279,13 +284,18 @@ void cross_entropy_task(const float* xt, float* gt, const int32_t* y, const int3
     for (int64_t j = 1; j < classes; ++j)
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) run_max[l] = max_nan(run_max[l], x[j * R + l]);
-    for (int64_t j = 0; j < classes; ++j)
+    for (int64_t j0 = 0; j0 < classes; j0 += kFloatSumTerms) {
+      float block_sum[kLanes] = {};
+      for (int64_t j = j0; j < std::min(classes, j0 + kFloatSumTerms); ++j)
 #pragma omp simd
-      for (int l = 0; l < kLanes; ++l) {
-        const float e = exp_nonpositive(x[j * R + l] - run_max[l]);
-        g[j * R + l] = e;
-        run_sum[l] += e;
-      }
+        for (int l = 0; l < kLanes; ++l) {
+          const float e = exp_nonpositive(x[j * R + l] - run_max[l]);
+          g[j * R + l] = e;
+          block_sum[l] += e;
+        }
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) run_sum[l] += block_sum[l];
+    }
 #pragma omp simd
     for (int l = 0; l < kLanes; ++l) {
       const bool valid = y[r0 + l] >= 0;
@@ -400,46 +410,150 @@ TileResult process_tile(const LossProblem& p, int64_t row0, int64_t rows, Scratc
   return res;
 }
 
+// n consecutive logits of one row as float32 (the row kernels' working copy).
+void load_floats(DType dtype, const void* src, int64_t first, int64_t n, float* out) {
+  switch (dtype) {
+    case DType::f32:
+      std::memcpy(out, static_cast<const float*>(src) + first, n * sizeof(float));
+      return;
+    case DType::f16: {
+      const _Float16* in = static_cast<const _Float16*>(src) + first;
+#if defined(__AVX512F__)
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 lanes = first_lanes(n - j);
+        _mm512_mask_storeu_ps(out + j, lanes, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, in + j)));
+      }
+#else
+      for (int64_t j = 0; j < n; ++j) out[j] = float(in[j]);
+#endif
+      return;
+    }
+    case DType::bf16: {
+      const uint16_t* in = static_cast<const uint16_t*>(src) + first;
+#if defined(__AVX512F__)
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 lanes = first_lanes(n - j);
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, in + j));
+        _mm512_mask_storeu_ps(out + j, lanes, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+      }
+#else
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] = bf16_to_float(in[j]);
+#endif
+      return;
+    }
+  }
+}
+
+// The inverse of load_floats, rounding to nearest even.
+void store_floats(DType dtype, void* dst, int64_t first, int64_t n, const float* in) {
+  switch (dtype) {
+    case DType::f32:
+      std::memcpy(static_cast<float*>(dst) + first, in, n * sizeof(float));
+      return;
+    case DType::f16: {
+      _Float16* out = static_cast<_Float16*>(dst) + first;
+#if defined(__AVX512F__)
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 lanes = first_lanes(n - j);
+        const __m256i half = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(lanes, in + j), _MM_FROUND_TO_NEAREST_INT);
+        _mm256_mask_storeu_epi16(out + j, lanes, half);
+      }
+#else
+      for (int64_t j = 0; j < n; ++j) out[j] = _Float16(in[j]);
+#endif
+      return;
+    }
+    case DType::bf16: {
+      uint16_t* out = static_cast<uint16_t*>(dst) + first;
+#if defined(__AVX512F__)
+      const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 lanes = first_lanes(n - j);
+        const __m512 v = _mm512_maskz_loadu_ps(lanes, in + j);
+        const __m512i u = _mm512_castps_si512(v), high = _mm512_srli_epi32(u, 16);
+        const __m512i rounded = _mm512_srli_epi32(
+            _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(high, one))), 16);
+        const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // as float_to_bf16
+        const __m512i bits = _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(high, quiet));
+        _mm256_mask_storeu_epi16(out + j, lanes, _mm512_cvtepi32_epi16(bits));
+      }
+#else
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] = float_to_bf16(in[j]);
+#endif
+      return;
+    }
+  }
+}
+
+// max_nan over x[0..n): NaN if any is NaN. A reduction(max) loop would not vectorise
+// (std::max is not commutative in NaN), so it runs in kMaxLanes independent lanes, enough
+// accumulators to hide the latency of the compare and select.
+float max_of(const float* x, int64_t n) {
+  constexpr int kMaxLanes = 64;
+  float lane[kMaxLanes];
+  float m = x[0];
+  int64_t j = 0;
+  if (n >= kMaxLanes) {
+#pragma omp simd
+    for (int l = 0; l < kMaxLanes; ++l) lane[l] = x[l];
+    for (j = kMaxLanes; j + kMaxLanes <= n; j += kMaxLanes)
+#pragma omp simd
+      for (int l = 0; l < kMaxLanes; ++l) lane[l] = max_nan(lane[l], x[j + l]);
+    for (int l = 0; l < kMaxLanes; ++l) m = max_nan(m, lane[l]);
+  }
+  for (; j < n; ++j) m = max_nan(m, x[j]);
+  return m;
+}
+
+// Replaces x[j] by exp(x[j] - m) (m = max_of(x)) and returns their sum, in float within
+// blocks of at most kFloatSumTerms terms a 16-float SIMD lane, in double across blocks.
+double exponentials_and_sum(float* x, int64_t n, float m) {
+  constexpr int64_t kBlock = kFloatSumTerms * 16;
+  double sum = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t end = std::min(n, j0 + kBlock);
+    float block_sum = 0.0f;
+#pragma omp simd reduction(+ : block_sum)
+    for (int64_t j = j0; j < end; ++j) {
+      x[j] = exp_nonpositive(x[j] - m);
+      block_sum += x[j];
+    }
+    sum += block_sum;
+  }
+  return sum;
+}
+
 // One wide cross-entropy task row by row, classes contiguous and SIMD across them. With
 // thousands of classes a tile holds only 16 rows, and moving them to and from the
-// column-major layout (by gathers for 16-bit logits) costs more than the arithmetic; here
-// each row is read three times from cache (max, sum of exponentials, gradient) and written
-// once. Returns the row losses' weighted sum; `invalid` counts out-of-range labels.
-template <class Load, class Store>
-double cross_entropy_rows(const LossProblem& p, int64_t row0, int64_t rows, Load load, Store store,
-                          int64_t& invalid) {
+// column-major layout costs more than the arithmetic. Each row is converted once into
+// `row` (C floats, in L2), which then holds its exponentials, then its gradient: one exp
+// per logit. Returns the row losses' weighted sum; `invalid` counts out-of-range labels.
+double cross_entropy_rows(const LossProblem& p, int64_t row0, int64_t rows, float* row, int64_t& invalid) {
   const int64_t C = p.width;
   const float scale = p.task_scale[0];
   double total = 0.0;
   for (int64_t r = row0; r < row0 + rows; ++r) {
-    const int64_t base = r * p.row_stride, label = p.labels[r];
+    const int64_t label = p.labels[r];
     const bool valid = label >= 0 && label < C;
     invalid += (!valid && label != -1) ? 1 : 0;
     float loss = 0.0f;
     if (valid) {
-      float m = -std::numeric_limits<float>::infinity();
-      bool has_nan = false;
-#pragma omp simd reduction(max : m) reduction(| : has_nan)
-      for (int64_t j = 0; j < C; ++j) {
-        const float v = load(base + j);
-        m = std::max(m, v);
-        has_nan |= v != v;
-      }
-      if (has_nan) m = std::numeric_limits<float>::quiet_NaN();  // the reduction's max may drop it
-      double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < C; ++j) sum += exp_nonpositive(load(base + j) - m);
-      loss = log_at_least_one(float(sum)) + m - load(base + label);
-      // NaN exactly when the row's softmax is NaN in the reference (see cross_entropy_task).
-      const float coef = scale / float(sum) + (m - m);
+      load_floats(p.dtype, p.logits, r * p.row_stride, C, row);
+      const float m = max_of(row, C);
+      const float label_logit = row[label];
+      const double sum = exponentials_and_sum(row, C, m);
+      loss = log_at_least_one(float(sum)) + m - label_logit;
       if (p.grad != nullptr) {
-        const int64_t out = r * C;
+        // NaN exactly when the row's softmax is NaN in the reference (see cross_entropy_task).
+        const float coef = scale / float(sum) + (m - m);
 #pragma omp simd
-        for (int64_t j = 0; j < C; ++j)
-          store(out + j, exp_nonpositive(load(base + j) - m) * coef - keep_if(j == label, scale));
+        for (int64_t j = 0; j < C; ++j) row[j] = row[j] * coef - keep_if(j == label, scale);
+        store_floats(p.dtype, p.grad, r * C, C, row);
       }
     } else if (p.grad != nullptr) {
-      for (int64_t j = 0; j < C; ++j) store(r * C + j, 0.0f);
+      std::memset(static_cast<char*>(p.grad) + r * C * element_bytes(p.dtype), 0, C * element_bytes(p.dtype));
     }
     if (p.reduce)
       total += double(scale) * loss;
@@ -449,56 +563,46 @@ double cross_entropy_rows(const LossProblem& p, int64_t row0, int64_t rows, Load
   return total;
 }
 
-template <class Load, class Store>
-int64_t cross_entropy_rows_forward(const LossProblem& p, Load load, Store store) {
-  const int64_t block = 16;  // rows per scheduling unit
-  const int64_t blocks = (p.rows + block - 1) / block;
-  const bool parallel = p.num_threads > 1 && p.rows * p.width >= kParallelElements && blocks > 1;
-  const int threads = parallel ? int(std::min<int64_t>(p.num_threads, blocks)) : 1;
-  std::vector<double> partial_loss(threads, 0.0);
-  std::vector<int64_t> partial_invalid(threads, 0);
-#pragma omp parallel num_threads(threads) if (parallel)
-  {
-    const int tid = omp_get_thread_num();
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t row0 = b * block;
-      partial_loss[tid] += cross_entropy_rows(p, row0, std::min(block, p.rows - row0), load, store,
-                                              partial_invalid[tid]);
-    }
-  }
+// Splits [0, units) into one contiguous range per thread and runs work(first, last, loss,
+// invalid) on each; the partial sums are added in range order, so the reduced loss is bitwise
+// reproducible for a thread count. Below kParallelElements the work runs inline: entering an
+// OpenMP region, even an `if (false)` one, cost about 4 us a call at N = 128 next to autograd.
+template <class Work>
+int64_t reduce_over_units(const LossProblem& p, int64_t units, Work work) {
+  const bool parallel = p.num_threads > 1 && p.rows * p.width >= kParallelElements && units > 1;
+  const int threads = parallel ? int(std::min<int64_t>(p.num_threads, units)) : 1;
   double total = 0.0;
   int64_t invalid = 0;
-  for (int i = 0; i < threads; ++i) {  // in thread order: reproducible for a thread count
-    total += partial_loss[i];
-    invalid += partial_invalid[i];
+  if (threads == 1) {
+    work(0, units, total, invalid);
+  } else {
+    std::vector<double> partial_loss(threads, 0.0);
+    std::vector<int64_t> partial_invalid(threads, 0);
+#pragma omp parallel num_threads(threads)
+    {
+      const int tid = omp_get_thread_num(), team = omp_get_num_threads();  // team may be smaller
+      const int64_t per_thread = (units + team - 1) / team;
+      const int64_t first = std::min(units, tid * per_thread), last = std::min(units, first + per_thread);
+      work(first, last, partial_loss[tid], partial_invalid[tid]);
+    }
+    for (int i = 0; i < threads; ++i) {
+      total += partial_loss[i];
+      invalid += partial_invalid[i];
+    }
   }
   if (p.reduce) p.loss[0] = float(total);
   return invalid;
 }
 
 int64_t cross_entropy_rows_forward(const LossProblem& p) {
-  switch (p.dtype) {
-    case DType::f32: {
-      const float* src = static_cast<const float*>(p.logits);
-      float* dst = static_cast<float*>(p.grad);
-      return cross_entropy_rows_forward(p, [src](int64_t i) { return src[i]; },
-                                        [dst](int64_t i, float v) { dst[i] = v; });
-    }
-    case DType::f16: {
-      const _Float16* src = static_cast<const _Float16*>(p.logits);
-      _Float16* dst = static_cast<_Float16*>(p.grad);
-      return cross_entropy_rows_forward(p, [src](int64_t i) { return float(src[i]); },
-                                        [dst](int64_t i, float v) { dst[i] = _Float16(v); });
-    }
-    case DType::bf16: {
-      const uint16_t* src = static_cast<const uint16_t*>(p.logits);
-      uint16_t* dst = static_cast<uint16_t*>(p.grad);
-      return cross_entropy_rows_forward(p, [src](int64_t i) { return bf16_to_float(src[i]); },
-                                        [dst](int64_t i, float v) { dst[i] = float_to_bf16(v); });
-    }
-  }
-  return 0;
+  constexpr int64_t block = 16;  // rows per scheduling unit
+  return reduce_over_units(p, (p.rows + block - 1) / block,
+                           [&](int64_t first, int64_t last, double& loss, int64_t& invalid) {
+    thread_local std::vector<float> row;  // reused: a fresh one would be page-faulted in each call
+    row.resize(std::max<size_t>(row.size(), size_t(p.width)));
+    for (int64_t b = first; b < last; ++b)
+      loss += cross_entropy_rows(p, b * block, std::min(block, p.rows - b * block), row.data(), invalid);
+  });
 }
 
 }  // namespace
@@ -511,36 +615,17 @@ int64_t multitask_loss_forward(const LossProblem& p) {
   // still fill vectors, and at most what keeps the tile near L1/L2 size.
   const int64_t tile_rows = std::min<int64_t>(std::max<int64_t>(16, (kTileElements / W) / 16 * 16), p.rows);
   const int64_t num_tiles = (p.rows + tile_rows - 1) / tile_rows;
-  const bool parallel = p.num_threads > 1 && p.rows * W >= kParallelElements && num_tiles > 1;
-  const int threads = parallel ? int(std::min<int64_t>(p.num_threads, num_tiles)) : 1;
-  // Per-thread partial sums added in thread order: the reduced loss is bitwise
-  // reproducible for a given thread count.
-  std::vector<double> partial_loss(threads, 0.0);
-  std::vector<int64_t> partial_invalid(threads, 0);
-
-#pragma omp parallel num_threads(threads) if (parallel)
-  {
+  return reduce_over_units(p, num_tiles, [&](int64_t first, int64_t last, double& loss, int64_t& invalid) {
     // Reused across calls: allocation and zero-fill would dominate small batches.
     thread_local Scratch s;
     s.reserve((tile_rows + kLanes - 1) / kLanes * kLanes, W, p.num_tasks);
-    const int tid = omp_get_thread_num();
-#pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < num_tiles; ++tile) {
+    for (int64_t tile = first; tile < last; ++tile) {
       const int64_t row0 = tile * tile_rows;
       const TileResult r = process_tile(p, row0, std::min(tile_rows, p.rows - row0), s);
-      partial_loss[tid] += r.loss;
-      partial_invalid[tid] += r.invalid;
+      loss += r.loss;
+      invalid += r.invalid;
     }
-  }
-
-  double total = 0.0;
-  int64_t invalid = 0;
-  for (int i = 0; i < threads; ++i) {
-    total += partial_loss[i];
-    invalid += partial_invalid[i];
-  }
-  if (p.reduce) p.loss[0] = float(total);
-  return invalid;
+  });
 }
 
 }  // namespace MTK_ISA

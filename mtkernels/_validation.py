@@ -18,6 +18,8 @@ import torch
 KINDS = ("ce", "svm")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INTEGER_DTYPES = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
+                            torch.uint64))
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -122,13 +124,13 @@ def check_tensors(logits: Logits, labels: torch.Tensor, spec: LossSpec) -> tuple
             f"for num_classes={spec.num_classes}")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+    if labels.dtype not in INTEGER_DTYPES:
         raise TypeError(f"labels must be an integer tensor (-1 = unlabelled), got {labels.dtype}")
     if labels.shape != (logits.shape[0], spec.num_tasks):
         raise ValueError(
             f"labels must have shape [N, T] = [{logits.shape[0]}, {spec.num_tasks}], "
             f"got {tuple(labels.shape)}")
-    if labels.device != logits.device:
+    if (labels.is_cpu != logits.is_cpu) or (not logits.is_cpu and labels.device != logits.device):
         raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
     return logits, labels
 

@@ -16,7 +16,7 @@ __all__ = ["multitask_loss", "MultiTaskLoss"]
 def _fused_loss(logits: Logits, labels: torch.Tensor, spec: LossSpec, validate: Optional[bool]) -> torch.Tensor:
     logits, labels = check_tensors(logits, labels, spec)
     if validate is None:
-        validate = logits.device.type == "cpu"  # free on CPU; a host sync on GPU
+        validate = logits.is_cpu  # free on CPU; a host sync on GPU
     needs_grad = logits.requires_grad and torch.is_grad_enabled()
     if torch.compiler.is_compiling():
         loss, _ = multitask_loss_op(logits, labels, list(spec.num_classes), list(spec.task_weights),

@@ -151,8 +151,12 @@ def test_backward_twice_with_retain_graph():
     loss = mtkernels.multitask_loss(x, labels, (2, 7, 2))
     loss.backward(retain_graph=True)
     first = x.grad.clone()
-    loss.backward()
+    loss.backward(retain_graph=True)  # the first backward handed its gradient to x.grad: recomputed
     torch.testing.assert_close(x.grad, 2 * first)
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # as eager PyTorch: the recomputation would read changed logits
 
 
 # --- label validation --------------------------------------------------------------------------
@@ -420,15 +424,26 @@ def test_double_backward_names_the_workaround():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("classes", [1024, 8192])
+@pytest.mark.parametrize("classes", [128, 2048, 4099])
 def test_one_wide_task_row_by_row(isa, classes, dtype):
     """Single cross-entropy tasks this wide run row by row (csrc: cross_entropy_rows), 16-bit
-    logits from 1024 classes, float32 from 8192: the same error rule, labels out of range
+    logits from 128 classes, float32 from 2048; 4099 leaves a partial vector at each row's end.
+    The same error rule, also with a row stride wider than the row, labels out of range
     counted, and non-finite logits as elsewhere."""
     for reduction in ("mean", "none"):
         logits, labels = make_batch(37, (classes,), dtype, seed=classes)
         assert_no_worse_than_eager(logits, labels, (classes,), dtype, reduction=reduction)
-    logits[3, 700] = float("nan")
+    padded = torch.zeros(37, classes + 5, dtype=dtype)
+    padded[:, :classes] = logits
+    padded.requires_grad_()
+    x = logits.clone().requires_grad_()
+    want = mtkernels.multitask_loss(x, labels, (classes,), reduction="none")  # checked above
+    got = mtkernels.multitask_loss(padded[:, :classes], labels, (classes,), reduction="none")
+    assert padded[:, :classes].stride(0) == classes + 5 and torch.equal(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    assert torch.equal(padded.grad[:, :classes], x.grad) and (padded.grad[:, classes:] == 0).all()
+    logits[3, classes - 7] = float("nan")
     logits[5, 11] = float("inf")
     labels[3] = labels[5] = 2
     labels[6] = -1

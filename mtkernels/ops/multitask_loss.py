@@ -14,6 +14,7 @@ and any other device fall back to the plain-PyTorch reference.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -29,7 +30,8 @@ _C_KIND = {"ce": 0, "svm": 1}
 
 def _unit_column_stride(logits: torch.Tensor) -> torch.Tensor:
     # The kernels take any row stride but need adjacent columns adjacent in memory.
-    if logits.stride(1) == 1 and logits.stride(0) >= logits.shape[1]:
+    row_stride, column_stride = logits.stride()
+    if column_stride == 1 and row_stride >= logits.shape[1]:
         return logits
     return logits.contiguous()
 
@@ -40,17 +42,27 @@ def _int64_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.contiguous()
 
 
+@functools.lru_cache(maxsize=256)
+def _cpu_call_constants(spec: LossSpec, rows: int) -> tuple:
+    """The C kernel's arguments that depend only on the spec and N, built once per pair: at the
+    papers' N = 128 the whole kernel takes a few microseconds, so per-call Python counts."""
+    reduce = spec.reduction != "none"
+    loss_shape = () if reduce else (rows, spec.num_tasks)
+    return loss_shape, (spec.offsets, spec.task_scale(rows), _C_KIND[spec.kind], spec.margin, reduce)
+
+
 def _cpu_forward(logits, labels, spec: LossSpec, compute_grad: bool, validate: bool):
     logits = _unit_column_stride(logits)
     labels = _int64_labels(labels)
-    rows = logits.shape[0]
-    reduce = spec.reduction != "none"
-    loss = torch.empty(() if reduce else (rows, spec.num_tasks), dtype=torch.float32)
-    grad = torch.empty((rows, spec.width), dtype=logits.dtype) if compute_grad else None
+    rows, width = logits.shape
+    loss_shape, constants = _cpu_call_constants(spec, rows)
+    loss = torch.empty(loss_shape)
+    grad = None
+    if compute_grad:
+        grad = torch.empty_like(logits) if logits.is_contiguous() else torch.empty((rows, width), dtype=logits.dtype)
     invalid = _C.multitask_loss_forward(
-        logits.data_ptr(), _C_DTYPE[logits.dtype], rows, spec.width, logits.stride(0),
-        labels.data_ptr(), spec.offsets, spec.task_scale(rows), _C_KIND[spec.kind], spec.margin,
-        reduce, loss.data_ptr(), grad.data_ptr() if compute_grad else 0, torch.get_num_threads())
+        logits.data_ptr(), _C_DTYPE[logits.dtype], rows, width, logits.stride(0), labels.data_ptr(), *constants,
+        loss.data_ptr(), grad.data_ptr() if compute_grad else 0, torch.get_num_threads())
     if invalid and validate:
         check_label_range(labels, spec)  # raises, naming the first bad label
     return loss, grad
@@ -87,9 +99,9 @@ def fused_forward(logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec, co
     ``loss.sum()``, i.e. each column's derivative of its own task's per-row loss.
     """
     if logits.dtype in _C_DTYPE:
-        if logits.device.type == "cpu":
+        if logits.is_cpu:
             return _cpu_forward(logits, labels, spec, compute_grad, validate)
-        if logits.device.type == "cuda":
+        if logits.is_cuda:
             return _cuda_forward(logits, labels, spec, compute_grad, validate)
     return _reference_forward(logits, labels, spec, compute_grad, validate)
 
@@ -111,17 +123,21 @@ class FusedMultiTaskLoss(torch.autograd.Function):
         loss, grad = fused_forward(logits, labels, spec, True, validate)
         ctx.grad = grad
         ctx.spec = spec
-        ctx.save_for_backward(logits)  # only for create_graph=True (see backward)
+        ctx.save_for_backward(logits, labels)  # read only by a second backward or create_graph=True
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if ctx.spec.reduction != "none" and ctx.grad.device.type == "cpu" and grad_loss.item() == 1.0:
-            grad = ctx.grad  # loss.backward(): no pass over the gradient (eager only: .item() is free on the CPU)
-        else:
-            grad = scale_saved_grad(ctx.grad, grad_loss, ctx.spec)
+        # Handed over rather than kept: autograd then stores it as .grad without a copy.
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # a second backward through a graph kept by retain_graph=True
+            logits, labels = ctx.saved_tensors
+            grad = fused_forward(logits, labels, ctx.spec, True, False)[1]
+        if ctx.spec.reduction == "none" or not grad.is_cpu or grad_loss.item() != 1.0:
+            grad = scale_saved_grad(grad, grad_loss, ctx.spec)
+        # else loss.backward(): no pass over the gradient (eager only: .item() is free on the CPU)
         if torch.is_grad_enabled():  # create_graph=True: a later backward through grad must fail clearly
-            grad = _NoDoubleBackward.apply(grad, *ctx.saved_tensors)
+            grad = _NoDoubleBackward.apply(grad, ctx.saved_tensors[0])
         return grad, None, None, None
 
 
