@@ -37,14 +37,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     settings = CropSettings(size=args.size, level_eyes=args.level_eyes, max_rotation=args.max_rotation)
     for name in args.sources:
         try:
-            records = read_source(name, args.data_root)
+            records = read_source(name, args.data_root, overrides=args.dataset)
         except FileNotFoundError as e:
-            print(f"{name}: not found ({e})", file=sys.stderr)
+            print(e, file=sys.stderr)
             return 2
         images, _, split, report = prepare_source(records, args.cache, settings, progress=not args.quiet)
         splits = ", ".join(f"{s} {int((split == s).sum())}" for s in sorted(set(split)))
         print(f"{name}: {len(images)} faces ({splits}); skipped: {report.summary()}")
     return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .data.survey import format_survey, survey
+
+    statuses = survey(args.data_root, args.dataset, progress=not args.quiet)
+    print(format_survey(statuses))
+    return 0 if any(s.usable for s in statuses) else 2
 
 
 def _override(config, assignments: list[str]):
@@ -70,17 +78,18 @@ def _override(config, assignments: list[str]):
     return config.replace(**changes)
 
 
-def load_sources(config, data_root, cache, quiet: bool, extra: tuple[str, ...] = ()):
-    """(name, images, {task: labels}, split) per source of ``config`` (and ``extra``), faces
-    cropped and cached, split as in the config's cross-validation fold."""
+def load_sources(config, args: argparse.Namespace, extra: tuple[str, ...] = ()):
+    """(name, images, {task: labels}, split) per source of ``config`` (and ``extra``), found
+    under ``args.data_root`` or at ``args.dataset``, faces cropped and cached in ``args.cache``,
+    split as in the config's cross-validation fold."""
     from .data.faces import crop_settings_for, prepare_source
     from .data.sources import read_source
 
     settings = crop_settings_for(config)
     loaded = []
     for name in dict.fromkeys(config.sources + tuple(extra)):
-        images, labels, split, report = prepare_source(read_source(name, data_root, config.fold), cache, settings,
-                                                       progress=not quiet)
+        records = read_source(name, args.data_root, config.fold, overrides=args.dataset)
+        images, labels, split, report = prepare_source(records, args.cache, settings, progress=not args.quiet)
         print(f"{name}: {len(images)} faces; skipped: {report.summary()}")
         loaded.append((name, images, labels, split))
     return loaded
@@ -121,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config.replace(fold=args.fold)
     config = _override(config, args.set)
     tasks = build_model(config.model).task_names
-    train_parts, val_parts = split_for_training(config, load_sources(config, args.data_root, args.cache, args.quiet))
+    train_parts, val_parts = split_for_training(config, load_sources(config, args))
     train_set = merge_sources(train_parts, tasks)
     val_set = merge_sources(val_parts, tasks, balance=False) if val_parts else None
     out = args.out or f"runs/{config.name}/fold-{config.fold}"
@@ -158,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     accuracies: dict[tuple[str, str, str], list[float]] = {}
     for run_dir in folds or [run]:
         config = run_config(run_dir)
-        rows = evaluate_run(run_dir, load_sources(config, args.data_root, args.cache, args.quiet, tuple(args.also)))
+        rows = evaluate_run(run_dir, load_sources(config, args, tuple(args.also)))
         for row in rows:
             print(f"{run_dir.name:>8} {row['source']:>8} {row['split']:>13} {row['task']:>8}: "
                   f"{100 * row['accuracy']:.2f}% of {row['n']}")
@@ -249,12 +258,53 @@ def torch_device(text: str) -> str:
     return text
 
 
+def dataset_override(text: str) -> tuple[str, str]:
+    """argparse type: NAME=PATH with NAME a dataset this project reads."""
+    from .data.locate import DATASETS
+
+    name, sep, path = text.partition("=")
+    if not sep or name not in DATASETS or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH with NAME one of {', '.join(DATASETS)}, got {text!r}")
+    return name, path
+
+
+class DatasetOverrides(argparse.Action):
+    """Collects repeated --dataset NAME=PATH into {name: Path}; the last one for a name wins."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        from pathlib import Path
+
+        overrides = dict(getattr(namespace, self.dest) or {})
+        overrides[value[0]] = Path(value[1])
+        setattr(namespace, self.dest, overrides)
+
+
+def shared_flags() -> dict[str, argparse.ArgumentParser]:
+    """Flags several commands take, declared once (argparse parent parsers)."""
+    from .data.locate import DATASETS
+
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data-root", metavar="DIR",
+                      help="folder the datasets were extracted into: each is found there or one folder down, in any "
+                           "of its common distributions (see `python -m models datasets --help`)")
+    data.add_argument("--dataset", type=dataset_override, action=DatasetOverrides, default={}, metavar="NAME=PATH",
+                      help=f"the folder of one dataset ({', '.join(DATASETS)}), searched instead of --data-root for "
+                           "it; repeatable")
+    cache = argparse.ArgumentParser(add_help=False)
+    cache.add_argument("--cache", default="cache", help="folder for the cropped-face cache (default: ./cache)")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", help="no progress bars")
+    return {"data": data, "cache": cache, "quiet": quiet}
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m models",
         description="Multi-task face-attribute networks of Sang & Cuong 2018 (BKNet, ResNet ver1/ver2) "
                     "and Saroop et al. 2021 (4-task CNN), built on mtkernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    flags = shared_flags()
+    reads_data = [flags["data"], flags["cache"], flags["quiet"]]
     p = sub.add_parser("summary", help="parameter count and multiply-accumulates per image of each network",
                        description="Build each network and count its parameters and the multiply-accumulates "
                                    "of one image through its conv and linear layers (measured, not tabulated).")
@@ -277,27 +327,37 @@ def make_parser() -> argparse.ArgumentParser:
                      help=f"datasets to write (default: all of {', '.join(sorted(READERS))})")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("prepare", help="read datasets, crop faces with MTCNN once, cache them",
-                       description="Read each dataset from DATA_ROOT/<source>/ in its distributed format, detect "
+    p = sub.add_parser("datasets", parents=[flags["data"], flags["quiet"]],
+                       help="which datasets are found where, in which distribution, and what is broken",
+                       description="Look for every dataset under --data-root (at the root or one folder down) and "
+                                   "at each --dataset NAME=PATH, and print one row per dataset: found or not, the "
+                                   "folder and distribution, images per split, and problems (listed files missing, "
+                                   "unreadable images, rows without labels). For a missing dataset it names every "
+                                   "folder looked in and the file names that would have been recognised. Known "
+                                   "distributions: GENKI-4K as the GENKI-R2009a archive, its Subsets/GENKI-4K "
+                                   "folder, or labels.txt + files/; FER-2013 as fer2013.csv or train/<emotion>/ + "
+                                   "test/<emotion>/ image folders; Wiki and IMDB as wiki_crop/ and imdb_crop/ "
+                                   "(with their .mat); RAF-DB as basic/ (or RAF-DB/basic/). Exit status 0 when at "
+                                   "least one dataset is usable, 2 when none is.")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("prepare", parents=reads_data, help="read datasets, crop faces with MTCNN once, cache them",
+                       description="Read each dataset in its distributed format (found as `datasets` shows), detect "
                                    "and crop faces (MTCNN, gray, SIZE x SIZE) and cache the crops in CACHE; a rerun "
                                    "uses the cache, an interrupted run resumes. Prints kept and skipped counts.")
-    p.add_argument("--data-root", required=True, help="folder holding genki4k/, fer2013/, wiki/, imdb/, rafdb/")
     sources_argument(p, required=True, help=f"datasets to prepare: {', '.join(sorted(READERS))}")
-    p.add_argument("--cache", default="cache", help="folder for the cropped-face cache (default: ./cache)")
     p.add_argument("--size", type=int, default=48, help="crop side in pixels (paper 1: 48, paper 2: 50)")
     p.add_argument("--level-eyes", action="store_true", help="rotate so the eye line is level (paper 2)")
     p.add_argument("--max-rotation", type=float, default=10.0, help="cap on that rotation, degrees (default 10)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
     from .train import CONFIGS
 
-    p = sub.add_parser("train", help="train a paper's config (Table 1 A1-B4, ResNet, paper 2)",
-                       description="Train one of the papers' recipes on the datasets under DATA_ROOT (faces "
+    p = sub.add_parser("train", parents=reads_data, help="train a paper's config (Table 1 A1-B4, ResNet, paper 2)",
+                       description="Train one of the papers' recipes on its datasets (found as `datasets` shows; faces "
                                    "are cropped once and cached). Writes an atomic checkpoint and a metrics.csv "
                                    "row every epoch; --resume continues a stopped or killed run exactly.")
     p.add_argument("--config", required=True, choices=sorted(CONFIGS), help="recipe to train")
-    p.add_argument("--data-root", required=True, help="folder holding the datasets (see `prepare --help`)")
     p.add_argument("--epochs", type=int, help="number of epochs (default: the paper's)")
     p.add_argument("--fold", type=at_least(1), choices=range(1, 5), metavar="K",
                    help="cross-validation fold 1-4: which part of GENKI-4K / Wiki / IMDB is held out for testing "
@@ -305,7 +365,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/CONFIG/fold-K)")
     p.add_argument("--device", type=torch_device, default="cpu",
                    help="cpu, cuda or cuda:N (default cpu); under torchrun with cuda each rank takes its LOCAL_RANK")
-    p.add_argument("--cache", default="cache", help="cropped-face cache folder (default: ./cache)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--loss-impl", choices=["fused", "reference"], default="fused",
                    help="mtkernels' fused loss (default) or the plain-PyTorch reference, for comparison")
@@ -315,12 +374,12 @@ def make_parser() -> argparse.ArgumentParser:
                         "steps measured 1.40x-1.59x faster with them, bench/results/training-cpu.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set lr=0.02 --set batch_size=64 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="accuracy of a trained run on each dataset's test splits",
-                       description="Score every test split of the run's datasets (FER-2013 public and private "
-                                   "separately) with the run's last checkpoint, the average of its last "
+    p = sub.add_parser("evaluate", parents=reads_data, help="accuracy of a trained run on each dataset's test splits",
+                       description="Score every test split of the run's datasets (FER-2013's public and private "
+                                   "tests separately where its CSV gives them, its image folders' test/ as one "
+                                   "split, 'test') with the run's last checkpoint, the average of its last "
                                    "checkpoints when the config uses the ensemble, or its best-validation weights "
                                    "(paper 2); writes evaluation.json and evaluation.md to the run directory. A "
                                    "directory holding fold-1 ... fold-4 runs is evaluated fold by fold (each on its "
@@ -329,9 +388,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--also", nargs="+", default=[], choices=["wiki", "imdb"], metavar="SOURCE",
                    help="also score these gender datasets (paper 1's Table 2 reports Wiki and IMDB for every "
                         "config)")
-    p.add_argument("--data-root", required=True, help="folder holding the datasets")
-    p.add_argument("--cache", default="cache", help="cropped-face cache folder (default: ./cache)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("tables", help="the papers' Tables 2, 3 and 4 with our results beside them",
@@ -344,7 +400,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="folder to write table2.md, table3-*.md, table4-*.md into")
     p.set_defaults(func=cmd_tables)
 
-    p = sub.add_parser("analyze", help="find the faces in photos or videos and predict their attributes",
+    p = sub.add_parser("analyze", parents=[flags["quiet"]],
+                       help="find the faces in photos or videos and predict their attributes",
                        description="Detect every face (MTCNN) in the given images, videos and directories, crop "
                                    "and normalise each as in training, and run the trained model (fused for "
                                    "inference) over batches of faces. Prints one JSON record per face (box, "
@@ -370,18 +427,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-face-size", type=at_least(12), default=20,
                    help="smallest face side to look for, in pixels (default 20; larger is faster)")
     p.add_argument("--eager", action="store_true", help="run the plain eager model instead of the fused one")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_analyze)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
+    from .data.locate import DatasetNotFound
 
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CheckpointError as e:  # a user error, not a bug: no traceback
+    except (CheckpointError, DatasetNotFound) as e:  # a user error, not a bug: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,7 @@
 """models.train: a few epochs on a learnable synthetic task, kill-and-resume, divergence
 stop, output-directory checks, fused vs reference loss trajectories."""
 
+import argparse
 import math
 import os
 import signal
@@ -361,7 +362,8 @@ def test_paper2_recipe_end_to_end_on_rafdb_files(tmp_path):
     assert main(["train", "--config", "paper2", "--epochs", "3", "--out", str(run), *common]) == 0
 
     config = config_by_name("paper2")
-    (source,) = load_sources(config, data_root, tmp_path / "cache", quiet=True)
+    args = argparse.Namespace(data_root=data_root, dataset={}, cache=tmp_path / "cache", quiet=True)
+    (source,) = load_sources(config, args)
     (train_part,), (val_part,) = split_for_training(config, [source])
     n_train = int((source[3] == "train").sum())
     assert len(val_part[1]) == round(0.1 * n_train) and len(train_part[1]) + len(val_part[1]) == n_train

@@ -1,5 +1,5 @@
-"""Where each dataset lives under one data root, and how to read it: the layout the
-``synth`` command writes and the ``prepare`` command (and the trainer) reads.
+"""How to read each dataset once located (see :mod:`.locate`: the data root itself or one
+folder down, or ``--dataset NAME=PATH``), and the layout the ``synth`` command writes:
 
     DATA_ROOT/genki4k/   files/, labels.txt
     DATA_ROOT/fer2013/   fer2013.csv
@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping, Optional
 
 from . import synthetic
 from .formats import read_fer2013, read_genki4k, read_imdb_wiki, read_rafdb
+from .locate import locate
 
 # Each reader takes (root, fold): GENKI-4K and IMDB-WIKI have no official test set and are
 # split per cross-validation fold; FER-2013 (Kaggle's public / private test) and RAF-DB keep
@@ -35,14 +37,14 @@ WRITERS = {
 }
 
 
-def read_source(name: str, data_root, fold: int = 1):
-    """Dataset ``name`` under ``data_root`` with the train / test split of cross-validation
-    fold ``fold`` (1-4)."""
+def read_source(name: str, data_root=None, fold: int = 1, overrides: Optional[Mapping[str, Path]] = None):
+    """Dataset ``name``, found under ``data_root`` (or at ``overrides[name]``), with the train /
+    test split of cross-validation fold ``fold`` (1-4)."""
     if name not in READERS:
         raise ValueError(f"source must be one of {sorted(READERS)}, got {name!r}")
     if not 1 <= fold <= FOLDS:
         raise ValueError(f"fold must be in 1..{FOLDS}, got {fold}")
-    return READERS[name](Path(data_root) / name, fold - 1)
+    return READERS[name](locate(name, data_root, overrides).folder, fold - 1)
 
 
 def write_synthetic(name: str, data_root) -> Path:

@@ -36,20 +36,31 @@ def _labelled_face(rng: np.random.Generator, label: int, classes: int, side: int
     return image.astype(np.uint8)
 
 
-def write_genki4k(root, n: int = 12, seed: int = 0, missing: int = 1, corrupt: int = 1, faceless: int = 1) -> Path:
-    """``root/files/fileNNNN.jpg`` (photos with a real face, one ``faceless``, one
-    ``corrupt``), ``labels.txt`` with one more line than there are files (``missing``)."""
+GENKI_LAYOUTS = ("labels", "archive")
+FER_LAYOUTS = ("csv", "folders")
+
+
+def write_genki4k(root, n: int = 12, seed: int = 0, missing: int = 1, corrupt: int = 1, faceless: int = 1,
+                  layout: str = "labels") -> Path:
+    """Photos with a real face (one ``faceless``, one ``corrupt``) and labels with one more line
+    than there are files (``missing``). ``layout`` "labels": ``root/files/fileNNNN.jpg`` and
+    ``labels.txt``; "archive": as the GENKI-R2009a archive, ``root/Subsets/GENKI-4K/`` holding
+    ``GENKI-4K_Labels.txt``, ``GENKI-4K_Images.txt`` and ``files/``."""
+    if layout not in GENKI_LAYOUTS:
+        raise ValueError(f"layout must be one of {GENKI_LAYOUTS}, got {layout!r}")
     root = Path(root)
-    (root / "files").mkdir(parents=True, exist_ok=True)
+    folder = root if layout == "labels" else root / "Subsets" / "GENKI-4K"
+    (folder / "files").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     photo = _astronaut_face()
-    lines = []
+    lines, names = [], []
     for i in range(1, n + missing + 1):
         smile = int(rng.integers(2))
         lines.append(f"{smile} {rng.normal():.6f} {rng.normal():.6f} {rng.normal():.6f}")
-        path = root / "files" / f"file{i:04d}.jpg"
+        names.append(f"file{i:04d}.jpg")
+        path = folder / "files" / names[-1]
         if i > n:
-            continue  # listed in labels.txt, file absent
+            continue  # listed in the labels, file absent
         if i <= corrupt:
             path.write_bytes(b"\xff\xd8 this is not a jpeg")
         elif i <= corrupt + faceless:
@@ -58,13 +69,23 @@ def write_genki4k(root, n: int = 12, seed: int = 0, missing: int = 1, corrupt: i
             shift = rng.integers(-20, 21, 2)
             shifted = np.roll(photo, tuple(shift), axis=(0, 1))
             Image.fromarray(shifted).resize((256, 256)).save(path)
-    (root / "labels.txt").write_text("\n".join(lines) + "\n")
+    if layout == "labels":
+        (folder / "labels.txt").write_text("\n".join(lines) + "\n")
+    else:
+        (folder / "GENKI-4K_Labels.txt").write_text("\n".join(lines) + "\n")
+        (folder / "GENKI-4K_Images.txt").write_text("\n".join(names) + "\n")
     return root
 
 
-def write_fer2013(root, n: int = 40, seed: int = 0, bad_rows: int = 1) -> Path:
-    """``root/fer2013.csv``: emotion, pixels, Usage; the usage cycles through the three
-    splits; ``bad_rows`` rows carry a wrong number of pixels."""
+def write_fer2013(root, n: int = 40, seed: int = 0, bad_rows: int = 1, layout: str = "csv") -> Path:
+    """FER-2013 faces whose usage cycles through the three splits. ``layout`` "csv":
+    ``root/fer2013.csv`` (emotion, pixels, Usage), the first ``bad_rows`` rows with a wrong
+    number of pixels; "folders": ``root/train/<emotion>/`` and ``root/test/<emotion>/`` PNGs
+    (public and private test both in ``test/``), the bad rows as files that are no image."""
+    from ..tasks import FER_EMOTIONS
+
+    if layout not in FER_LAYOUTS:
+        raise ValueError(f"layout must be one of {FER_LAYOUTS}, got {layout!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -72,11 +93,21 @@ def write_fer2013(root, n: int = 40, seed: int = 0, bad_rows: int = 1) -> Path:
     rows = ["emotion,pixels,Usage"]
     for i in range(n):
         emotion = int(rng.integers(7))
-        pixels = _labelled_face(rng, emotion, 7, 48).reshape(-1)
+        face = _labelled_face(rng, emotion, 7, 48)
+        usage = usages[i % len(usages)]
+        if layout == "csv":
+            pixels = face.reshape(-1)[:100] if i < bad_rows else face.reshape(-1)
+            rows.append(f"{emotion},{' '.join(map(str, pixels))},{usage}")
+            continue
+        folder = root / ("train" if usage == "Training" else "test") / FER_EMOTIONS[emotion]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{usage}_{i:05d}.png"
         if i < bad_rows:
-            pixels = pixels[:100]
-        rows.append(f"{emotion},{' '.join(map(str, pixels))},{usages[i % len(usages)]}")
-    (root / "fer2013.csv").write_text("\n".join(rows) + "\n")
+            path.write_bytes(b"not a png")
+        else:
+            Image.fromarray(face).save(path)
+    if layout == "csv":
+        (root / "fer2013.csv").write_text("\n".join(rows) + "\n")
     return root
 
 
