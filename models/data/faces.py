@@ -138,7 +138,8 @@ def _save_npz(path: Path, **arrays) -> None:
 
 
 def crop_dataset(name: str, paths: Sequence[Path], cache_dir, settings: CropSettings = CropSettings(),
-                 cropper: Optional[FaceCropper] = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, SkipReport]:
+                 cropper: Optional[FaceCropper] = None,
+                 progress: bool = True) -> tuple[np.ndarray, np.ndarray, SkipReport]:
     """Crops of every image: (uint8 [n_ok, S, S], indices into ``paths`` of those crops,
     report of the rest). Cached in ``cache_dir``; resumes a partial run."""
     cache_dir = Path(cache_dir)
@@ -206,8 +207,9 @@ def prepare_source(records, cache_dir, settings: CropSettings = CropSettings(), 
     if records.pixels is not None:
         pixels = records.pixels
         if pixels.shape[1:] != (settings.size, settings.size):
-            pixels = np.stack([np.asarray(Image.fromarray(p).resize((settings.size, settings.size), Image.BILINEAR))
-                               for p in pixels]) if len(pixels) else np.zeros((0, settings.size, settings.size), np.uint8)
+            side = (settings.size, settings.size)
+            pixels = np.stack([np.asarray(Image.fromarray(p).resize(side, Image.BILINEAR)) for p in pixels]) \
+                if len(pixels) else np.zeros((0, *side), np.uint8)
         return pixels, records.labels, records.split, records.report
     if records.aligned:
         images, kept, report = load_aligned(records.paths, settings.size)
