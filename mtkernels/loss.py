@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ._validation import Logits, LossSpec, check_tensors, loss_spec
+from .device_path import takes_cuda_path
 from .ops.multitask_loss import FusedMultiTaskLoss, fused_forward, multitask_loss_op
 
 __all__ = ["multitask_loss", "MultiTaskLoss"]
@@ -16,7 +17,7 @@ __all__ = ["multitask_loss", "MultiTaskLoss"]
 def _fused_loss(logits: Logits, labels: torch.Tensor, spec: LossSpec, validate: Optional[bool]) -> torch.Tensor:
     logits, labels = check_tensors(logits, labels, spec)
     if validate is None:
-        validate = logits.is_cpu  # free on CPU; a host sync on GPU
+        validate = not takes_cuda_path(logits)  # free on CPU; a host sync on GPU
     needs_grad = logits.requires_grad and torch.is_grad_enabled()
     if torch.compiler.is_compiling():
         loss, _ = multitask_loss_op(logits, labels, list(spec.num_classes), list(spec.task_weights),

@@ -15,8 +15,18 @@ DATASETS = tuple(DISTRIBUTIONS)
 
 
 class DatasetNotFound(FileNotFoundError):
-    """No distribution of a dataset in any folder searched; the message names them all and the
-    file names that would have been recognised."""
+    """No distribution of dataset ``name`` in any of ``folders``; the message names them all and
+    the file names that would have been recognised."""
+
+    def __init__(self, name: str, folders: list[Path]):
+        self.name, self.folders = name, folders
+        super().__init__(f"{name}: not found; {self.where()}")
+
+    def where(self) -> str:
+        if not self.folders:
+            return f"no --data-root and no --dataset {self.name}=PATH given"
+        return (f"looked in {', '.join(map(str, self.folders))}; a folder holding any of "
+                f"{', '.join(recognised_files(self.name))} would have been recognised")
 
 
 @dataclass(frozen=True)
@@ -43,12 +53,9 @@ def locate(name: str, data_root=None, overrides: Optional[Mapping[str, Path]] = 
     if name not in DISTRIBUTIONS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
     root = (overrides or {}).get(name, data_root)
-    if root is None:
-        raise DatasetNotFound(f"{name}: no --data-root and no --dataset {name}=PATH given")
-    folders = search_folders(Path(root), name)
+    folders = [] if root is None else search_folders(Path(root), name)
     for folder in folders:
         found = find_distribution(name, folder)
         if found is not None:
             return Located(name, folder, *found)
-    raise DatasetNotFound(f"{name}: looked in {', '.join(map(str, folders))}; a folder holding any of "
-                          f"{', '.join(recognised_files(name))} would have been recognised")
+    raise DatasetNotFound(name, folders)

@@ -46,7 +46,7 @@ def survey_one(name: str, data_root, overrides: Optional[Mapping[str, Path]], pr
     try:
         located = locate(name, data_root, overrides)
     except DatasetNotFound as e:
-        return DatasetStatus(name, "missing", problems="not found (see below)", not_found=str(e))
+        return DatasetStatus(name, "missing", problems="not found (see below)", not_found=f"{name}: {e.where()}")
     status = DatasetStatus(name, "found", located.distribution.name, str(located.folder))
     try:
         records = read_source(name, overrides={name: located.folder})

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import mtkernels
+from mtkernels.device_path import device_takes_cuda_path
 
 from .. import build_model
 from ..checkpoint import BEST, CHECKPOINTS, epoch_checkpoints, load_checkpoint, model_record
@@ -181,7 +182,7 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
         raise ValueError(f"device {str(device)!r} requested but CUDA is not available here")
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)  # initialised on the CPU: the same weights on any device
-    if fuse_layers and device.type == "cpu":
+    if fuse_layers and device.type == "cpu" and not device_takes_cuda_path(device):
         model = mtkernels.fuse_for_training(model).to(memory_format=torch.channels_last)
     if tuple(train_set.task_names) != tuple(model.task_names):
         raise ValueError(f"dataset tasks {train_set.task_names} do not match {config.model}'s {model.task_names}")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device_path import takes_cuda_path
 from ..lru import tensor_bytes
 from . import tuning
 
@@ -46,6 +47,16 @@ class DerivedState(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         _EPOCH[0] += 1
+
+    def in_dtype(self, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``tensors`` (this module's own) converted to ``dtype`` once, not on every call."""
+        if all(t.dtype == dtype for t in tensors):
+            return tensors
+        derived = self.derived()
+        key = ("in_dtype", dtype, tuple(id(t) for t in tensors))
+        if key not in derived:
+            derived[key] = tuple(t.to(dtype) for t in tensors)
+        return derived[key]
 
     def _state_token(self) -> tuple:
         own = [t for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)) if t is not None]
@@ -204,7 +215,7 @@ class FusedConv2d(DerivedState):
 
         def run(x: torch.Tensor) -> torch.Tensor:
             y = impl(x)
-            if y.device.type == "cpu" and y.dtype == torch.float32:
+            if y.device.type == "cpu" and y.dtype == torch.float32 and not takes_cuda_path(y):
                 from ..ops.conv import maxpool2x2
 
                 return maxpool2x2(y, relu)
@@ -253,8 +264,8 @@ class FusedConv2d(DerivedState):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        if x.is_cuda and self.triton_ok:
-            return self._triton(x)  # pool fused in the kernel's epilogue
+        if takes_cuda_path(x):
+            return self._triton(x) if self.triton_ok else self.build("aten")(x)  # Triton: pool in its epilogue
         if x.shape[0] == 0 or x.device.type != "cpu":
             return self.build("aten")(x)
         return self.implementation(x, tuning.batch_bucket(x.shape[0]))(x)
@@ -327,10 +338,10 @@ class FusedLinear(DerivedState):
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, relu={self.relu}{blocks}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if takes_cuda_path(x):
             from ..triton.conv import linear_bias_act
 
-            return linear_bias_act(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.relu)
+            return linear_bias_act(x, *self.in_dtype(x.dtype, self.weight, self.bias), self.relu)
         if self.blocks is not None:
             n, (count, _, width_in) = x.shape[0], self.blocks.shape
             y = torch.baddbmm(self.bias.view(count, 1, -1), x.reshape(n, count, width_in).transpose(0, 1),
@@ -351,9 +362,8 @@ class AffineReLU(DerivedState):
         self.shift = nn.Parameter(shift.reshape(1, -1, 1, 1), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.scale.dtype:
-            return F.relu_(torch.addcmul(self.shift, x, self.scale))
-        return F.relu_(torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype)))
+        shift, scale = self.in_dtype(x.dtype, self.shift, self.scale)
+        return F.relu_(torch.addcmul(shift, x, scale))
 
 
 class FusedHeads(DerivedState):

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..device_path import takes_cuda_path
 from ..lru import LruCache
 from . import tuning
 from .layers import (
@@ -120,7 +121,7 @@ class FusedMultiTaskNet(DerivedState):
         model_dtype, model_device = self._parameter_list[-1].dtype, self._parameter_list[-1].device
         if x.device != model_device:
             raise ValueError(f"input is on {x.device}, the model on {model_device}")
-        allowed = (torch.float32, torch.float16, torch.bfloat16) if x.is_cuda else (model_dtype,)
+        allowed = (torch.float32, torch.float16, torch.bfloat16) if takes_cuda_path(x) else (model_dtype,)
         if x.dtype not in allowed:
             raise TypeError(f"input dtype {x.dtype} is not supported on {x.device.type} by this model "
                             f"(parameters in {model_dtype}); use one of {allowed}")
@@ -134,7 +135,7 @@ class FusedMultiTaskNet(DerivedState):
         self._check_input(x)
         if x.shape[0] == 0:
             return torch.empty((0, sum(self.num_classes)), dtype=x.dtype, device=x.device)
-        if x.device.type != "cpu" or not self.plannable:
+        if x.device.type != "cpu" or takes_cuda_path(x) or not self.plannable:
             return self.heads(self.trunk(x))
         token = self._parameters_token()
         if token != self._plans_token:

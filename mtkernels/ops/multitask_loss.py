@@ -21,6 +21,7 @@ import torch
 
 from .. import _C
 from .._validation import LossSpec, check_label_range, loss_spec
+from ..device_path import takes_cuda_path
 from ..reference import loss_dtype
 from ..reference import multitask_loss as reference_multitask_loss
 
@@ -99,10 +100,10 @@ def fused_forward(logits: torch.Tensor, labels: torch.Tensor, spec: LossSpec, co
     ``loss.sum()``, i.e. each column's derivative of its own task's per-row loss.
     """
     if logits.dtype in _C_DTYPE:
+        if takes_cuda_path(logits):
+            return _cuda_forward(logits, labels, spec, compute_grad, validate)
         if logits.is_cpu:
             return _cpu_forward(logits, labels, spec, compute_grad, validate)
-        if logits.is_cuda:
-            return _cuda_forward(logits, labels, spec, compute_grad, validate)
     return _reference_forward(logits, labels, spec, compute_grad, validate)
 
 
@@ -133,7 +134,7 @@ class FusedMultiTaskLoss(torch.autograd.Function):
         if grad is None:  # a second backward through a graph kept by retain_graph=True
             logits, labels = ctx.saved_tensors
             grad = fused_forward(logits, labels, ctx.spec, True, False)[1]
-        if ctx.spec.reduction == "none" or not grad.is_cpu or grad_loss.item() != 1.0:
+        if ctx.spec.reduction == "none" or takes_cuda_path(grad) or grad_loss.item() != 1.0:
             grad = scale_saved_grad(grad, grad_loss, ctx.spec)
         # else loss.backward(): no pass over the gradient (eager only: .item() is free on the CPU)
         if torch.is_grad_enabled():  # create_graph=True: a later backward through grad must fail clearly

@@ -110,7 +110,13 @@ def block_sizes(num_classes: tuple[int, ...]) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=64)
 def _task_tables(num_classes: tuple[int, ...], weights: tuple[float, ...], device: torch.device):
-    """Class offsets and task weights on the device, built once per configuration."""
+    """Class offsets and task weights on the device, built once per configuration: a copy from
+    the host, which CUDA-graph capture forbids, so the first call must come before any capture
+    (the warm-up that capture needs anyway)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"mtkernels.multitask_loss with num_classes={num_classes} was first called on {device} "
+                           "inside CUDA-graph capture; call it once before capturing (a warm-up step), so that "
+                           "its device tables exist")
     offsets = [0]
     for c in num_classes:
         offsets.append(offsets[-1] + c)
