@@ -103,6 +103,18 @@ def _block_n(c_out: int) -> int:
     return max(16, min(64, triton.next_power_of_2(c_out)))
 
 
+# Every launch configuration comes from these two functions, so the ahead-of-time tests
+# (tests/test_triton_aot.py) compile exactly what the launchers can choose.
+def conv_constexprs(kernel_size: tuple[int, int], c_out: int, relu: bool, pool: bool) -> dict:
+    return dict(KH=kernel_size[0], KW=kernel_size[1], RELU=relu, POOL=pool,
+                BLOCK_M=16 if pool else 64,  # GEMM rows per program: 64 either way
+                BLOCK_N=_block_n(c_out), BLOCK_K=32)
+
+
+def linear_constexprs(n_out: int, relu: bool) -> dict:
+    return dict(RELU=relu, BLOCK_M=32, BLOCK_N=_block_n(n_out), BLOCK_K=32)
+
+
 def conv2d_bias_act(x: torch.Tensor, weight_k_major: torch.Tensor, bias: torch.Tensor, kernel_size: tuple[int, int],
                     stride: int, padding: int, relu: bool, pool: bool) -> torch.Tensor:
     """NHWC conv (groups=1, square stride and padding) + bias (+ ReLU) (+ 2x2/2 max-pool).
@@ -117,14 +129,12 @@ def conv2d_bias_act(x: torch.Tensor, weight_k_major: torch.Tensor, bias: torch.T
     out = torch.empty((n, c_out, final_h, final_w), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
     rows = n * final_h * final_w
-    block_m = 16 if pool else 64  # GEMM rows per program: 64 either way
-    block_n = _block_n(c_out)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(c_out, block_n))
+    constexprs = conv_constexprs(kernel_size, c_out, relu, pool)
+    grid = (triton.cdiv(rows, constexprs["BLOCK_M"]), triton.cdiv(c_out, constexprs["BLOCK_N"]))
     if rows:
         conv2d_bias_act_kernel[grid](
             x.contiguous(memory_format=torch.channels_last), weight_k_major, bias, out,
-            rows, height, width, c_in, c_out, out_h, out_w, stride, padding,
-            KH=kh, KW=kw, RELU=relu, POOL=pool, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32)
+            rows, height, width, c_in, c_out, out_h, out_w, stride, padding, **constexprs)
     return out
 
 
@@ -133,9 +143,8 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, r
     rows, n_in = x.shape
     n_out = weight.shape[0]
     out = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
-    block_n = _block_n(n_out)
-    grid = (triton.cdiv(rows, 32), triton.cdiv(n_out, block_n))
+    constexprs = linear_constexprs(n_out, relu)
+    grid = (triton.cdiv(rows, constexprs["BLOCK_M"]), triton.cdiv(n_out, constexprs["BLOCK_N"]))
     if rows:
-        linear_bias_act_kernel[grid](x, weight.contiguous(), bias, out, rows, n_out, n_in,
-                                     RELU=relu, BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=32)
+        linear_bias_act_kernel[grid](x, weight.contiguous(), bias, out, rows, n_out, n_in, **constexprs)
     return out

@@ -102,10 +102,11 @@ def multitask_loss_kernel(
                      mask=row_ok[:, None] & in_seg)
 
 
-def block_sizes(num_classes: tuple[int, ...]) -> tuple[int, int]:
+def loss_constexprs(num_classes: tuple[int, ...], kind: str, compute_grad: bool) -> dict:
+    """The launch configuration for these tasks (the ahead-of-time tests compile every one)."""
     block_c = min(triton.next_power_of_2(max(num_classes)), MAX_BLOCK_C)
     block_n = max(1, min(256, TILE_ELEMENTS // block_c))
-    return block_n, block_c
+    return dict(BLOCK_N=block_n, BLOCK_C=block_c, IS_SVM=kind == "svm", COMPUTE_GRAD=compute_grad)
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,12 +138,10 @@ def multitask_loss_forward(logits: torch.Tensor, labels: torch.Tensor, num_class
     row_losses = torch.empty((n_rows, len(num_classes)), dtype=torch.float32, device=logits.device)
     grad = torch.empty((n_rows, width), dtype=logits.dtype, device=logits.device) if compute_grad else None
     invalid = torch.zeros(1, dtype=torch.int32, device=logits.device)
-    block_n, block_c = block_sizes(num_classes)
-    grid = (triton.cdiv(n_rows, block_n), len(num_classes))
+    constexprs = loss_constexprs(num_classes, kind, compute_grad)
+    grid = (triton.cdiv(n_rows, constexprs["BLOCK_N"]), len(num_classes))
     if n_rows > 0:
         multitask_loss_kernel[grid](
             logits, labels, offsets, weights, row_losses, grad if compute_grad else row_losses, invalid,
-            n_rows, logits.stride(0), len(num_classes), row_scale, margin,
-            BLOCK_N=block_n, BLOCK_C=block_c, IS_SVM=kind == "svm", COMPUTE_GRAD=compute_grad,
-        )
+            n_rows, logits.stride(0), len(num_classes), row_scale, margin, **constexprs)
     return row_losses, grad, invalid
