@@ -3,7 +3,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import device, pytest_sessionfinish  # noqa: F401  (fixture and hook for pytest)
+from harness import device, pytest_addoption, pytest_sessionfinish  # noqa: F401  (fixture and hooks for pytest)
 
 import mtkernels
 

@@ -1,7 +1,10 @@
-"""Benchmark harness (used by bench/conftest.py and the suites): every benchmark runs on each
-device present (cpu always, cuda when available; an absent device is skipped, never faked)
-and records what it measured, so the suites can write their tables, with ratios taken within
-the same run, at the end."""
+"""Benchmark harness (used by bench/conftest.py and the suites): every benchmark runs on the
+devices chosen with ``--bench-device`` (default: cuda on a machine that has one, so that
+`pytest bench/ --benchmark-only` there times the GPU and not every CPU suite; cpu elsewhere;
+an absent device is skipped, never faked) and records what it measured, so the suites can
+write their tables, with ratios taken within the same run, at the end. On CUDA, TF32 is on
+for float32 matmuls and convolutions (cuDNN's default, and what the Triton kernels use), and
+every CUDA table says so."""
 
 from __future__ import annotations
 
@@ -17,10 +20,27 @@ MEASUREMENTS: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict
 REPORTERS = {}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--bench-device", choices=["auto", "cpu", "cuda", "all"], default="auto",
+                     help="devices to benchmark: auto (default) = cuda where there is one, else cpu")
+
+
+def chosen_devices(config) -> tuple[str, ...]:
+    choice = config.getoption("--bench-device")
+    if choice == "auto":
+        return ("cuda",) if torch.cuda.is_available() else ("cpu",)
+    return tuple(DEVICES) if choice == "all" else (choice,)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
+    if request.param not in chosen_devices(request.config):
+        pytest.skip(f"--bench-device {request.config.getoption('--bench-device')} leaves out {request.param}")
+    if request.param == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return request.param
 
 

@@ -39,6 +39,9 @@ def machine_description(device: str) -> dict[str, str]:
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+        info["TF32"] = ("on" if torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+                        else f"matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}")
+        info["triton"] = __import__("triton").__version__
     return info
 
 

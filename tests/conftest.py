@@ -1,6 +1,17 @@
 import pytest
+import torch
 
 from mtkernels import _C
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a CUDA device (bench/gpu_check.sh runs them on one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 ISAS = ("baseline", "avx2", "avx512")
 

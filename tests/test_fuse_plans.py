@@ -134,7 +134,7 @@ def test_parameter_changes_rebuild_the_plans(change):
         assert_equals_eager(fused, model, x)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here for the device round trip")
+@pytest.mark.cuda
 def test_a_device_round_trip_rebuilds_the_plans():
     model = models.build_model("bknet").eval()
     fused = mtkernels.fuse_for_inference(model)
