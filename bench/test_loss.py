@@ -21,7 +21,7 @@ SUITE = "loss"
 SIZES = (128, 65536)
 TASKS = ((2, 7, 2), (7, 3, 3, 5))
 KINDS = ("ce", "svm")
-IMPLS = ("eager", "compiled", "mtkernels", "copy", "noop")
+IMPLS = ("eager", "compiled", "mtkernels", "graph", "copy", "noop")
 WIDE_CLASSES = (1024, 8192, 32768)
 WIDE_ROWS = 4096
 
@@ -51,7 +51,23 @@ def compiled_reference(spec):
     return torch.compile(lambda logits, labels: loss_from_spec(logits, labels, spec))
 
 
+def graph_replay(step):
+    """``step`` captured once in a CUDA graph (after a warm-up on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def step_fn(impl, logits, labels, spec):
+    if impl == "graph":
+        return graph_replay(step_fn("mtkernels", logits, labels, spec))
     if impl == "copy":
         src, out = logits.detach(), torch.empty_like(logits)
         return lambda: out.copy_(src)
@@ -77,6 +93,8 @@ def step_fn(impl, logits, labels, spec):
 def test_loss_forward_backward(benchmark, device, n, tasks, kind, impl):
     if impl == "noop" and n != 128:
         pytest.skip("the do-nothing floor is the per-call cost: measured at N = 128")
+    if impl == "graph" and device != "cuda":
+        pytest.skip("a CUDA-graph replay of the mtkernels step is a CUDA row")
     spec = loss_spec(tasks, kind)
     logits, labels = make_inputs(n, tasks, device)
     rounds = 400 if n <= 1024 else 20
@@ -128,7 +146,8 @@ def report(device, measurements):
     notes = ("Forward + backward of the masked multi-task loss, median per call. 'vs X' = time of X / time "
              "of mtkernels (higher is better); 'mtkernels / copy' = time of mtkernels / time of one copy of "
              "the logits into a gradient-sized buffer (lower is better); 'mtkernels / noop' = its time over a "
-             "do-nothing autograd.Function's (forward + backward). 30% of labels are -1. Rows 'ce float32' / "
+             "do-nothing autograd.Function's (forward + backward); 'graph' (CUDA) = the mtkernels step captured "
+             "once in a CUDA graph and replayed. 30% of labels are -1. Rows 'ce float32' / "
              "'ce bfloat16': one task of that many classes, every row labelled, reduction 'sum', where 'eager' is "
              "F.cross_entropy(ignore_index=-1) in the same dtype.")
     path = write_table(SUITE, device, rows, columns, f"Multi-task loss, {device}", notes)
