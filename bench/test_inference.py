@@ -26,6 +26,9 @@ SUITE = "inference"
 NETWORKS = ("bknet", "resnet-v1", "resnet-v2")
 BATCHES = (1, 128)
 IMPLS = ("eager", "channels_last", "compile", "onnxruntime", "fused")
+# CUDA only: cuDNN's channels-last eager model and the fused Triton path in half precisions.
+HALF_IMPLS = ("channels_last_fp16", "fused_fp16", "channels_last_bf16", "fused_bf16")
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MATMUL_SIZE = 2048
 
 
@@ -60,7 +63,14 @@ def runner(impl: str, name: str, batch: int, device: str):
         session = onnx_session(model, x)
         feed = {"x": x.numpy()}
         return lambda: session.run(None, feed)
-    if impl == "eager":
+    if impl in HALF_IMPLS:
+        if device != "cuda":
+            pytest.skip("half-precision rows are CUDA rows here (this suite's CPU rows are float32)")
+        dtype = HALF_DTYPES[impl.rsplit("_", 1)[1]]
+        x = x.to(dtype=dtype, memory_format=torch.channels_last)
+        fn = (mtkernels.fuse_for_inference(model) if impl.startswith("fused")
+              else copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last))
+    elif impl == "eager":
         fn = model
     elif impl == "channels_last":
         fn = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -76,7 +86,7 @@ def runner(impl: str, name: str, batch: int, device: str):
     return run
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + HALF_IMPLS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", NETWORKS)
 def test_inference(benchmark, device, name, batch, impl):
@@ -87,17 +97,23 @@ def test_inference(benchmark, device, name, batch, impl):
             network=name, batch=batch, impl=impl)
 
 
-def test_matmul_peak(benchmark, device):
-    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
-    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_matmul_peak(benchmark, device, precision):
+    """The matmul rate in each precision the rows run in (fp32 is TF32 on CUDA, as the rows)."""
+    if precision != "fp32" and device != "cuda":
+        pytest.skip("this suite's CPU rows are float32")
+    dtype = HALF_DTYPES.get(precision, torch.float32)
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
     measure(benchmark, lambda: torch.mm(a, b), device, SUITE, rounds=10, warmup=2,
-            network="matmul", batch=MATMUL_SIZE, impl="torch.mm")
+            network="matmul", batch=MATMUL_SIZE, impl=f"torch.mm {precision}")
 
 
 @register_report(SUITE)
 def report(device, measurements):
-    peak = [m for m in measurements if m["network"] == "matmul"]
-    peak_gflops = 2 * MATMUL_SIZE ** 3 / peak[0]["seconds"] / 1e9 if peak else None
+    peaks = {m["impl"].split()[-1]: 2 * MATMUL_SIZE ** 3 / m["seconds"] / 1e9
+             for m in measurements if m["network"] == "matmul"}
+    peak_gflops = peaks.get("fp32")
     times = {(m["network"], m["batch"], m["impl"]): m["seconds"] / m["batch"]
              for m in measurements if m["network"] != "matmul"}
     rows = []
@@ -106,7 +122,7 @@ def report(device, measurements):
             if (name, batch, "eager") not in times:
                 continue
             row = {"network": name, "batch": batch, "paper TITAN X ms/img": f"{PAPER_TABLE3[name] * 1e3:.0f}"}
-            for impl in IMPLS:
+            for impl in IMPLS + HALF_IMPLS:
                 t = times.get((name, batch, impl))
                 if t is not None:
                     row[f"{impl} ms/img"] = f"{t * 1e3:.3f}"
@@ -119,21 +135,31 @@ def report(device, measurements):
                 row["fused GFLOP/s"] = f"{gflops:.1f}"
                 if peak_gflops:
                     row["of matmul peak"] = f"{100 * gflops / peak_gflops:.0f}%"
+            for precision in HALF_DTYPES:
+                half = times.get((name, batch, f"fused_{precision}"))
+                if half and precision in peaks:
+                    share = 2 * macs(name) / half / 1e9 / peaks[precision]
+                    row[f"fused_{precision} of {precision} peak"] = f"{100 * share:.0f}%"
             rows.append(row)
+    half_columns = ([f"{i} ms/img" for i in HALF_IMPLS] + [f"fused_{p} of {p} peak" for p in HALF_DTYPES]
+                    if any(m["impl"] in HALF_IMPLS for m in measurements) else [])
     columns = (["network", "batch", "paper TITAN X ms/img"] + [f"{i} ms/img" for i in IMPLS]
-               + ["fused vs eager", "fused vs compile", "fused vs onnxruntime", "fused GFLOP/s", "of matmul peak"])
-    notes = ("Inference time per image (median of runs, divided by the batch), float32. 'fused vs X' = time of X "
+               + ["fused vs eager", "fused vs compile", "fused vs onnxruntime", "fused GFLOP/s", "of matmul peak"]
+               + half_columns)
+    notes = ("Inference time per image (median of runs, divided by the batch), float32 (TF32 on CUDA); the "
+             "_fp16 / _bf16 rows (CUDA) run in that precision, input converted. 'fused vs X' = time of X "
              "/ time of fused (higher is better). GFLOP/s counts 2 x multiply-accumulates of the conv and linear "
              "layers (python -m models summary)."
-             + (f" This machine's fp32 matmul ({MATMUL_SIZE}^3, torch.mm) ran at {peak_gflops:.1f} GFLOP/s in the "
-                "same run." if peak_gflops else "")
+             + "".join(f" This machine's {p} matmul ({MATMUL_SIZE}^3, torch.mm) ran at {g:.1f} GFLOP/s in the "
+                       "same run." for p, g in peaks.items())
              + " Paper: Sang & Cuong 2018, Table 3, TITAN X, batch size not stated.")
     path = write_table(SUITE, device, rows, columns, f"Table 3: inference time per image, {device}", notes)
     panels = []
     for batch in BATCHES:
         sub = [r for r in rows if r["batch"] == batch]
         panels.append((f"batch {batch}", [r["network"] for r in sub],
-                       {impl: [float(r.get(f"{impl} ms/img", "nan")) for r in sub] for impl in IMPLS}))
+                       {impl: [float(r.get(f"{impl} ms/img", "nan")) for r in sub] for impl in IMPLS + HALF_IMPLS
+                        if any(f"{impl} ms/img" in r for r in rows)}))
     save_bar_chart(RESULTS_DIR / f"{SUITE}-{device}.png", panels, "ms / image (lower is better)",
                    f"Inference time per image on {device}")
     return path
