@@ -38,10 +38,12 @@ def machine_description(device: str) -> dict[str, str]:
         "device": device,
     }
     if device == "cuda":
+        import triton
+
         info["gpu"] = torch.cuda.get_device_name()
         info["TF32"] = ("on" if torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
                         else f"matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}")
-        info["triton"] = __import__("triton").__version__
+        info["triton"] = triton.__version__
     return info
 
 

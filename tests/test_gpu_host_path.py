@@ -11,6 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from test_fuse import randomise_batchnorm
 from torch import nn
 from triton_checks import run_under_interpreter
 
@@ -200,18 +201,6 @@ def test_loss_custom_op():
 
 # --- fused inference -----------------------------------------------------------------------------
 
-def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-identity BatchNorm statistics, so folding is really exercised."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
 class NarrowResNet(MultiTaskNet):
     """The ResNets' blocks (pre-activation bottlenecks: 1x1 convs, a strided 3x3, 1x1 shortcut
     convs) at widths below 64 channels and 16x16 input, so the interpreter runs them in seconds.
@@ -240,7 +229,7 @@ NETWORKS = {
 
 def check_fused_network(name):
     torch.manual_seed(0)
-    model = randomised(NETWORKS[name]())
+    model = randomise_batchnorm(NETWORKS[name]()).eval()
     fused = mtkernels.fuse_for_inference(model)
     x = torch.randn(3, 1, model.input_size, model.input_size)
     with torch.no_grad():
@@ -267,7 +256,7 @@ def check_half_precision_kept_end_to_end(dtype_name):
     (test_fuse.py::test_cuda_fused_equals_eager, run by bench/gpu_check.sh)."""
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
-    model = randomised(NarrowResNet(1))
+    model = randomise_batchnorm(NarrowResNet(1)).eval()
     fused = mtkernels.fuse_for_inference(model)
     x = torch.randn(3, 1, 16, 16)
     outputs = []

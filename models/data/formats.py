@@ -203,9 +203,10 @@ def _mat_column(struct, name: str) -> np.ndarray:
 def read_imdb_wiki(root, which: str = "wiki", seed: int = 0, fold: int = 0) -> SourceRecords:
     """IMDB-WIKI: ``{which}_crop/{which}.mat`` (``root`` holds ``{which}_crop/`` or is it), a
     MATLAB struct with full_path, gender (1 male, 0 female, NaN unknown), face_score (-inf: no
-    face), second_face_score, dob, photo_taken. Rows with unknown gender or no face are skipped. Split: seeded, in the
-    paper's proportions (Wiki 30000 / 34200, IMDB 150000 / 170000); ``fold`` k takes the k-th
-    of the disjoint test blocks of one seeded permutation (cross-validation)."""
+    face), second_face_score, dob, photo_taken. Rows with unknown gender or no face are skipped.
+    Split: seeded, in the paper's proportions (Wiki 30000 / 34200, IMDB 150000 / 170000);
+    ``fold`` k takes the k-th of the disjoint test blocks of one seeded permutation
+    (cross-validation)."""
     from scipy.io import loadmat
 
     if which not in IMDB_WIKI_TRAIN_FRACTION:
@@ -239,10 +240,11 @@ def read_imdb_wiki(root, which: str = "wiki", seed: int = 0, fold: int = 0) -> S
 
 def read_rafdb(root) -> SourceRecords:
     """RAF-DB basic (``root`` is ``basic/`` or holds it): ``EmoLabel/list_patition_label.txt``
-    ("train_00001.jpg 5", emotions 1-7), aligned 100x100 images ``Image/aligned/train_00001_aligned.jpg``, and per image
-    ``Annotation/manual/train_00001_manu_attri.txt``: five landmark lines, then gender
-    (0 male, 1 female, 2 unsure), race (0 Caucasian, 1 African-American, 2 Asian) and age
-    group (0-4: 0-3, 4-19, 20-39, 40-69, 70+). Split from the train_/test_ prefix."""
+    ("train_00001.jpg 5", emotions 1-7), aligned 100x100 images
+    ``Image/aligned/train_00001_aligned.jpg``, and per image
+    ``Annotation/manual/train_00001_manu_attri.txt``: five landmark lines, then gender (0 male,
+    1 female, 2 unsure), race (0 Caucasian, 1 African-American, 2 Asian) and age group (0-4:
+    0-3, 4-19, 20-39, 40-69, 70+). Split from the train_/test_ prefix."""
     _, partition_file = _require("rafdb", Path(root))
     root = partition_file.parent.parent
     lines = partition_file.read_text().splitlines()
