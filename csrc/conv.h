@@ -4,15 +4,32 @@
 
 namespace mtk {
 
-// dst[n, y, x, c] = max over the 2x2 window at (2y, 2x) of src[n, :, :, c]; H, W even or
-// odd (the last row / column is dropped, as max_pool2d(2, 2) does).
-// 2x2 / stride 2 max-pool of NHWC, optionally followed by ReLU (max(relu(x)) = relu(max(x)),
-// so a conv without a fused ReLU pays no extra pass); NaN propagates as in PyTorch.
+// Element types of the reduced-precision activations the NHWC helpers take besides float32.
+enum class Element : int { float32 = 0, bfloat16 = 1, uint8 = 2 };
+
+// dst[n, y, x, c] = max over the 2x2 window at (2y, 2x) of src[n, :, :, c] (2x2 / stride 2
+// max-pool; an odd last row / column is dropped, as max_pool2d(2, 2) does), optionally
+// followed by ReLU (max(relu(x)) = relu(max(x)), so a conv without a fused ReLU pays no extra
+// pass). float32 and bfloat16 propagate NaN as PyTorch does; uint8 is a quantized activation.
 struct MaxPoolProblem {
-  const float* src;
-  float* dst;
+  const void* src;
+  void* dst;
   int64_t batch, height, width, channels;
   bool relu;
+  Element element;
+  int num_threads;
+};
+
+// dst[i] = clamp(round_half_even(src[i] * inv_scale) + zero_point, 0, 255) for float32 or
+// bfloat16 src: the uint8 activation of a quantized layer. NaN gives zero_point (a NaN
+// input is flagged per image by the caller, not carried through integer arithmetic).
+struct QuantizeProblem {
+  const void* src;
+  uint8_t* dst;
+  int64_t count;
+  float inv_scale;
+  int zero_point;
+  Element element;
   int num_threads;
 };
 
@@ -88,6 +105,7 @@ struct GroupedLinearProblem {
 };
 
 using MaxPoolFn = void (*)(const MaxPoolProblem&);
+using QuantizeFn = void (*)(const QuantizeProblem&);
 using Conv3x3SingleChannelFn = void (*)(const Conv3x3SingleChannelProblem&);
 using WinogradInputFn = void (*)(const WinogradInputProblem&);
 using WinogradOutputFn = void (*)(const WinogradOutputProblem&);
@@ -97,6 +115,7 @@ using GroupedLinearFn = void (*)(const GroupedLinearProblem&);
 #define MTK_DECLARE_CONV(isa)                                          \
   namespace isa {                                                      \
   void maxpool2x2_nhwc(const MaxPoolProblem&);                         \
+  void quantize_u8(const QuantizeProblem&);                            \
   void conv3x3_single_channel_nhwc(const Conv3x3SingleChannelProblem&); \
   void winograd_input_nhwc(const WinogradInputProblem&);               \
   void winograd_output_nhwc(const WinogradOutputProblem&);             \

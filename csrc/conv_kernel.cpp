@@ -4,6 +4,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -20,24 +22,81 @@ namespace {
 constexpr int64_t kParallelOutputs = 1 << 16;
 }  // namespace
 
-void maxpool2x2_nhwc(const MaxPoolProblem& p) {
+namespace {
+
+// bfloat16 is the upper half of a float32: widening is exact, and narrowing a value that
+// came from bfloat16 (a max of such values, NaN included) is exact too.
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+inline uint8_t widen(uint8_t v) { return v; }
+inline void narrow(float* dst, float v) { *dst = v; }
+inline void narrow(uint16_t* dst, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  *dst = uint16_t(bits >> 16);
+}
+inline void narrow(uint8_t* dst, uint8_t v) { *dst = v; }
+
+inline float pool_max(float a, float b) { return max_nan(a, b); }
+inline uint8_t pool_max(uint8_t a, uint8_t b) { return std::max(a, b); }
+
+template <typename T>
+void maxpool2x2(const MaxPoolProblem& p) {
+  using Value = decltype(widen(T()));
   const int64_t out_h = p.height / 2, out_w = p.width / 2, C = p.channels;
   const int64_t rows = p.batch * out_h;
   const bool parallel = p.num_threads > 1 && rows * out_w * C >= kParallelOutputs;
+  const T* src = static_cast<const T*>(p.src);
+  T* dst = static_cast<T*>(p.dst);
+  // uint8 activations are quantized ReLU outputs already: ReLU is the identity there.
+  const Value floor = p.relu ? Value(0) : std::numeric_limits<Value>::lowest();
 #pragma omp parallel for num_threads(p.num_threads) if (parallel) schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t n = row / out_h, y = row % out_h;
-    const float* top = p.src + ((n * p.height + 2 * y) * p.width) * C;
-    const float* bottom = top + p.width * C;
-    float* out = p.dst + row * out_w * C;
-    const float floor = p.relu ? 0.0f : -std::numeric_limits<float>::infinity();
+    const T* top = src + ((n * p.height + 2 * y) * p.width) * C;
+    const T* bottom = top + p.width * C;
+    T* out = dst + row * out_w * C;
     for (int64_t x = 0; x < out_w; ++x) {
-      const float *a = top + 2 * x * C, *b = bottom + 2 * x * C;
+      const T *a = top + 2 * x * C, *b = bottom + 2 * x * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c)
-        out[x * C + c] = std::max(max_nan(max_nan(a[c], a[C + c]), max_nan(b[c], b[C + c])), floor);
+      for (int64_t c = 0; c < C; ++c) {
+        const Value m = pool_max(pool_max(widen(a[c]), widen(a[C + c])), pool_max(widen(b[c]), widen(b[C + c])));
+        narrow(out + x * C + c, std::max(m, floor));
+      }
     }
   }
+}
+
+template <typename T>
+void quantize(const QuantizeProblem& p) {
+  const T* src = static_cast<const T*>(p.src);
+  const bool parallel = p.num_threads > 1 && p.count >= 4 * kParallelOutputs;
+  const float zero = float(p.zero_point);
+#pragma omp parallel for simd num_threads(p.num_threads) if (parallel) schedule(static)
+  for (int64_t i = 0; i < p.count; ++i) {
+    const float v = std::nearbyint(widen(src[i]) * p.inv_scale) + zero;
+    p.dst[i] = uint8_t(v != v ? zero : std::min(std::max(v, 0.0f), 255.0f));
+  }
+}
+
+}  // namespace
+
+void maxpool2x2_nhwc(const MaxPoolProblem& p) {
+  switch (p.element) {
+    case Element::float32: return maxpool2x2<float>(p);
+    case Element::bfloat16: return maxpool2x2<uint16_t>(p);
+    case Element::uint8: return maxpool2x2<uint8_t>(p);
+  }
+}
+
+void quantize_u8(const QuantizeProblem& p) {
+  if (p.element == Element::bfloat16) return quantize<uint16_t>(p);
+  quantize<float>(p);
 }
 
 void conv3x3_single_channel_nhwc(const Conv3x3SingleChannelProblem& p) {

@@ -1,6 +1,10 @@
 #include "cpu_dispatch.h"
 
 #include <cstdlib>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <stdexcept>
 
 namespace mtk {
@@ -20,6 +24,11 @@ bool has(const char* feature) {
   if (f == "avx512vl") return __builtin_cpu_supports("avx512vl");
   if (f == "avx512dq") return __builtin_cpu_supports("avx512dq");
   if (f == "sse4.2") return __builtin_cpu_supports("sse4.2");
+  if (f == "avx512bf16") return __builtin_cpu_supports("avx512bf16");
+  if (f == "avx512vnni") return __builtin_cpu_supports("avx512vnni");
+  if (f == "amx-tile") return __builtin_cpu_supports("amx-tile");
+  if (f == "amx-bf16") return __builtin_cpu_supports("amx-bf16");
+  if (f == "amx-int8") return __builtin_cpu_supports("amx-int8");
 #endif
   (void)feature;
   return false;
@@ -45,12 +54,28 @@ Isa& current() {
   return isa;
 }
 
+// Linux hands out the AMX tile state only to a process that asks for it, once.
+bool amx_permitted() {
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+  static const bool permitted = [] {
+    if (!has("amx-tile")) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return permitted;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 std::map<std::string, bool> cpu_features() {
   std::map<std::string, bool> out;
-  for (const char* f : {"sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"})
+  for (const char* f : {"sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                        "avx512bf16", "avx512vnni", "amx-tile", "amx-bf16", "amx-int8"})
     out[f] = has(f);
+  out["amx-permitted"] = amx_permitted();
   return out;
 }
 

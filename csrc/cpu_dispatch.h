@@ -24,6 +24,7 @@ void set_active_isa(Isa isa);  // throws std::invalid_argument if unsupported he
 #define MTK_KERNELS(X)                                           \
   X(multitask_loss_forward, LossForwardFn)                      \
   X(maxpool2x2_nhwc, MaxPoolFn)                                  \
+  X(quantize_u8, QuantizeFn)                                     \
   X(conv3x3_single_channel_nhwc, Conv3x3SingleChannelFn)         \
   X(winograd_input_nhwc, WinogradInputFn)                        \
   X(winograd_output_nhwc, WinogradOutputFn)                      \

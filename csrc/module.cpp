@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -53,13 +54,26 @@ int64_t multitask_loss_forward(uintptr_t logits, int dtype, int64_t rows, int64_
 }
 
 void maxpool2x2_nhwc(uintptr_t src, uintptr_t dst, int64_t batch, int64_t height, int64_t width,
-                     int64_t channels, bool relu, int num_threads) {
+                     int64_t channels, bool relu, int element, int num_threads) {
   if (batch < 0 || height < 0 || width < 0 || channels < 0) throw std::invalid_argument("negative size");
+  if (element < 0 || element > 2) throw std::invalid_argument("element must be 0 (float32), 1 (bfloat16) or 2 (uint8)");
   if (batch * (height / 2) * (width / 2) * channels == 0) return;
-  const mtk::MaxPoolProblem problem{as_ptr<const float>(src), as_ptr<float>(dst), batch, height, width, channels,
-                                    relu, std::max(1, num_threads)};
+  const mtk::MaxPoolProblem problem{as_ptr<const void>(src), as_ptr<void>(dst), batch, height, width, channels,
+                                    relu, mtk::Element(element), std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().maxpool2x2_nhwc(problem);
+}
+
+void quantize_u8(uintptr_t src, uintptr_t dst, int64_t count, double scale, int zero_point, int element,
+                 int num_threads) {
+  if (count < 0) throw std::invalid_argument("negative size");
+  if (!(scale > 0.0) || !std::isfinite(scale)) throw std::invalid_argument("scale must be positive and finite");
+  if (zero_point < 0 || zero_point > 255) throw std::invalid_argument("zero_point must be in [0, 255]");
+  if (element != 0 && element != 1) throw std::invalid_argument("element must be 0 (float32) or 1 (bfloat16)");
+  const mtk::QuantizeProblem problem{as_ptr<const void>(src), as_ptr<uint8_t>(dst), count, float(1.0 / scale),
+                                     zero_point, mtk::Element(element), std::max(1, num_threads)};
+  py::gil_scoped_release release;
+  mtk::kernels().quantize_u8(problem);
 }
 
 mtk::Conv3x3SingleChannelProblem single_channel_problem(uintptr_t src, uintptr_t weight, uintptr_t bias,
@@ -308,8 +322,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads"),
         "Masked multi-task loss and its gradient in one pass; returns the number of out-of-range labels.");
   m.def("maxpool2x2_nhwc", &maxpool2x2_nhwc, py::arg("src"), py::arg("dst"), py::arg("batch"), py::arg("height"),
-        py::arg("width"), py::arg("channels"), py::arg("relu"), py::arg("num_threads"),
-        "2x2 / stride 2 max-pool (+ ReLU) of a contiguous NHWC float32 buffer; NaN propagates.");
+        py::arg("width"), py::arg("channels"), py::arg("relu"), py::arg("element"), py::arg("num_threads"),
+        "2x2 / stride 2 max-pool (+ ReLU) of a contiguous NHWC buffer of element 0 (float32), 1 (bfloat16) or "
+        "2 (uint8); NaN propagates.");
+  m.def("quantize_u8", &quantize_u8, py::arg("src"), py::arg("dst"), py::arg("count"), py::arg("scale"),
+        py::arg("zero_point"), py::arg("element"), py::arg("num_threads"),
+        "dst = clamp(round(src / scale) + zero_point, 0, 255) of a float32 (0) or bfloat16 (1) buffer.");
   m.def("conv3x3_single_channel_nhwc", &conv3x3_single_channel_nhwc, py::arg("src"), py::arg("weight"),
         py::arg("bias"), py::arg("dst"), py::arg("batch"), py::arg("height"), py::arg("width"),
         py::arg("out_channels"), py::arg("relu"), py::arg("num_threads"),

@@ -140,6 +140,10 @@ class FusedConv2d(DerivedState):
                      and self.dilation == [1, 1] and self.groups == 1)
         self.single_channel_3x3 = plain_3x3 and weight.shape[1] == 1
         self.winograd_ok = plain_3x3 and weight.shape[1] > 1
+        # Set by fuse_for_inference(precision=...): the dtype activations are computed in, and
+        # the uint8 encodings of an int8 conv (mtkernels.fuse.precision).
+        self.compute_dtype = torch.float32
+        self.int8 = None
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}, "
@@ -150,18 +154,48 @@ class FusedConv2d(DerivedState):
     # aten and onednn return the conv + bias; the ReLU runs in the epilogue (see build): oneDNN's
     # ReLU post-op returns 0 for NaN, where eager PyTorch returns NaN.
     def _aten(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        weight, bias = self.in_dtype(x.dtype, self.weight, self.bias)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         derived = self.derived()
-        key = ("onednn", tuple(x.shape[1:]))
+        key = ("onednn", tuple(x.shape[1:]), x.dtype)
+        weight, bias = self.in_dtype(x.dtype, self.weight, self.bias)
         packed = derived.get(key)
         if packed is None:
             packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape))
+                weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape))
             derived[key] = packed
         return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
+            x, packed, bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
+
+    def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """oneDNN's packed int8 weight (symmetric, per output channel), its scales and zero points."""
+        derived = self.derived()
+        if "int8" not in derived:
+            weight = self.weight.detach().float()
+            scale = (weight.abs().amax(dim=(1, 2, 3)) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+            quantized = torch.round(weight / scale.view(-1, 1, 1, 1)).clamp(-127, 127).to(torch.int8)
+            encoding = self.int8.input
+            packed = torch.ops.onednn.qconv_prepack(
+                quantized.contiguous(memory_format=torch.channels_last), scale, encoding.scale, encoding.zero_point,
+                self.stride, self.padding, self.dilation, self.groups, None)
+            derived["int8"] = (packed, scale, torch.zeros(scale.shape, dtype=torch.int64))
+        return derived["int8"]
+
+    def _int8_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 x int8 conv (+ ReLU) of float, bfloat16 or (already encoded) uint8 ``x``; uint8
+        out where the next conv reads it, else bfloat16; then the pool."""
+        from ..ops.conv import maxpool2x2
+
+        encoding, out = self.int8.input, self.int8.output
+        q = x if x.dtype == torch.uint8 else encoding.quantize(x)
+        packed, scale, zero = self._int8_weight()
+        y = torch.ops.onednn.qconv2d_pointwise(
+            q, encoding.scale, encoding.zero_point, packed, scale, zero, self.bias.float(), self.stride, self.padding,
+            self.dilation, self.groups, out.scale if out else 1.0, out.zero_point if out else 0,
+            None if out else torch.bfloat16, "relu" if self.relu else "none", [], "")
+        return maxpool2x2(y) if self.pool else y
 
     def weight_k_major(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight as [KH * KW * C_in, C_out] and bias, in ``dtype`` on the weight's device."""
@@ -215,7 +249,7 @@ class FusedConv2d(DerivedState):
 
         def run(x: torch.Tensor) -> torch.Tensor:
             y = impl(x)
-            if y.device.type == "cpu" and y.dtype == torch.float32 and not takes_cuda_path(y):
+            if y.device.type == "cpu" and y.dtype in (torch.float32, torch.bfloat16) and not takes_cuda_path(y):
                 from ..ops.conv import maxpool2x2
 
                 return maxpool2x2(y, relu)
@@ -225,10 +259,12 @@ class FusedConv2d(DerivedState):
     def candidates(self, x: torch.Tensor) -> list[str]:
         """Names of the implementations that can run ``x`` (CPU)."""
         names = ["aten"]
-        if x.dtype != torch.float32:
+        if x.dtype not in (torch.float32, torch.bfloat16):
             return names
         if _onednn_available():
             names.append("onednn")
+        if x.dtype != torch.float32:
+            return names
         if self.single_channel_3x3:
             names.append("single_channel")
         if self.winograd_ok and not (self.pool and (x.shape[2] % 2 or x.shape[3] % 2)):
@@ -250,9 +286,20 @@ class FusedConv2d(DerivedState):
                 return name
         return "aten"
 
+    def to_compute_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in this layer's compute dtype (float32 layers keep what they are given)."""
+        if self.compute_dtype != torch.float32 and x.dtype != self.compute_dtype:
+            return x.to(self.compute_dtype)
+        return x
+
     def implementation(self, x: torch.Tensor, bucket: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The implementation for CPU input like ``x`` in batch bucket ``bucket`` (timed on ``x``
         only if no decision for it is stored)."""
+        if self.int8 is not None:
+            return self._int8_conv
+        if self.compute_dtype != torch.float32 and x.dtype != self.compute_dtype:
+            impl = self.implementation(self.to_compute_dtype(x), bucket)
+            return lambda h: impl(self.to_compute_dtype(h))
         kind = (bucket, x.dtype, tuple(x.shape[1:]))
         name = self.chosen.get(kind)
         if name is None:
@@ -265,9 +312,10 @@ class FusedConv2d(DerivedState):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         if takes_cuda_path(x):
+            x = self.to_compute_dtype(x)
             return self._triton(x) if self.triton_ok else self.build("aten")(x)  # Triton: pool in its epilogue
         if x.shape[0] == 0 or x.device.type != "cpu":
-            return self.build("aten")(x)
+            return self.build("aten")(self.to_compute_dtype(x))
         return self.implementation(x, tuning.batch_bucket(x.shape[0]))(x)
 
     # -- layer chains -----------------------------------------------------------------------
@@ -306,6 +354,7 @@ class FusedLinear(DerivedState):
         self.weight = nn.Parameter(weight.detach().clone().contiguous(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.relu = relu
+        self.compute_dtype = torch.float32  # bfloat16 with fuse_for_inference(precision="bf16" / "int8")
         self.blocks = None
         if blocks is not None:
             if blocks.dim() != 3 or blocks.shape[0] * blocks.shape[1] != weight.shape[0] \
@@ -338,16 +387,20 @@ class FusedLinear(DerivedState):
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, relu={self.relu}{blocks}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute_dtype != torch.float32:
+            x = x.to(self.compute_dtype)
         if takes_cuda_path(x):
             from ..triton.conv import linear_bias_act
 
             return linear_bias_act(x, *self.in_dtype(x.dtype, self.weight, self.bias), self.relu)
         if self.blocks is not None:
             n, (count, _, width_in) = x.shape[0], self.blocks.shape
-            y = torch.baddbmm(self.bias.view(count, 1, -1), x.reshape(n, count, width_in).transpose(0, 1),
-                              self.blocks.transpose(1, 2))
+            blocks, bias = self.in_dtype(x.dtype, self.blocks, self.bias)
+            y = torch.baddbmm(bias.view(count, 1, -1), x.reshape(n, count, width_in).transpose(0, 1),
+                              blocks.transpose(1, 2))
             return (F.relu_(y) if self.relu else y).transpose(0, 1).reshape(n, -1)
-        y = torch.addmm(self.bias, x, self.weight.t())
+        weight, bias = self.in_dtype(x.dtype, self.weight, self.bias)
+        y = torch.addmm(bias, x, weight.t())
         return F.relu_(y) if self.relu else y
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -111,6 +112,7 @@ class FusedMultiTaskNet(DerivedState):
         self._layers = list(trunk) + list(heads.layers) if self.plannable else []
         self._parameter_list = tuple(self.parameters())
         self._signature = hashlib.sha1("|".join(map(layer_signature, self._layers)).encode()).hexdigest()[:16]
+        self.precision = "fp32"  # set by fuse_for_inference (see mtkernels.fuse.precision)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -121,7 +123,10 @@ class FusedMultiTaskNet(DerivedState):
         model_dtype, model_device = self._parameter_list[-1].dtype, self._parameter_list[-1].device
         if x.device != model_device:
             raise ValueError(f"input is on {x.device}, the model on {model_device}")
-        allowed = (torch.float32, torch.float16, torch.bfloat16) if takes_cuda_path(x) else (model_dtype,)
+        if takes_cuda_path(x):
+            allowed = (torch.float32, torch.float16, torch.bfloat16) if self.precision == "fp32" else (torch.float32,)
+        else:
+            allowed = (model_dtype,)
         if x.dtype not in allowed:
             raise TypeError(f"input dtype {x.dtype} is not supported on {x.device.type} by this model "
                             f"(parameters in {model_dtype}); use one of {allowed}")
@@ -135,6 +140,18 @@ class FusedMultiTaskNet(DerivedState):
         self._check_input(x)
         if x.shape[0] == 0:
             return torch.empty((0, sum(self.num_classes)), dtype=x.dtype, device=x.device)
+        if self.precision == "int8":
+            if x.device.type != "cpu" or takes_cuda_path(x):
+                raise ValueError(f"a precision='int8' model runs on the CPU (oneDNN), got input on {x.device}")
+            # Integer arithmetic carries no NaN: an image with a non-finite pixel gets NaN
+            # logits, as it does in eager float32.
+            corrupt = ~torch.isfinite(x).flatten(1).all(dim=1)
+            logits = self._forward(x).float()
+            return logits.masked_fill_(corrupt.unsqueeze(1), math.nan) if bool(corrupt.any()) else logits
+        logits = self._forward(x)
+        return logits.float() if self.precision != "fp32" else logits
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or takes_cuda_path(x) or not self.plannable:
             return self.heads(self.trunk(x))
         token = self._parameters_token()
@@ -167,14 +184,14 @@ class FusedMultiTaskNet(DerivedState):
                 step = functools.partial(torch.flatten, start_dim=layer.start_dim, end_dim=layer.end_dim)
             else:
                 step = layer.forward
-            joins = (isinstance(layer, (FusedConv2d, FusedLinear, ChannelsLastFlatten))
+            joins = (isinstance(layer, (FusedConv2d, FusedLinear, ChannelsLastFlatten)) and self.precision == "fp32"
                      and x.dtype == torch.float32 and layer.chain_output_shape(h.shape) is not None)
             chainable.append((layer, h.shape[1:]) if joins else None)
             steps.append(step)
             h = step(h)
         if bucket not in CHAIN_BUCKETS or self._chained(steps, chainable, n) is None:
             return steps
-        key = f"net:{self._signature}:in{'x'.join(map(str, x.shape[1:]))}:{x.dtype}:cpu:b{bucket}"
+        key = f"net:{self._signature}:in{'x'.join(map(str, x.shape[1:]))}:{x.dtype}:cpu:b{bucket}"  # fp32 only
         chain_probe = functools.lru_cache(maxsize=1)(lambda: self._chained(steps, chainable, probe.shape[0]))
         plans = {"layers": lambda: functools.partial(_replay, steps),
                  "chain": lambda: functools.partial(_replay, chain_probe())}

@@ -31,6 +31,7 @@ from torch import nn
 from ..training import BatchNormReLU2d
 from .layers import AffineReLU, ChannelsLastFlatten, FusedBranches, FusedConv2d, FusedHeads, FusedLinear
 from .plans import FusedMultiTaskNet
+from .precision import calibrate_int8, check_arguments, set_compute_dtype
 
 __all__ = ["Fuser", "flatten_channels_last", "fuse_for_inference"]
 
@@ -152,14 +153,34 @@ class Fuser:
         return FusedBranches(fused)
 
 
-def fuse_for_inference(model: nn.Module) -> nn.Module:
+def fuse_for_inference(model: nn.Module, precision: str = "fp32",
+                       calibration: Optional[torch.Tensor] = None) -> nn.Module:
     """An eval-mode copy of ``model`` with BN folded, conv+bias+ReLU(+pool) fused, dropout
-    removed and multi-task heads merged; same outputs, ``model`` untouched."""
+    removed and multi-task heads merged; ``model`` untouched. ``precision="fp32"``: same
+    outputs. ``"bf16"``: computed in bfloat16, float32 logits. ``"int8"``: convolutions in
+    uint8 x int8 with activation scales from ``calibration`` (a float32 ``[N >= 32, C, H, W]``
+    tensor of sample inputs); see :mod:`mtkernels.fuse.precision`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_arguments(precision, calibration)
     work = copy.deepcopy(model).eval()
     with torch.no_grad():
         fused = Fuser().module(work)
     for p in fused.parameters():
         p.requires_grad_(False)
-    return fused.eval()
+    fused.eval()
+    if precision == "fp32":
+        return fused
+    parameters = list(fused.parameters())
+    if any(p.dtype != torch.float32 for p in parameters):
+        raise ValueError(f"precision={precision!r} needs a float32 model, got parameters in "
+                         f"{sorted({str(p.dtype) for p in parameters})}")
+    if precision == "int8":
+        if any(p.device.type != "cpu" for p in parameters):
+            raise ValueError("precision='int8' runs on the CPU (oneDNN's int8 convolutions); move the model to the CPU")
+        calibrate_int8(fused, calibration)
+    set_compute_dtype(fused, torch.bfloat16)
+    for module in fused.modules():
+        if isinstance(module, FusedMultiTaskNet):
+            module.precision = precision
+    return fused

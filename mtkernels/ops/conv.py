@@ -35,13 +35,34 @@ def _check_matrix(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a 2-D float32 CPU tensor, got {x.dim()}-D {x.dtype} on {x.device}")
 
 
+# Element codes of the C++ NHWC helpers (csrc/conv.h, Element).
+_ELEMENT = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}
+
+
 def maxpool2x2(x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-    """``F.max_pool2d(x, 2, 2)`` (then ReLU if ``relu``) for a channels-last float32 CPU tensor."""
-    _check("x", x)
+    """``F.max_pool2d(x, 2, 2)`` (then ReLU if ``relu``) for a channels-last float32, bfloat16
+    or uint8 CPU tensor (uint8: a quantized ReLU output, so ``relu`` changes nothing)."""
+    if x.device.type != "cpu" or x.dtype not in _ELEMENT or x.dim() != 4:
+        raise TypeError(f"x must be a 4-D float32, bfloat16 or uint8 CPU tensor, got {x.dim()}-D {x.dtype} "
+                        f"on {x.device}")
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
-    out = torch.empty((n, c, h // 2, w // 2), memory_format=torch.channels_last)
-    _C.maxpool2x2_nhwc(x.data_ptr(), out.data_ptr(), n, h, w, c, relu, torch.get_num_threads())
+    out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
+    _C.maxpool2x2_nhwc(x.data_ptr(), out.data_ptr(), n, h, w, c, relu, _ELEMENT[x.dtype], torch.get_num_threads())
+    return out
+
+
+def quantize_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``clamp(round(x / scale) + zero_point, 0, 255)`` as uint8, in ``x``'s memory format
+    (float32 or bfloat16 CPU ``x``; rounding half to even; NaN gives ``zero_point``)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"x must be a float32 or bfloat16 CPU tensor, got {x.dtype} on {x.device}")
+    layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
+    out = torch.empty(x.shape, dtype=torch.uint8, memory_format=layout)
+    _C.quantize_u8(x.data_ptr(), out.data_ptr(), x.numel(), scale, zero_point, _ELEMENT[x.dtype],
+                   torch.get_num_threads())
     return out
 
 
