@@ -1,0 +1,216 @@
+"""fuse_for_inference(precision="bf16" | "int8"): a derived error bound against float64 on
+every network and batch size, argmax agreement with float32 on real faces, the C++ helpers
+per ISA, non-finite input, and bad arguments."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from precision_bound import reduced_precision_bound
+from skimage import data
+from test_fuse import randomise_batchnorm
+from torch import nn
+
+import models
+import mtkernels
+from mtkernels import _C
+from mtkernels.fuse import FusedConv2d
+from mtkernels.ops.conv import maxpool2x2, quantize_u8
+
+CALIBRATION_IMAGES = 64  # of scikit-image's 200 LFW crops; the others are held out
+
+
+@functools.lru_cache(maxsize=None)
+def faces(size: int) -> torch.Tensor:
+    """scikit-image's 200 LFW face crops (25x25 gray, [0, 1]) resized to ``size``."""
+    crops = torch.from_numpy(data.lfw_subset()).float().unsqueeze(1)
+    return F.interpolate(crops, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def networks(name: str):
+    """He-initialised network with random BatchNorm statistics; its float32, bf16 and int8
+    fusions (int8 calibrated on the first CALIBRATION_IMAGES faces), and the float64 fusion
+    of a float64 copy (the bound's exact network)."""
+    torch.manual_seed(3)
+    model = models.build_model(name)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    model = randomise_batchnorm(model).eval()
+    images = faces(model.input_size)
+    return (model, mtkernels.fuse_for_inference(model), mtkernels.fuse_for_inference(copy.deepcopy(model).double()),
+            mtkernels.fuse_for_inference(model, precision="bf16"),
+            mtkernels.fuse_for_inference(model, precision="int8", calibration=images[:CALIBRATION_IMAGES]))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("batch", [1, 7, 128])
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_error_within_derived_bound(name, batch, precision):
+    model, _, fused64, bf16, int8 = networks(name)
+    held_out = faces(model.input_size)[CALIBRATION_IMAGES:][:batch]
+    exact, bound = reduced_precision_bound(fused64, held_out, int8 if precision == "int8" else None)
+    with torch.no_grad():
+        eager = model.double()(held_out.double())
+        model.float()
+        out = (int8 if precision == "int8" else bf16)(held_out)
+    assert out.dtype == torch.float32 and out.shape == exact.shape
+    torch.testing.assert_close(exact, eager, rtol=1e-9, atol=1e-9)  # the bound's network is the eager one
+    excess = (out.double() - exact).abs() - bound
+    assert float(excess.max()) <= 0, f"{precision} logits exceed the bound by {float(excess.max()):.3g}"
+    if not name.startswith("resnet"):  # see precision_bound: on 50 layers the bound stops informing
+        assert float(bound.max()) < 0.5 * float(exact.abs().max()), "the bound is vacuous here"
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_argmax_agreement_on_real_faces(name):
+    model, fused32, _, bf16, int8 = networks(name)
+    images = faces(model.input_size)
+    with torch.no_grad():
+        reference = model.split(fused32(images))
+        for precision, fused, needed in (("bf16", bf16, 0.99), ("int8", int8, 0.97)):
+            for task, ref, got in zip(model.task_names, reference, model.split(fused(images))):
+                agreement = float((ref.argmax(1) == got.argmax(1)).float().mean())
+                assert agreement >= needed, f"{precision} {task}: {agreement:.1%} of 200 faces agree with float32"
+
+
+def test_int8_links_relu_convs_and_keeps_the_first_conv_in_bf16():
+    """BKNet: every conv but the one-channel first one is int8, and each hands uint8 to the
+    next conv except the last, whose output goes to the flatten."""
+    *_, int8 = networks("bknet")
+    convs = [m for m in int8.modules() if isinstance(m, FusedConv2d)]
+    assert convs[0].int8 is None
+    assert all(c.int8 is not None for c in convs[1:])
+    assert [c.int8.output is not None for c in convs[1:]] == [True] * (len(convs) - 2) + [False]
+    for producer, consumer in zip(convs[1:], convs[2:]):
+        assert producer.int8.output == consumer.int8.input
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_non_finite_input_gives_nan_logits_for_that_image_only(precision):
+    model, _, _, bf16, int8 = networks("bknet")
+    x = faces(model.input_size)[:4].clone()
+    x[1, 0, 5, 5] = math.nan
+    x[2, 0, 7, 9] = math.inf
+    with torch.no_grad():
+        eager = model(x)
+        out = (bf16 if precision == "bf16" else int8)(x)
+    assert torch.isnan(eager[1]).all() and torch.isnan(out[1]).all()
+    assert torch.equal(torch.isfinite(out), torch.isfinite(eager)), "non-finite logits differ from eager float32"
+    assert torch.isfinite(out[[0, 3]]).all()
+
+
+def test_parameters_stay_float32_and_state_dict_round_trips():
+    model, _, _, bf16, _ = networks("emotion-cnn")
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    x = faces(model.input_size)[:5]
+    with torch.no_grad():
+        before = bf16(x)
+        bf16.load_state_dict(bf16.state_dict())
+        assert torch.equal(bf16(x), before)
+
+
+def test_bad_arguments_name_the_argument():
+    model = models.build_model("bknet").eval()
+    images = faces(model.input_size)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        mtkernels.fuse_for_inference(model, precision="fp16")
+    with pytest.raises(ValueError, match="precision='int8' needs calibration"):
+        mtkernels.fuse_for_inference(model, precision="int8")
+    with pytest.raises(ValueError, match=r"calibration must be a float32 \[N, C, H, W\] tensor, got 3-D"):
+        mtkernels.fuse_for_inference(model, precision="int8", calibration=images[:40, 0])
+    with pytest.raises(ValueError, match="calibration must be a float32 .* got 4-D torch.float64"):
+        mtkernels.fuse_for_inference(model, precision="int8", calibration=images[:40].double())
+    with pytest.raises(ValueError, match="at least 32 images, got 8"):
+        mtkernels.fuse_for_inference(model, precision="int8", calibration=images[:8])
+    with pytest.raises(ValueError, match="calibration is only used with precision='int8'"):
+        mtkernels.fuse_for_inference(model, precision="bf16", calibration=images[:40])
+    with pytest.raises(ValueError, match="calibration must be finite"):
+        bad = images[:40].clone()
+        bad[3, 0, 0, 0] = math.nan
+        mtkernels.fuse_for_inference(model, precision="int8", calibration=bad)
+    with pytest.raises(ValueError, match="needs a float32 model"):
+        mtkernels.fuse_for_inference(model.double(), precision="bf16")
+    model.float()
+    with pytest.raises(ValueError, match="calibration must be a float32"):
+        mtkernels.fuse_for_inference(model, precision="int8", calibration=[images[:40]])
+    with pytest.raises(ValueError, match="input has 3 channels"):
+        mtkernels.fuse_for_inference(model, precision="bf16")(torch.zeros(2, 3, 48, 48))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_maxpool2x2_per_isa(isa, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 19, 7, 10, generator=g) * 50).to(dtype) if dtype != torch.uint8 else \
+        torch.randint(0, 256, (3, 19, 7, 10), generator=g, dtype=torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if dtype != torch.uint8:
+        x[0, 3, 2, 2] = math.nan
+        x[1, 4, 4, 6] = -math.inf
+    for relu in (False, True):
+        expected = F.max_pool2d(x.double(), 2, 2)
+        expected = F.relu(expected) if relu else expected
+        got = maxpool2x2(x, relu)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_u8_per_isa(isa, dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 33, 5, 5, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    scale, zero_point = 0.037, 17
+    # Reference: multiply by the float32 reciprocal, round half to even, shift, clamp.
+    inv = torch.tensor(1 / scale, dtype=torch.float32).double()
+    shifted = torch.round((x.double() * inv).float().double()) + zero_point
+    expected = torch.where(torch.isnan(shifted), float(zero_point), shifted).clamp(0, 255).to(torch.uint8)
+    got = quantize_u8(x, scale, zero_point)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, expected)
+
+
+def test_int8_network_agrees_on_every_isa(isa):
+    """The C++ helpers of the int8 path (quantizer, uint8 / bf16 pools) in each variant."""
+    model, fused32, _, _, int8 = networks("bknet")
+    images = faces(model.input_size)[CALIBRATION_IMAGES:]
+    with torch.no_grad():
+        ref, got = fused32(images), int8(images)
+    for r, o in zip(model.split(ref), model.split(got)):
+        assert float((r.argmax(1) == o.argmax(1)).float().mean()) >= 0.97
+
+
+ONEDNN_ISAS = ("AVX2", "AVX512_CORE", "AVX512_CORE_BF16", "AVX512_CORE_AMX")
+
+
+def _cpu_runs_onednn_isa(name: str) -> tuple[bool, str]:
+    features = _C.cpu_features()
+    need = {"AVX2": ["avx2"], "AVX512_CORE": ["avx512f", "avx512bw", "avx512vl", "avx512dq"],
+            "AVX512_CORE_BF16": ["avx512bf16"], "AVX512_CORE_AMX": ["amx-bf16", "amx-int8", "amx-permitted"]}[name]
+    missing = [f for f in need if not features.get(f)]
+    return not missing, f"this CPU / OS lacks {missing} (cpu_features: {features})"
+
+
+@pytest.mark.parametrize("onednn_isa", ONEDNN_ISAS)
+def test_reduced_precision_per_onednn_isa(onednn_isa):
+    """oneDNN picks its own kernels at process start (bf16 / int8 on AMX, AVX512-BF16 / VNNI,
+    or emulated on AVX2); each level this CPU runs is checked in a process capped there."""
+    runs, reason = _cpu_runs_onednn_isa(onednn_isa)
+    if not runs:
+        pytest.skip(f"oneDNN ISA {onednn_isa}: {reason}")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": onednn_isa}
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_fuse_precision as t; "
+            "t.test_argmax_agreement_on_real_faces('bknet'); "
+            "t.test_error_within_derived_bound('bknet', 7, 'bf16'); t.test_error_within_derived_bound('bknet', 7, 'int8')")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
