@@ -261,7 +261,8 @@ class FusedConv2d(DerivedState):
         names = ["aten"]
         if x.dtype not in (torch.float32, torch.bfloat16):
             return names
-        if _onednn_available():
+        # PyTorch's bf16 oneDNN weight packing refuses CPUs (or ONEDNN_MAX_CPU_ISA caps) below AVX-512.
+        if _onednn_available() and (x.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             names.append("onednn")
         if x.dtype != torch.float32:
             return names

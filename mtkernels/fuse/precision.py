@@ -103,6 +103,12 @@ class Int8Conv:
     output: Optional[Activation8] = None
 
 
+def _range_of(x: torch.Tensor) -> tuple[float, float]:
+    """(max, min) of a conv input: the scale covers all of it (99.99th / 99.9th percentiles
+    measured no better on BKNet and the ResNets, and clip held-out images)."""
+    return float(x.max()), float(x.min())
+
+
 def _fused_layers(fused: nn.Module, kind: type) -> list[nn.Module]:
     return [m for m in fused.modules() if isinstance(m, kind)]
 
@@ -139,7 +145,8 @@ def calibrate_int8(fused: nn.Module, calibration: torch.Tensor) -> int:
         x = args[0]
         if id(module) in ranges:
             span = ranges[id(module)]
-            span[0], span[1] = min(span[0], float(x.min())), max(span[1], float(x.max()))
+            high, low = _range_of(x)
+            span[0], span[1] = min(span[0], low), max(span[1], high)
         producer = produced_by.get(id(x))
         if producer is not None:
             feeds.setdefault(id(producer), set()).add(id(module))
