@@ -35,6 +35,7 @@ import mtkernels
 
 from .checkpoint import config_of, load_model
 from .data.faces import Face, FaceCropper, crop_settings_for, open_image
+from .export import calibration_faces
 from .io import atomic_write
 from .train.evaluate import task_scores
 
@@ -206,10 +207,11 @@ class Analyzer:
     """A trained model, its face detector and cropper, ready to analyse images.
 
     ``weights``: a checkpoint file or run directory written by ``python -m models train``.
-    ``fused=False`` runs the plain eager network (for comparison)."""
+    ``fused=False`` runs the plain eager network (for comparison); ``precision`` is the fused
+    network's (``"fp32"``, ``"bf16"``, or ``"int8"`` calibrated on scikit-image's LFW faces)."""
 
     def __init__(self, weights, device: str = "cpu", batch_size: int = 64, fused: bool = True,
-                 min_face_size: int = 20):
+                 min_face_size: int = 20, precision: str = "fp32"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -221,12 +223,16 @@ class Analyzer:
         self.class_names = tuple(tuple(c) for c in state["class_names"])
         self.device, self.batch_size = torch.device(device), batch_size
         model = model.to(self.device)
-        self.model = mtkernels.fuse_for_inference(model) if fused else model
+        if precision != "fp32" and not fused:
+            raise ValueError(f"precision={precision!r} needs the fused model (not --eager)")
+        calibration = calibration_faces(model.input_size) if precision == "int8" else None
+        self.model = mtkernels.fuse_for_inference(model, precision, calibration) if fused else model
         self.cropper = FaceCropper(crop_settings_for(self.config), device=device, min_face_size=min_face_size)
         history = state.get("history") or [{}]
         self.info = {"checkpoint": state["path"], "architecture": state["model_name"], "config": self.config.name,
                      "loss": self.kind, "epochs_trained": state.get("epoch", len(state.get("history", []))),
-                     "fused": fused, "outputs": "probabilities" if self.kind == "ce" else "scores",
+                     "fused": fused, "precision": precision,
+                     "outputs": "probabilities" if self.kind == "ce" else "scores",
                      "last_validation_accuracy": {k[len("val_acc_"):]: v for k, v in history[-1].items()
                                                   if k.startswith("val_acc_")}}
         self.stats = AnalysisStats()

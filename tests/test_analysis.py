@@ -129,6 +129,23 @@ def test_fused_and_eager_models_agree(trained_run, photos):
                 assert p == pytest.approx(e["tasks"][task]["probabilities"][c], abs=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_option(trained_run, photos, precision, capsys):
+    """--precision runs the fused model in bf16 / int8: the same faces, probabilities that
+    still sum to 1 per task, and the precision in the model line on standard error."""
+    assert main(["analyze", str(photos / "astronaut.png"), "--weights", str(trained_run), "--quiet",
+                 "--precision", precision]) == 0
+    captured = capsys.readouterr()
+    assert f"fused {precision}" in captured.err
+    (record,) = [json.loads(line) for line in captured.out.splitlines()]
+    (reference,) = Analyzer(trained_run).run([data.astronaut()])
+    assert record["box"] == reference["box"]
+    for task in record["tasks"]:
+        assert sum(record["tasks"][task]["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    with pytest.raises(ValueError, match="needs the fused model"):
+        Analyzer(trained_run, fused=False, precision=precision)
+
+
 def test_video_every_kth_frame(trained_run, tmp_path):
     av = pytest.importorskip("av")
     path = tmp_path / "clip.mp4"

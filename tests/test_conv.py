@@ -39,7 +39,7 @@ def test_single_channel_conv_matches_torch(isa, shape, c_out, relu):
 
 
 def test_bad_inputs_are_reported():
-    with pytest.raises(TypeError, match="float32 CPU tensor"):
+    with pytest.raises(TypeError, match="float32, bfloat16 or uint8 CPU tensor, got 4-D torch.float64"):
         maxpool2x2(torch.zeros(1, 2, 4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"\[N, 1, H, W\]"):
         conv3x3_single_channel(torch.zeros(1, 2, 4, 4), torch.zeros(9, 3), torch.zeros(3), True)
