@@ -1,6 +1,7 @@
 // NHWC float32 kernels for the fused inference path; compiled once per ISA like the loss
 // kernel (MTK_ISA names the namespace). Channels are innermost, so the channel loops
 // vectorise; OpenMP splits output rows across threads for large batches.
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -45,30 +46,78 @@ inline void narrow(uint8_t* dst, uint8_t v) { *dst = v; }
 inline float pool_max(float a, float b) { return max_nan(a, b); }
 inline uint8_t pool_max(uint8_t a, uint8_t b) { return std::max(a, b); }
 
+// out[c] = max(max of the four window values at c, floor) for c < C: scalar, for the tail
+// and the variants without AVX-512.
+template <typename T, typename Value>
+void pool_channels_scalar(const T* a, const T* b, T* out, int64_t begin, int64_t C, Value floor) {
+  for (int64_t c = begin; c < C; ++c) {
+    const Value m = pool_max(pool_max(widen(a[c]), widen(a[C + c])), pool_max(widen(b[c]), widen(b[C + c])));
+    narrow(out + c, std::max(m, floor));
+  }
+}
+
+#ifdef __AVX512F__
+// vmaxps returns its second operand when either is NaN: a NaN in the first is put back.
+inline __m512 max_nan16(__m512 a, __m512 b) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_max_ps(a, b), a);
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(uint16_t* p, __m512 v) {
+  const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(v), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
+}
+
+template <typename T>
+void pool_channels(const T* a, const T* b, T* out, int64_t C, float floor) {
+  const __m512 low = _mm512_set1_ps(floor);
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) {
+    const __m512 m = max_nan16(max_nan16(load16(a + c), load16(a + C + c)), max_nan16(load16(b + c), load16(b + C + c)));
+    store16(out + c, max_nan16(m, low));  // NaN stays NaN under the ReLU floor, as in PyTorch
+  }
+  pool_channels_scalar<T, float>(a, b, out, c, C, floor);
+}
+
+template <>
+void pool_channels<uint8_t>(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t C, float) {
+  int64_t c = 0;
+  for (; c + 64 <= C; c += 64) {
+    const auto load = [](const uint8_t* p) { return _mm512_loadu_si512(p); };
+    const __m512i m = _mm512_max_epu8(_mm512_max_epu8(load(a + c), load(a + C + c)),
+                                      _mm512_max_epu8(load(b + c), load(b + C + c)));
+    _mm512_storeu_si512(out + c, m);
+  }
+  pool_channels_scalar<uint8_t, uint8_t>(a, b, out, c, C, uint8_t(0));
+}
+#else
+template <typename T>
+void pool_channels(const T* a, const T* b, T* out, int64_t C, float floor) {
+  using Value = decltype(widen(T()));
+  pool_channels_scalar<T, Value>(a, b, out, 0, C, floor < 0 ? std::numeric_limits<Value>::lowest() : Value(0));
+}
+#endif
+
 template <typename T>
 void maxpool2x2(const MaxPoolProblem& p) {
-  using Value = decltype(widen(T()));
   const int64_t out_h = p.height / 2, out_w = p.width / 2, C = p.channels;
   const int64_t rows = p.batch * out_h;
   const bool parallel = p.num_threads > 1 && rows * out_w * C >= kParallelOutputs;
   const T* src = static_cast<const T*>(p.src);
   T* dst = static_cast<T*>(p.dst);
   // uint8 activations are quantized ReLU outputs already: ReLU is the identity there.
-  const Value floor = p.relu ? Value(0) : std::numeric_limits<Value>::lowest();
+  const float floor = p.relu ? 0.0f : -std::numeric_limits<float>::infinity();
 #pragma omp parallel for num_threads(p.num_threads) if (parallel) schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t n = row / out_h, y = row % out_h;
     const T* top = src + ((n * p.height + 2 * y) * p.width) * C;
     const T* bottom = top + p.width * C;
     T* out = dst + row * out_w * C;
-    for (int64_t x = 0; x < out_w; ++x) {
-      const T *a = top + 2 * x * C, *b = bottom + 2 * x * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const Value m = pool_max(pool_max(widen(a[c]), widen(a[C + c])), pool_max(widen(b[c]), widen(b[C + c])));
-        narrow(out + x * C + c, std::max(m, floor));
-      }
-    }
+    for (int64_t x = 0; x < out_w; ++x) pool_channels<T>(top + 2 * x * C, bottom + 2 * x * C, out + x * C, C, floor);
   }
 }
 
