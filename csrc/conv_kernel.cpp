@@ -121,16 +121,36 @@ void maxpool2x2(const MaxPoolProblem& p) {
   }
 }
 
+inline uint8_t quantize_one(float v, float inv_scale, float zero) {
+  const float q = std::nearbyint(v * inv_scale) + zero;
+  return uint8_t(q != q ? zero : std::min(std::max(q, 0.0f), 255.0f));
+}
+
+template <typename T>
+void quantize_range(const T* src, uint8_t* dst, int64_t begin, int64_t end, float inv_scale, float zero) {
+  int64_t i = begin;
+#ifdef __AVX512F__
+  const __m512 scale = _mm512_set1_ps(inv_scale), shift = _mm512_set1_ps(zero);
+  const __m512 low = _mm512_setzero_ps(), high = _mm512_set1_ps(255.0f);
+  for (; i + 16 <= end; i += 16) {
+    __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(load16(src + i), scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_add_ps(q, shift);
+    q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q), q, shift);
+    q = _mm512_min_ps(_mm512_max_ps(q, low), high);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(q)));
+  }
+#endif
+  for (; i < end; ++i) dst[i] = quantize_one(widen(src[i]), inv_scale, zero);
+}
+
 template <typename T>
 void quantize(const QuantizeProblem& p) {
   const T* src = static_cast<const T*>(p.src);
-  const bool parallel = p.num_threads > 1 && p.count >= 4 * kParallelOutputs;
-  const float zero = float(p.zero_point);
-#pragma omp parallel for simd num_threads(p.num_threads) if (parallel) schedule(static)
-  for (int64_t i = 0; i < p.count; ++i) {
-    const float v = std::nearbyint(widen(src[i]) * p.inv_scale) + zero;
-    p.dst[i] = uint8_t(v != v ? zero : std::min(std::max(v, 0.0f), 255.0f));
-  }
+  const int threads = p.num_threads > 1 && p.count >= 4 * kParallelOutputs ? p.num_threads : 1;
+  const int64_t chunk = (p.count + threads - 1) / threads;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int t = 0; t < threads; ++t)
+    quantize_range(src, p.dst, t * chunk, std::min(p.count, (t + 1) * chunk), p.inv_scale, float(p.zero_point));
 }
 
 }  // namespace
