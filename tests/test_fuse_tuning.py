@@ -140,3 +140,18 @@ def test_models_fuse_through_their_own_hook():
     fused = mtkernels.fuse_for_inference(model)
     assert isinstance(fused, mtkernels.fuse.FusedMultiTaskNet)
     assert fused.num_classes == model.num_classes and fused.task_names == model.task_names
+
+
+def test_a_new_candidate_is_timed_not_shadowed_by_an_old_decision(tmp_path, monkeypatch):
+    cache = tuning.TuningCache(tmp_path)
+    monkeypatch.setattr(tuning, "_CACHE", cache)
+    ran = []
+
+    def build(name):
+        return lambda x: ran.append(name)
+    x = torch.zeros(1)
+    first = tuning.choose("conv:k", ["a", "b"], build, x, heuristic="a")
+    assert tuning.choose("conv:k", ["a", "b"], build, x, heuristic="a") == first and cache.timed == 1
+    ran.clear()
+    tuning.choose("conv:k", ["a", "b", "c"], build, x, heuristic="a")
+    assert cache.timed == 2 and "c" in ran

@@ -157,7 +157,7 @@ class FusedConv2d(DerivedState):
         weight, bias = self.in_dtype(x.dtype, self.weight, self.bias)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+    def _onednn(self, x: torch.Tensor, post_op: str = "none") -> torch.Tensor:
         derived = self.derived()
         key = ("onednn", tuple(x.shape[1:]), x.dtype)
         weight, bias = self.in_dtype(x.dtype, self.weight, self.bias)
@@ -167,7 +167,12 @@ class FusedConv2d(DerivedState):
                 weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape))
             derived[key] = packed
         return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
+            x, packed, bias, self.padding, self.stride, self.dilation, self.groups, post_op, [], "")
+
+    def _onednn_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """oneDNN's conv with its ReLU post-op (NaN -> 0): offered for bfloat16 only, where the
+        network flags non-finite images itself (see mtkernels.fuse.precision)."""
+        return self._onednn(x, "relu")
 
     def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """oneDNN's packed int8 weight (symmetric, per output channel), its scales and zero points."""
@@ -264,6 +269,8 @@ class FusedConv2d(DerivedState):
         # PyTorch's bf16 oneDNN weight packing refuses CPUs (or ONEDNN_MAX_CPU_ISA caps) below AVX-512.
         if _onednn_available() and (x.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             names.append("onednn")
+            if x.dtype == torch.bfloat16 and self.relu:
+                names.append("onednn_relu")
         if x.dtype != torch.float32:
             return names
         if self.single_channel_3x3:
@@ -276,7 +283,7 @@ class FusedConv2d(DerivedState):
         impl = getattr(self, "_" + name)
         if name.startswith("winograd"):  # ReLU and pool in the output transform
             return impl
-        return self._epilogue(impl, relu=self.relu and name != "single_channel")
+        return self._epilogue(impl, relu=self.relu and name not in ("single_channel", "onednn_relu"))
 
     @staticmethod
     def heuristic(names: Sequence[str]) -> str:

@@ -140,16 +140,15 @@ class FusedMultiTaskNet(DerivedState):
         self._check_input(x)
         if x.shape[0] == 0:
             return torch.empty((0, sum(self.num_classes)), dtype=x.dtype, device=x.device)
-        if self.precision == "int8":
-            if x.device.type != "cpu" or takes_cuda_path(x):
-                raise ValueError(f"a precision='int8' model runs on the CPU (oneDNN), got input on {x.device}")
-            # Integer arithmetic carries no NaN: an image with a non-finite pixel gets NaN
-            # logits, as it does in eager float32.
-            corrupt = ~torch.isfinite(x).flatten(1).all(dim=1)
-            logits = self._forward(x).float()
-            return logits.masked_fill_(corrupt.unsqueeze(1), math.nan) if bool(corrupt.any()) else logits
-        logits = self._forward(x)
-        return logits.float() if self.precision != "fp32" else logits
+        if self.precision == "fp32":
+            return self._forward(x)
+        if self.precision == "int8" and (x.device.type != "cpu" or takes_cuda_path(x)):
+            raise ValueError(f"a precision='int8' model runs on the CPU (oneDNN), got input on {x.device}")
+        # Integer arithmetic and oneDNN's ReLU post-op carry no NaN: an image with a non-finite
+        # pixel gets NaN logits here, as it does in eager float32.
+        corrupt = ~torch.isfinite(x).flatten(1).all(dim=1)
+        logits = self._forward(x).float()
+        return logits.masked_fill_(corrupt.unsqueeze(1), math.nan) if bool(corrupt.any()) else logits
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or takes_cuda_path(x) or not self.plannable:

@@ -3,17 +3,19 @@
 ``fuse_for_inference(model, precision=...)`` first fuses in float32, then:
 
 * ``"bf16"``: every fused conv and linear layer computes in bfloat16 (weights converted once,
-  float32 accumulation inside oneDNN), activations flow in bfloat16, and the network returns
-  float32 logits. Non-finite inputs propagate as in eager float32 PyTorch: bfloat16 has NaN
-  and inf, and no ReLU here is oneDNN's post-op (which maps NaN to 0).
+  float32 accumulation inside oneDNN; a ReLU may be oneDNN's post-op where that was timed
+  faster), activations flow in bfloat16, and the network returns float32 logits.
 * ``"int8"``: convolutions with more than one input channel run oneDNN's uint8 x int8
   convolution: symmetric per-output-channel int8 weights, and a per-tensor uint8 activation
   scale for each conv input taken from the calibration images (min / max of what reaches
   it in float32). A ReLU conv whose output goes straight into another int8 conv writes that
   conv's uint8 input directly (requantized in the conv's epilogue); every other output is
   bfloat16, and the rest of the network (the one-channel first conv, BatchNorm + ReLU,
-  residual adds, the heads) runs in bfloat16 as above. Integer arithmetic has no NaN, so an
-  image with a non-finite pixel gets NaN logits, as it does in eager float32.
+  residual adds, the heads) runs in bfloat16 as above.
+
+Integer arithmetic and oneDNN's ReLU post-op (which maps NaN to 0) carry no NaN, so in both
+precisions the network flags each image with a non-finite pixel and returns NaN logits for
+it, as eager float32 does (NaN spreads over every logit of its image there).
 
 Which matrix unit runs the reduced-precision convolutions is oneDNN's choice (AMX where the
 CPU and OS allow it, else AVX512-BF16 / VNNI, else its float32 emulation);

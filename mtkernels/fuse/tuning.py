@@ -215,17 +215,19 @@ def choose(key: str, names: Sequence[str], build: Callable[[str], Callable[[torc
            x: torch.Tensor, heuristic: str) -> str:
     """The implementation to use for ``key``: the stored decision if there is one, else the
     fastest of ``names`` on ``x`` (``build(name)`` makes each runnable), stored for next
-    time; with tuning off, ``heuristic``."""
+    time; with tuning off, ``heuristic``. A decision is stored with the candidates it was
+    made among, and not reused when others are offered now."""
     if heuristic not in names:
         raise ValueError(f"heuristic {heuristic!r} is not one of {list(names)}")
     if len(names) == 1:
         return names[0]
-    stored = _CACHE.lookup(key)
-    if stored in names:
-        return stored
+    offered = ",".join(names)
+    stored = (_CACHE.lookup(key) or "").partition(" among ")
+    if stored[0] in names and stored[2] == offered:
+        return stored[0]
     if not tuning_enabled():
         return heuristic
     _CACHE.timed += 1
     choice = fastest({name: build(name) for name in names}, x)
-    _CACHE.store(key, choice)
+    _CACHE.store(key, f"{choice} among {offered}")
     return choice
