@@ -146,9 +146,11 @@ class FusedMultiTaskNet(DerivedState):
             raise ValueError(f"a precision='int8' model runs on the CPU (oneDNN), got input on {x.device}")
         # Integer arithmetic and oneDNN's ReLU post-op carry no NaN: an image with a non-finite
         # pixel gets NaN logits here, as it does in eager float32.
-        corrupt = ~torch.isfinite(x).flatten(1).all(dim=1)
         logits = self._forward(x).float()
-        return logits.masked_fill_(corrupt.unsqueeze(1), math.nan) if bool(corrupt.any()) else logits
+        if bool(torch.isfinite(x.sum())):  # one reduction: a NaN or inf anywhere makes the sum non-finite
+            return logits
+        corrupt = ~torch.isfinite(x).flatten(1).all(dim=1)
+        return logits.masked_fill_(corrupt.unsqueeze(1), math.nan)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or takes_cuda_path(x) or not self.plannable:
