@@ -255,6 +255,7 @@ def report(device, measurements):
              "2 x multiply-accumulates of the conv and linear layers (python -m models summary)."
              + "".join(f" This machine's {p} matmul ({MATMUL_SIZE}^3) ran at {g:.1f} GFLOP/s (or GOP/s) in the "
                        "same run." for p, g in peaks.items())
+             + f" Reduced-precision units this CPU offers oneDNN: {mtkernels.fuse.matrix_units()}."
              + " Paper: Sang & Cuong 2018, Table 3, TITAN X, batch size not stated.")
     path = write_table(SUITE, device, rows, columns, f"Table 3: inference time per image, {device}", notes)
     panels = []
