@@ -440,9 +440,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="smallest face side to look for, in pixels (default 20; larger is faster)")
     p.add_argument("--eager", action="store_true", help="run the plain eager model instead of the fused one")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
-                   help="the fused model's arithmetic: fp32 (default: exact, and at the few faces per batch of "
-                        "photos the fastest here), bf16 (faster from about 16 faces per batch), int8 (calibrated "
-                        "on scikit-image's LFW faces; fastest at large batches, least exact; see README)")
+                   help="the fused model's arithmetic: fp32 (default: exact; the face detector takes over 80%% "
+                        "of the time anyway), bf16 (about 1.4-1.8x faster model from 4 faces a batch), int8 "
+                        "(calibrated on scikit-image's LFW faces; fastest, least exact; see README)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("export", help="write a trained network as an ONNX file (for ONNX Runtime or OpenVINO)",
