@@ -282,6 +282,32 @@ def test_half_precision_kept_end_to_end(dtype):
     run_under_interpreter("test_gpu_host_path", "check_half_precision_kept_end_to_end", dtype)
 
 
+def check_bf16_precision_on_the_cuda_path():
+    """fuse_for_inference(precision="bf16") on the CUDA branch: float32 input is converted once,
+    every fused layer runs in bf16 (the Triton kernels launched), and the logits come back
+    float32; a NaN image is flagged. (Dtypes only: see check_half_precision_kept_end_to_end.)"""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(NarrowResNet(2)).eval()
+    fused = mtkernels.fuse_for_inference(model, precision="bf16")
+    x = torch.randn(3, 1, 16, 16)
+    x[1, 0, 2, 2] = float("nan")
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append((type(m).__name__, o.dtype)))
+             for m in fused.modules() if not list(m.children())]
+    with torch.no_grad(), cuda_path_launches():
+        got = fused(x)
+    for h in hooks:
+        h.remove()
+    assert got.dtype == torch.float32 and outputs and all(d == torch.bfloat16 for _, d in outputs), outputs
+    assert torch.isnan(got[1]).all()
+    with pytest.raises(TypeError, match="not supported"), cpu_tensors_take_cuda_path():
+        fused(x.bfloat16())
+
+
+def test_bf16_precision_on_the_cuda_path():
+    run_under_interpreter("test_gpu_host_path", "check_bf16_precision_on_the_cuda_path")
+
+
 # --- the trainer ---------------------------------------------------------------------------------
 
 def check_trainer_cuda_step(out_dir):
