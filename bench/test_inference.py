@@ -9,7 +9,8 @@ the precision its name says:
   OpenVINO's defaults (bf16 where the CPU has it), mtkernels bf16;
 * int8: ONNX Runtime static QDQ quantization, mtkernels int8 (both calibrated on the same
   64 faces);
-* CUDA only: fp16 channels-last eager and the fused Triton path in fp16.
+* CUDA only: fp16 channels-last eager, its torch.compile with freezing, and the fused Triton
+  path in fp16.
 
 Every row gets its per-task argmax agreement with eager float32 (at batch 128, the worst
 task), and each precision's matmul rate is measured in the same run, with each mtkernels
@@ -41,7 +42,7 @@ BATCHES = (1, 128)
 FP32_IMPLS = ("eager", "channels_last", "compile", "onnxruntime", "openvino_f32", "fused")
 BF16_IMPLS = ("channels_last_bf16", "compile_bf16", "openvino", "fused_bf16")
 INT8_IMPLS = ("onnxruntime_int8", "fused_int8")
-FP16_IMPLS = ("channels_last_fp16", "fused_fp16")  # CUDA only
+FP16_IMPLS = ("channels_last_fp16", "compile_fp16", "fused_fp16")  # CUDA only
 IMPLS = FP32_IMPLS + BF16_IMPLS + INT8_IMPLS + FP16_IMPLS
 CPU_ONLY = {"onnxruntime", "openvino_f32", "openvino", "onnxruntime_int8", "fused_int8"}
 STOCK_BF16 = ("channels_last_bf16", "compile_bf16", "openvino")
@@ -128,10 +129,10 @@ def runner(impl: str, name: str, batch: int, device: str):
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(impl.rsplit("_", 1)[-1])
     if impl == "eager":
         fn = model
-    elif impl in ("channels_last", "channels_last_bf16", "channels_last_fp16", "compile_bf16"):
+    elif impl in ("channels_last", "channels_last_bf16", "channels_last_fp16", "compile_bf16", "compile_fp16"):
         fn = copy.deepcopy(model).to(dtype=low or torch.float32, memory_format=torch.channels_last)
         x = x.to(dtype=low or torch.float32, memory_format=torch.channels_last)
-        if impl == "compile_bf16":
+        if impl.startswith("compile_"):
             fn, first_call = compiled_frozen(fn)
             with torch.inference_mode():
                 first_call(x)
