@@ -121,6 +121,26 @@ def test_int8_links_relu_convs_and_keeps_the_first_conv_in_bf16():
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_small_batches_may_run_the_float32_chain(precision, monkeypatch, tmp_path):
+    """At batch 1 a reduced-precision BKNet may be timed slower than its float32 C++ chain;
+    where the chain wins, it runs, with float32's outputs."""
+    from mtkernels.fuse import tuning
+
+    model, fused32, _, _, _ = networks("bknet")
+    faces_ = faces(model.input_size)
+    fused = mtkernels.fuse_for_inference(model, precision, faces_[:CALIBRATION_IMAGES] if precision == "int8" else None)
+    monkeypatch.setattr(tuning, "_CACHE", tuning.TuningCache(tmp_path))
+    monkeypatch.setattr(tuning, "fastest", lambda candidates, x, **kw: "float32_chain" if "float32_chain" in candidates
+                        else next(iter(candidates)))
+    x = faces_[CALIBRATION_IMAGES:CALIBRATION_IMAGES + 1]
+    with torch.no_grad():
+        got, exact = fused(x), fused32(x)
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+    assert any(type(step).__name__ == "ChainStep" for key in list(fused._plans)
+               for step in fused._plans.get(key))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_non_finite_input_gives_nan_logits_for_that_image_only(precision):
     model, _, _, bf16, int8 = networks("bknet")
     x = faces(model.input_size)[:4].clone()
