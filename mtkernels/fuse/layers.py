@@ -197,7 +197,7 @@ class FusedConv2d(DerivedState):
         q = x if x.dtype == torch.uint8 else encoding.quantize(x)
         packed, scale, zero = self._int8_weight()
         y = torch.ops.onednn.qconv2d_pointwise(
-            q, encoding.scale, encoding.zero_point, packed, scale, zero, self.bias.float(), self.stride, self.padding,
+            q, encoding.scale, encoding.zero_point, packed, scale, zero, self.bias, self.stride, self.padding,
             self.dilation, self.groups, out.scale if out else 1.0, out.zero_point if out else 0,
             None if out else torch.bfloat16, "relu" if self.relu else "none", [], "")
         return maxpool2x2(y) if self.pool else y

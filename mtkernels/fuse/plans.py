@@ -194,7 +194,7 @@ class FusedMultiTaskNet(DerivedState):
             return self._reduced_or_float32_chain(steps, probe, n, bucket)
         if bucket not in CHAIN_BUCKETS or self._chained(steps, chainable, n) is None:
             return steps
-        key = f"net:{self._signature}:in{'x'.join(map(str, x.shape[1:]))}:{x.dtype}:cpu:b{bucket}"  # fp32 only
+        key = self._plan_key(x.shape, x.dtype, bucket)
         chain_probe = functools.lru_cache(maxsize=1)(lambda: self._chained(steps, chainable, probe.shape[0]))
         plans = {"layers": lambda: functools.partial(_replay, steps),
                  "chain": lambda: functools.partial(_replay, chain_probe())}
@@ -202,18 +202,23 @@ class FusedMultiTaskNet(DerivedState):
                                heuristic="chain" if bucket == "1" else "layers")
         return self._chained(steps, chainable, n) if choice == "chain" else steps
 
+    def _plan_key(self, shape: torch.Size, kind: object, bucket: str) -> str:
+        """The tuning key of this network's plan choice for input ``shape`` in ``bucket``;
+        ``kind`` is the input dtype (float32 plans) or the precision (reduced ones)."""
+        return f"net:{self._signature}:in{'x'.join(map(str, shape[1:]))}:{kind}:cpu:b{bucket}"
+
     def _reduced_or_float32_chain(self, steps: list, probe: torch.Tensor, batch: int, bucket: str) -> list:
         """For a reduced-precision net at small batches: ``steps``, or the whole network as one
         float32 C++ chain where every layer has one and it was timed faster (at batch 1 the
         chain saves more than bf16 / int8 arithmetic gains; float32 is also the more exact)."""
         try:
-            ChainStep(self._layers, probe.shape)
+            probe_chain = ChainStep(self._layers, probe.shape)
         except ValueError:
             return steps
-        key = f"net:{self._signature}:in{'x'.join(map(str, probe.shape[1:]))}:{self.precision}:cpu:b{bucket}"
-        plans = {"reduced": lambda: functools.partial(_replay, steps),
-                 "float32_chain": lambda: functools.partial(_replay, [ChainStep(self._layers, probe.shape)])}
-        choice = tuning.choose(key, list(plans), lambda name: plans[name](), probe, heuristic="reduced")
+        plans = {"reduced": functools.partial(_replay, steps),
+                 "float32_chain": functools.partial(_replay, [probe_chain])}
+        choice = tuning.choose(self._plan_key(probe.shape, self.precision, bucket), list(plans), plans.__getitem__,
+                               probe, heuristic="reduced")
         shape = torch.Size((batch, *probe.shape[1:]))
         return [ChainStep(self._layers, shape)] if choice == "float32_chain" else steps
 
