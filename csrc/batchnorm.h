@@ -1,28 +1,34 @@
-// Training-mode BatchNorm + ReLU over channels-last float32 activations viewed as
-// [rows, channels] (rows = N * H * W). Batch statistics and gradient reductions
-// accumulate in double; each reduction splits rows into one fixed block per thread and
-// adds the blocks in order, so results do not depend on scheduling.
+// Training-mode BatchNorm + ReLU over channels-last activations viewed as [rows, channels]
+// (rows = N * H * W), float32 or bfloat16 (`element`, for every activation and activation
+// gradient of a problem; the per-channel terms stay float32). Arithmetic is float32, batch
+// statistics and gradient reductions accumulate in double; each reduction splits rows into
+// one fixed block per thread and adds the blocks in order, so results do not depend on
+// scheduling. bfloat16 results are rounded to nearest even once, at the store.
 #pragma once
 #include <cstdint>
+
+#include "element.h"
 
 namespace mtk {
 
 // sum[c] = sum_r x[r, c], sum_sq[c] = sum_r x[r, c]^2.
 struct BnStatsProblem {
-  const float* x;
+  const void* x;
   int64_t rows, channels;
   double* sum;
   double* sum_sq;
+  Element element;
   int num_threads;
 };
 
 // y[r, c] = max(0, x[r, c] * scale[c] + shift[c]).
 struct BnReluForwardProblem {
-  const float* x;
+  const void* x;
   const float* scale;
   const float* shift;
-  float* y;
+  void* y;
   int64_t rows, channels;
+  Element element;
   int num_threads;
 };
 
@@ -30,29 +36,31 @@ struct BnReluForwardProblem {
 // sum_g[c] = sum_r g, sum_gx[c] = sum_r g * (x - mean[c]). The mask is recomputed from x
 // with the forward's own expression, so the output need not be read (or kept).
 struct BnReluBackwardReduceProblem {
-  const float* dy;
-  const float* x;
+  const void* dy;
+  const void* x;
   const float* scale;
   const float* shift;
   const float* mean;
   int64_t rows, channels;
   double* sum_g;
   double* sum_gx;
+  Element element;
   int num_threads;
 };
 
 // dx[r, c] = p[c] * g + q[c] - s[c] * x[r, c], g as above: the BatchNorm input gradient
 // with its per-channel terms folded into three coefficients.
 struct BnReluBackwardApplyProblem {
-  const float* dy;
-  const float* x;
+  const void* dy;
+  const void* x;
   const float* scale;
   const float* shift;
   const float* p;
   const float* q;
   const float* s;
-  float* dx;
+  void* dx;
   int64_t rows, channels;
+  Element element;
   int num_threads;
 };
 

@@ -1,5 +1,6 @@
 // Training-mode BatchNorm + ReLU kernels (see batchnorm.h); compiled once per ISA.
 // Channels are innermost, so every channel loop vectorises; rows are split across threads.
+// Each kernel is a template over the stored activation type (float or bfloat16 bits).
 #include <omp.h>
 
 #include <algorithm>
@@ -46,57 +47,80 @@ void reduce_rows(int64_t rows, int64_t channels, int num_threads, double* out_a,
     }
   }
 }
-}  // namespace
 
-void bn_stats(const BnStatsProblem& p) {
+template <typename T>
+void stats(const BnStatsProblem& p) {
   const int64_t C = p.channels;
   reduce_rows(p.rows, C, p.num_threads, p.sum, p.sum_sq, [&](int64_t r, double* sum, double* sum_sq) {
-    const float* x = p.x + r * C;
+    const T* x = static_cast<const T*>(p.x) + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const double v = x[c];
+      const double v = widen(x[c]);
       sum[c] += v;
       sum_sq[c] += v * v;
     }
   });
 }
 
-void bn_relu_forward(const BnReluForwardProblem& p) {
+template <typename T>
+void relu_forward(const BnReluForwardProblem& p) {
   const int64_t C = p.channels;
 #pragma omp parallel for num_threads(threads_for(p.rows * C, p.num_threads)) schedule(static)
   for (int64_t r = 0; r < p.rows; ++r) {
-    const float* x = p.x + r * C;
-    float* y = p.y + r * C;
+    const T* x = static_cast<const T*>(p.x) + r * C;
+    T* y = static_cast<T*>(p.y) + r * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) y[c] = std::max(affine(x[c], p.scale[c], p.shift[c]), 0.0f);
+    for (int64_t c = 0; c < C; ++c) narrow(y + c, std::max(affine(widen(x[c]), p.scale[c], p.shift[c]), 0.0f));
   }
 }
 
-void bn_relu_backward_reduce(const BnReluBackwardReduceProblem& p) {
+template <typename T>
+void relu_backward_reduce(const BnReluBackwardReduceProblem& p) {
   const int64_t C = p.channels;
   reduce_rows(p.rows, C, p.num_threads, p.sum_g, p.sum_gx, [&](int64_t r, double* sum_g, double* sum_gx) {
-    const float *dy = p.dy + r * C, *x = p.x + r * C;
+    const T *dy = static_cast<const T*>(p.dy) + r * C, *x = static_cast<const T*>(p.x) + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const float g = affine(x[c], p.scale[c], p.shift[c]) > 0.0f ? dy[c] : 0.0f;
+      const float xc = widen(x[c]);
+      const float g = affine(xc, p.scale[c], p.shift[c]) > 0.0f ? widen(dy[c]) : 0.0f;
       sum_g[c] += g;
-      sum_gx[c] += static_cast<double>(g) * (x[c] - p.mean[c]);
+      sum_gx[c] += static_cast<double>(g) * (xc - p.mean[c]);
     }
   });
 }
 
-void bn_relu_backward_apply(const BnReluBackwardApplyProblem& p) {
+template <typename T>
+void relu_backward_apply(const BnReluBackwardApplyProblem& p) {
   const int64_t C = p.channels;
 #pragma omp parallel for num_threads(threads_for(p.rows * C, p.num_threads)) schedule(static)
   for (int64_t r = 0; r < p.rows; ++r) {
-    const float *dy = p.dy + r * C, *x = p.x + r * C;
-    float* dx = p.dx + r * C;
+    const T *dy = static_cast<const T*>(p.dy) + r * C, *x = static_cast<const T*>(p.x) + r * C;
+    T* dx = static_cast<T*>(p.dx) + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const float g = affine(x[c], p.scale[c], p.shift[c]) > 0.0f ? dy[c] : 0.0f;
-      dx[c] = p.p[c] * g + p.q[c] - p.s[c] * x[c];
+      const float xc = widen(x[c]);
+      const float g = affine(xc, p.scale[c], p.shift[c]) > 0.0f ? widen(dy[c]) : 0.0f;
+      narrow(dx + c, p.p[c] * g + p.q[c] - p.s[c] * xc);
     }
   }
+}
+
+// The kernel for the problem's element type: float32 or bfloat16 (uint8 is not an
+// activation these layers see).
+template <typename Problem, typename Float, typename Bf16>
+void by_element(const Problem& p, Float float_kernel, Bf16 bf16_kernel) {
+  if (p.element == Element::bfloat16) return bf16_kernel(p);
+  float_kernel(p);
+}
+}  // namespace
+
+void bn_stats(const BnStatsProblem& p) { by_element(p, stats<float>, stats<uint16_t>); }
+void bn_relu_forward(const BnReluForwardProblem& p) { by_element(p, relu_forward<float>, relu_forward<uint16_t>); }
+void bn_relu_backward_reduce(const BnReluBackwardReduceProblem& p) {
+  by_element(p, relu_backward_reduce<float>, relu_backward_reduce<uint16_t>);
+}
+void bn_relu_backward_apply(const BnReluBackwardApplyProblem& p) {
+  by_element(p, relu_backward_apply<float>, relu_backward_apply<uint16_t>);
 }
 
 }  // namespace MTK_ISA

@@ -2,10 +2,9 @@
 #pragma once
 #include <cstdint>
 
-namespace mtk {
+#include "element.h"
 
-// Element types of the reduced-precision activations the NHWC helpers take besides float32.
-enum class Element : int { float32 = 0, bfloat16 = 1, uint8 = 2 };
+namespace mtk {
 
 // dst[n, y, x, c] = max over the 2x2 window at (2y, 2x) of src[n, :, :, c] (2x2 / stride 2
 // max-pool; an odd last row / column is dropped, as max_pool2d(2, 2) does), optionally

@@ -25,22 +25,10 @@ constexpr int64_t kParallelOutputs = 1 << 16;
 
 namespace {
 
-// bfloat16 is the upper half of a float32: widening is exact, and narrowing a value that
-// came from bfloat16 (a max of such values, NaN included) is exact too.
-inline float widen(float v) { return v; }
-inline float widen(uint16_t v) {
-  const uint32_t bits = uint32_t(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-}
+// uint8 (quantized) activations pass through the same templates unchanged.
+using mtk::narrow;
+using mtk::widen;
 inline uint8_t widen(uint8_t v) { return v; }
-inline void narrow(float* dst, float v) { *dst = v; }
-inline void narrow(uint16_t* dst, float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  *dst = uint16_t(bits >> 16);
-}
 inline void narrow(uint8_t* dst, uint8_t v) { *dst = v; }
 
 inline float pool_max(float a, float b) { return max_nan(a, b); }

@@ -270,44 +270,52 @@ void check_rows(int64_t rows, int64_t channels) {
   if (rows < 0 || channels < 0) throw std::invalid_argument("negative size");
 }
 
-void bn_stats(uintptr_t x, int64_t rows, int64_t channels, uintptr_t sum, uintptr_t sum_sq, int num_threads) {
+mtk::Element activation_element(int element) {
+  if (element != 0 && element != 1) throw std::invalid_argument("element must be 0 (float32) or 1 (bfloat16)");
+  return mtk::Element(element);
+}
+
+void bn_stats(uintptr_t x, int64_t rows, int64_t channels, uintptr_t sum, uintptr_t sum_sq, int element,
+              int num_threads) {
   check_rows(rows, channels);
-  const mtk::BnStatsProblem problem{as_ptr<const float>(x), rows, channels, as_ptr<double>(sum),
-                                    as_ptr<double>(sum_sq), std::max(1, num_threads)};
+  const mtk::BnStatsProblem problem{as_ptr<const void>(x), rows, channels, as_ptr<double>(sum),
+                                    as_ptr<double>(sum_sq), activation_element(element), std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().bn_stats(problem);
 }
 
 void bn_relu_forward(uintptr_t x, uintptr_t scale, uintptr_t shift, uintptr_t y, int64_t rows, int64_t channels,
-                     int num_threads) {
+                     int element, int num_threads) {
   check_rows(rows, channels);
-  const mtk::BnReluForwardProblem problem{as_ptr<const float>(x), as_ptr<const float>(scale),
-                                          as_ptr<const float>(shift), as_ptr<float>(y), rows, channels,
-                                          std::max(1, num_threads)};
+  const mtk::BnReluForwardProblem problem{as_ptr<const void>(x), as_ptr<const float>(scale),
+                                          as_ptr<const float>(shift), as_ptr<void>(y), rows, channels,
+                                          activation_element(element), std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().bn_relu_forward(problem);
 }
 
 void bn_relu_backward_reduce(uintptr_t dy, uintptr_t x, uintptr_t scale, uintptr_t shift, uintptr_t mean,
-                             int64_t rows, int64_t channels, uintptr_t sum_g, uintptr_t sum_gx, int num_threads) {
+                             int64_t rows, int64_t channels, uintptr_t sum_g, uintptr_t sum_gx, int element,
+                             int num_threads) {
   check_rows(rows, channels);
-  const mtk::BnReluBackwardReduceProblem problem{as_ptr<const float>(dy), as_ptr<const float>(x),
+  const mtk::BnReluBackwardReduceProblem problem{as_ptr<const void>(dy), as_ptr<const void>(x),
                                                  as_ptr<const float>(scale), as_ptr<const float>(shift),
                                                  as_ptr<const float>(mean), rows, channels,
                                                  as_ptr<double>(sum_g), as_ptr<double>(sum_gx),
-                                                 std::max(1, num_threads)};
+                                                 activation_element(element), std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().bn_relu_backward_reduce(problem);
 }
 
 void bn_relu_backward_apply(uintptr_t dy, uintptr_t x, uintptr_t scale, uintptr_t shift, uintptr_t p, uintptr_t q,
-                            uintptr_t s, uintptr_t dx, int64_t rows, int64_t channels, int num_threads) {
+                            uintptr_t s, uintptr_t dx, int64_t rows, int64_t channels, int element,
+                            int num_threads) {
   check_rows(rows, channels);
-  const mtk::BnReluBackwardApplyProblem problem{as_ptr<const float>(dy), as_ptr<const float>(x),
+  const mtk::BnReluBackwardApplyProblem problem{as_ptr<const void>(dy), as_ptr<const void>(x),
                                                 as_ptr<const float>(scale), as_ptr<const float>(shift),
-                                                as_ptr<const float>(p),
-                                                as_ptr<const float>(q), as_ptr<const float>(s), as_ptr<float>(dx),
-                                                rows, channels, std::max(1, num_threads)};
+                                                as_ptr<const float>(p), as_ptr<const float>(q),
+                                                as_ptr<const float>(s), as_ptr<void>(dx), rows, channels,
+                                                activation_element(element), std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().bn_relu_backward_apply(problem);
 }
@@ -370,16 +378,18 @@ PYBIND11_MODULE(_C, m) {
       .def("run", &LayerChain::run, py::arg("src"), py::arg("dst"), py::arg("num_threads"),
            "Run the layers in order from src into dst.");
   m.def("bn_stats", &bn_stats, py::arg("x"), py::arg("rows"), py::arg("channels"), py::arg("sum"),
-        py::arg("sum_sq"), py::arg("num_threads"),
-        "Per-channel sum and sum of squares (float64) of a [rows, channels] float32 buffer.");
+        py::arg("sum_sq"), py::arg("element"), py::arg("num_threads"),
+        "Per-channel sum and sum of squares (float64) of a [rows, channels] buffer of element 0 (float32) or "
+        "1 (bfloat16); the element argument of the bn_ functions below means the same.");
   m.def("bn_relu_forward", &bn_relu_forward, py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("y"),
-        py::arg("rows"), py::arg("channels"), py::arg("num_threads"), "y = max(0, x * scale + shift) per channel.");
+        py::arg("rows"), py::arg("channels"), py::arg("element"), py::arg("num_threads"),
+        "y = max(0, x * scale + shift) per channel.");
   m.def("bn_relu_backward_reduce", &bn_relu_backward_reduce, py::arg("dy"), py::arg("x"), py::arg("scale"),
         py::arg("shift"), py::arg("mean"), py::arg("rows"), py::arg("channels"), py::arg("sum_g"), py::arg("sum_gx"),
-        py::arg("num_threads"), "Per-channel sums of the ReLU-masked gradient g and of g * (x - mean) (float64).");
+        py::arg("element"), py::arg("num_threads"), "Per-channel sums of the ReLU-masked gradient g and of g * (x - mean) (float64).");
   m.def("bn_relu_backward_apply", &bn_relu_backward_apply, py::arg("dy"), py::arg("x"), py::arg("scale"),
         py::arg("shift"), py::arg("p"), py::arg("q"), py::arg("s"), py::arg("dx"), py::arg("rows"), py::arg("channels"),
-        py::arg("num_threads"),
+        py::arg("element"), py::arg("num_threads"),
         "dx = p * g + q - s * x per channel, g the ReLU-masked gradient.");
   m.def("cpu_features", &mtk::cpu_features, "Instruction-set extensions this CPU and OS support.");
   m.def("isa", []() { return std::string(mtk::isa_name(mtk::active_isa())); },

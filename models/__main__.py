@@ -115,6 +115,14 @@ def split_for_training(config, sources):
     return train_parts, val_parts
 
 
+def _run_precision(run_dir: str, resume: bool) -> str | None:
+    """The precision a run being resumed was trained in (its last checkpoint's config)."""
+    from .checkpoint import epoch_checkpoints, load_checkpoint
+
+    existing = epoch_checkpoints(run_dir) if resume else []
+    return load_checkpoint(existing[-1])["config"].get("precision", "fp32") if existing else None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
@@ -129,11 +137,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.fold is not None:
         config = config.replace(fold=args.fold)
     config = _override(config, args.set)
+    out = args.out or f"runs/{config.name}/fold-{config.fold}"
+    config = config.replace(precision=args.precision or _run_precision(out, args.resume) or config.precision)
     tasks = build_model(config.model).task_names
     train_parts, val_parts = split_for_training(config, load_sources(config, args))
     train_set = merge_sources(train_parts, tasks)
     val_set = merge_sources(val_parts, tasks, balance=False) if val_parts else None
-    out = args.out or f"runs/{config.name}/fold-{config.fold}"
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one process per rank
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -384,6 +393,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="CPU: keep PyTorch's BatchNorm + ReLU, convolutions and NCHW activations (default: "
                         "channels-last, mtkernels' fused BatchNorm + ReLU and each conv layer's fastest algorithm; "
                         "steps measured 1.40x-1.59x faster with them, bench/results/training-cpu.md)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="CPU compute precision: fp32, or bf16 mixed precision (float32 parameters, bfloat16 convs, "
+                        "linear layers and activations on the CPU's bfloat16 unit; float32 where it has none). "
+                        "Default: the run's own when resuming, else fp32 (the README's section on bf16 training "
+                        "says why)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set lr=0.02 --set batch_size=64 (repeatable)")
     p.set_defaults(func=cmd_train)

@@ -8,6 +8,7 @@ handful of attribute reads on the tensors.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import numbers
 from dataclasses import dataclass
@@ -36,13 +37,11 @@ class LossSpec:
     def num_tasks(self) -> int:
         return len(self.num_classes)
 
-    @functools.cached_property
+    @property
     def offsets(self) -> tuple[int, ...]:
-        """First column of each task, plus the total width: length T + 1."""
-        out = [0]
-        for c in self.num_classes:
-            out.append(out[-1] + c)
-        return tuple(out)
+        """First column of each task, plus the total width: length T + 1. Not a
+        functools.cached_property: its lock stops torch.compile's tracing on Python 3.11."""
+        return tuple(itertools.accumulate(self.num_classes, initial=0))
 
     @property
     def width(self) -> int:

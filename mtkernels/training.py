@@ -1,25 +1,39 @@
 """Training-time fusion: BatchNorm2d followed by ReLU becomes one module that runs the
-fused ``mtkernels::batchnorm_relu`` op in training on channels-last float32 CPU
-activations (and PyTorch's own BatchNorm + ReLU everywhere else), and each Conv2d runs the
-convolution algorithm that is fastest for its shape on such activations. Parameters,
-buffers and ``state_dict`` keys stay exactly those of the original modules (only their
-class changes), so checkpoints, optimisers and ``fuse_for_inference`` work unchanged."""
+fused ``mtkernels::batchnorm_relu`` op in training on channels-last CPU activations (and
+PyTorch's own BatchNorm + ReLU everywhere else), and each Conv2d runs the convolution
+algorithm that is fastest for its shape on such activations. Parameters, buffers and
+``state_dict`` keys stay exactly those of the original modules (only their class changes),
+so checkpoints, optimisers and ``fuse_for_inference`` work unchanged.
+
+``precision="bf16"`` is mixed precision: parameters stay float32 (the optimiser updates
+them, checkpoints hold them), while every conv and linear layer computes in bfloat16 on
+the CPU's matrix units (float32 accumulation, inside oneDNN) from a bfloat16 copy of its
+weight taken in the forward, and the activations between layers, and their gradients, are
+bfloat16. Fused BatchNorm + ReLU reads and writes bfloat16 with float32 arithmetic and
+double statistics. The network's output is float32 logits; the weight gradients come back
+to the float32 parameters in float32, each rounded once to bfloat16 precision by the
+convolution / matmul that produced it."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .ops import batchnorm_relu as _op  # noqa: F401  (registers torch.ops.mtkernels.batchnorm_relu)
+from .ops.batchnorm_relu import ACTIVATION_DTYPES
 from .ops.conv_training import conv_output_size, gemm_conv2d, winograd_conv3x3
+
+TRAINING_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class BatchNormReLU2d(nn.BatchNorm2d):
     """``relu(BatchNorm2d(x))``, fused in training on channels-last float32 CPU input."""
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        return (self.training and self.affine and x.device.type == "cpu" and x.dtype == torch.float32
+        return (self.training and self.affine and x.device.type == "cpu" and x.dtype in ACTIVATION_DTYPES
                 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                 and x.numel() // x.shape[1] > 1)
 
@@ -63,17 +77,32 @@ WINOGRAD_MIN_CHANNELS = 64
 GEMM_MAX_OUTPUT_PIXELS = 16
 
 
-class TrainingConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that, on channels-last float32 CPU input, runs
-    ``mtkernels::winograd_conv3x3`` or ``mtkernels::gemm_conv2d`` where the layer's shape
-    makes them faster than PyTorch's own convolution (:meth:`algorithm`)."""
+class ComputeDtype:
+    """Mixin of the training layers: ``compute_dtype`` (float32 unless
+    ``fuse_for_training(precision="bf16")`` set it) is the dtype a CPU forward computes in;
+    :meth:`cast` gives the input and a copy of each parameter in it, differentiably, so the
+    gradients reach the float32 parameters in float32."""
+
+    compute_dtype = torch.float32
+
+    def cast(self, x: torch.Tensor, *params: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        dtype = self.compute_dtype
+        if dtype == torch.float32 or x.device.type != "cpu":
+            return (x, *params)
+        return (x.to(dtype), *(None if p is None else p.to(dtype) for p in params))
+
+
+class TrainingConv2d(ComputeDtype, nn.Conv2d):
+    """``nn.Conv2d`` that, on channels-last CPU input, runs ``mtkernels::winograd_conv3x3``
+    (float32) or ``mtkernels::gemm_conv2d`` where the layer's shape makes them faster than
+    PyTorch's own (oneDNN) convolution (:meth:`algorithm`), in its ``compute_dtype``."""
 
     def algorithm(self, x: torch.Tensor) -> str:
-        """"winograd", "gemm" or "torch" for input ``x``."""
+        """"winograd", "gemm" or "torch" for input ``x`` (already in ``compute_dtype``)."""
         square = self.stride[0] == self.stride[1] and not isinstance(self.padding, str) \
             and self.padding[0] == self.padding[1]
         if not (square and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
-                and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+                and x.device.type == "cpu" and x.dtype in ACTIVATION_DTYPES and x.dim() == 4
                 and x.is_contiguous(memory_format=torch.channels_last)):
             return "torch"
         (padding, _), (stride, _), (kh, kw) = self.padding, self.stride, self.kernel_size
@@ -82,17 +111,18 @@ class TrainingConv2d(nn.Conv2d):
         if out_h > 0 and out_w > 0 and out_h * out_w <= GEMM_MAX_OUTPUT_PIXELS:
             return "gemm"
         if self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) \
-                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS:
+                and x.dtype == torch.float32 and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS:
             return "winograd"
         return "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight, bias = self.cast(x, self.weight, self.bias)
         algorithm = self.algorithm(x)
         if algorithm == "winograd":
-            return winograd_conv3x3(x, self.weight, self.bias)
+            return winograd_conv3x3(x, weight, bias)
         if algorithm == "gemm":
-            return gemm_conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
-        return super().forward(x)
+            return gemm_conv2d(x, weight, bias, self.stride[0], self.padding[0])
+        return self._conv_forward(x, weight, bias)
 
 
 def as_training_conv(conv: nn.Conv2d) -> TrainingConv2d:
@@ -103,19 +133,69 @@ def as_training_conv(conv: nn.Conv2d) -> TrainingConv2d:
     return conv
 
 
-def fuse_for_training(model: nn.Module, convs: bool = True) -> nn.Module:
+class TrainingLinear(ComputeDtype, nn.Linear):
+    """``nn.Linear`` computing in its ``compute_dtype`` (the mixed-precision training path)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(*self.cast(x, self.weight, self.bias))
+
+
+def _float32_logits(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16)."""
+    from . import _C
+
+    features = _C.cpu_features()
+    return bool(features.get("avx512bf16") or (features.get("amx-bf16") and features.get("amx-permitted")))
+
+
+_warned_no_bf16 = False
+
+
+def training_dtype(precision: str) -> torch.dtype:
+    """The compute dtype for ``precision``: float32 for "fp32", and for "bf16" bfloat16
+    where the CPU has a bfloat16 unit, else float32 (with one warning per process:
+    emulated bfloat16 is slower than float32)."""
+    global _warned_no_bf16
+    if precision not in TRAINING_PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(TRAINING_PRECISIONS)}, got {precision!r}")
+    if precision == "bf16" and not native_bf16():
+        if not _warned_no_bf16:
+            warnings.warn("precision='bf16': this CPU has no bfloat16 unit (neither AMX-BF16 nor AVX512-BF16); "
+                          "training runs in float32", RuntimeWarning, stacklevel=3)
+            _warned_no_bf16 = True
+        return torch.float32
+    return TRAINING_PRECISIONS[precision]
+
+
+def fuse_for_training(model: nn.Module, convs: bool = True, precision: str = "fp32") -> nn.Module:
     """Make every ``BatchNorm2d`` directly followed by a ``ReLU`` in an ``nn.Sequential`` a
     :class:`BatchNormReLU2d` (the same object, its class changed) and the ReLU an
     ``Identity``; a module whose forward applies ReLU after its own BatchNorms through
     :func:`bn_relu` lists them by defining ``fuse_for_training(self)``, which calls
     :func:`as_bn_relu` on each. With ``convs``, every ``nn.Conv2d`` also becomes a
-    :class:`TrainingConv2d`. Changes ``model`` in place and returns it; ``state_dict`` is
+    :class:`TrainingConv2d`. ``precision="bf16"`` (see the module docstring) makes every
+    conv and linear layer compute in bfloat16 and the model return float32 logits; it
+    needs ``convs``. Changes ``model`` in place and returns it; ``state_dict`` is
     unchanged."""
+    dtype = training_dtype(precision)
+    if dtype != torch.float32 and not convs:
+        raise ValueError("precision='bf16' needs convs=True: the convolutions are what compute in bfloat16")
+    for p in model.parameters():
+        if p.dtype != torch.float32:
+            raise ValueError(f"fuse_for_training needs a float32 model, got a {p.dtype} parameter")
     for module in model.modules():
         if hasattr(module, "fuse_for_training") and module is not model:
             module.fuse_for_training()
         if convs and type(module) is nn.Conv2d:
             as_training_conv(module)
+        if dtype != torch.float32 and type(module) is nn.Linear:
+            module.__class__ = TrainingLinear
+        if isinstance(module, ComputeDtype):
+            module.compute_dtype = dtype
         if not isinstance(module, nn.Sequential):
             continue
         names = list(module._modules)
@@ -124,4 +204,7 @@ def fuse_for_training(model: nn.Module, convs: bool = True) -> nn.Module:
             if type(bn) is nn.BatchNorm2d and isinstance(relu, nn.ReLU):
                 as_bn_relu(bn)
                 module._modules[second] = nn.Identity()
+    if dtype != torch.float32 and not getattr(model, "_mtkernels_float32_logits", False):
+        model.register_forward_hook(_float32_logits)
+        model._mtkernels_float32_logits = True
     return model

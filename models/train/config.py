@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 2
     fold: int = 1                         # cross-validation fold 1-4: which test split GENKI-4K / Wiki / IMDB hold out
     val_fraction: float = 0.0             # > 0: validate on this seeded share of the training rows (paper 2: 0.1)
+    precision: str = "fp32"               # "fp32" or "bf16" (mixed precision on the CPU, mtkernels.fuse_for_training)
 
     def replace(self, **overrides) -> "TrainConfig":
         return dataclasses.replace(self, **overrides)

@@ -180,10 +180,14 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested but CUDA is not available here")
+    fused_cpu = fuse_layers and device.type == "cpu" and not device_takes_cuda_path(device)
+    if config.precision != "fp32" and not fused_cpu:
+        raise ValueError(f"precision {config.precision!r} is mtkernels' fused CPU training path: it needs "
+                         f"device 'cpu' (got {str(device)!r}) and fused layers (no --plain-layers)")
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)  # initialised on the CPU: the same weights on any device
-    if fuse_layers and device.type == "cpu" and not device_takes_cuda_path(device):
-        model = mtkernels.fuse_for_training(model).to(memory_format=torch.channels_last)
+    if fused_cpu:
+        model = mtkernels.fuse_for_training(model, precision=config.precision).to(memory_format=torch.channels_last)
     if tuple(train_set.task_names) != tuple(model.task_names):
         raise ValueError(f"dataset tasks {train_set.task_names} do not match {config.model}'s {model.task_names}")
     if config.schedule == "val_plateau" and val_set is None:
@@ -199,6 +203,10 @@ def train(config: TrainConfig, train_set: MultiTaskDataset, out_dir, val_set: Op
     existing = epoch_checkpoints(out_dir)
     if resume and existing:
         state = load_checkpoint(existing[-1])
+        trained_in = state["config"].get("precision", "fp32")
+        if trained_in != config.precision:
+            raise ValueError(f"{out_dir} was trained with precision {trained_in!r}; resume it with that precision, "
+                             f"not {config.precision!r}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

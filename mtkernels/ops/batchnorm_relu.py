@@ -1,4 +1,5 @@
-"""Training-mode BatchNorm + ReLU as one torch op (CPU, float32, channels-last).
+"""Training-mode BatchNorm + ReLU as one torch op (CPU, channels-last, float32 or bfloat16
+activations with float32 parameters and statistics).
 
 Forward: one pass for the batch statistics, one pass that normalises, applies the affine
 and the ReLU, and writes the output once. Backward: the ReLU mask is recomputed from the
@@ -6,7 +7,9 @@ input with the forward's own expression, so neither the output nor the masked gr
 is read or written; one pass reduces the masked gradient (and its product with the
 centred input) per channel, one pass writes the input gradient: 8 passes over the
 activation in all, against 10 here for PyTorch's BatchNorm then ReLU (whose float32
-statistics are also less accurate: tests/test_batchnorm_relu.py).
+statistics are also less accurate: tests/test_batchnorm_relu.py). bfloat16 activations
+(and their gradients) are read and written as bfloat16 and halve that traffic; the
+arithmetic stays float32, the sums double, and each stored value is rounded once.
 
 ``torch.ops.mtkernels.batchnorm_relu`` is a ``torch.library`` custom op (schema, fake
 implementation, autograd through ``torch.ops.mtkernels.batchnorm_relu_backward``); the
@@ -19,6 +22,9 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from .conv import ELEMENTS
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -31,8 +37,8 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        raise TypeError(f"x must be a float32 CPU tensor, got {x.dtype} on {x.device}")
+    if x.device.type != "cpu" or x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must be a float32 or bfloat16 CPU tensor, got {x.dtype} on {x.device}")
     if x.dim() not in (2, 4):
         raise ValueError(f"x must be [N, C] or [N, C, H, W], got {tuple(x.shape)}")
     channels = x.shape[1]
@@ -62,20 +68,21 @@ def batchnorm_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     x, rows, channels = _rows(x)
     threads = torch.get_num_threads()
     sums = torch.empty(2, channels, dtype=torch.float64)
-    _C.bn_stats(x.data_ptr(), rows, channels, sums[0].data_ptr(), sums[1].data_ptr(), threads)
+    _C.bn_stats(x.data_ptr(), rows, channels, sums[0].data_ptr(), sums[1].data_ptr(), ELEMENTS[x.dtype], threads)
     mean = sums[0] / rows
     var = (sums[1] / rows - mean * mean).clamp_(min=0.0).float()
     mean = mean.float()
     scale, shift = _scale_shift(weight, bias, mean, var, eps)
     y = torch.empty_like(x)
-    _C.bn_relu_forward(x.data_ptr(), scale.data_ptr(), shift.data_ptr(), y.data_ptr(), rows, channels, threads)
+    _C.bn_relu_forward(x.data_ptr(), scale.data_ptr(), shift.data_ptr(), y.data_ptr(), rows, channels,
+                       ELEMENTS[x.dtype], threads)
     return y, mean, var
 
 
 @batchnorm_relu.register_fake
 def _(x, weight, bias, eps):
     y = torch.empty_like(x, memory_format=torch.channels_last) if x.dim() == 4 else torch.empty_like(x)
-    return y, x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+    return y, weight.new_empty(x.shape[1]), weight.new_empty(x.shape[1])  # float32 statistics for any x
 
 
 @torch.library.custom_op("mtkernels::batchnorm_relu_backward", mutates_args=())
@@ -84,13 +91,13 @@ def batchnorm_relu_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
                             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d x, d weight, d bias) of :func:`batchnorm_relu` given d y and its saved statistics."""
     x, rows, channels = _rows(x)
-    grad_y, _, _ = _rows(grad_y)
+    grad_y, _, _ = _rows(grad_y.to(x.dtype))
     threads = torch.get_num_threads()
     scale, shift = _scale_shift(weight, bias, mean, var, eps)
     mean = mean.contiguous()
     sums = torch.empty(2, channels, dtype=torch.float64)
     _C.bn_relu_backward_reduce(grad_y.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(), mean.data_ptr(),
-                               rows, channels, sums[0].data_ptr(), sums[1].data_ptr(), threads)
+                               rows, channels, sums[0].data_ptr(), sums[1].data_ptr(), ELEMENTS[x.dtype], threads)
     sum_g, sum_gx = sums[0], sums[1]
     invstd = torch.rsqrt(var.double() + eps)
     # dx = w invstd (g - sum_g / n - (x - mean) invstd^2 sum_gx / n) = p g + q - s x
@@ -100,7 +107,8 @@ def batchnorm_relu_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
     p, q, s = p.float(), q.float(), s.float()
     grad_x = torch.empty_like(x)
     _C.bn_relu_backward_apply(grad_y.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(), p.data_ptr(),
-                              q.data_ptr(), s.data_ptr(), grad_x.data_ptr(), rows, channels, threads)
+                              q.data_ptr(), s.data_ptr(), grad_x.data_ptr(), rows, channels, ELEMENTS[x.dtype],
+                              threads)
     return grad_x, (sum_gx * invstd).float(), sum_g.float()
 
 

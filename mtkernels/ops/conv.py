@@ -35,20 +35,20 @@ def _check_matrix(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a 2-D float32 CPU tensor, got {x.dim()}-D {x.dtype} on {x.device}")
 
 
-# Element codes of the C++ NHWC helpers (csrc/conv.h, Element).
-_ELEMENT = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}
+# The C++ kernels' element codes (csrc/element.h) per activation dtype.
+ELEMENTS = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}
 
 
 def maxpool2x2(x: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """``F.max_pool2d(x, 2, 2)`` (then ReLU if ``relu``) for a channels-last float32, bfloat16
     or uint8 CPU tensor (uint8: a quantized ReLU output, so ``relu`` changes nothing)."""
-    if x.device.type != "cpu" or x.dtype not in _ELEMENT or x.dim() != 4:
+    if x.device.type != "cpu" or x.dtype not in ELEMENTS or x.dim() != 4:
         raise TypeError(f"x must be a 4-D float32, bfloat16 or uint8 CPU tensor, got {x.dim()}-D {x.dtype} "
                         f"on {x.device}")
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
-    _C.maxpool2x2_nhwc(x.data_ptr(), out.data_ptr(), n, h, w, c, relu, _ELEMENT[x.dtype], torch.get_num_threads())
+    _C.maxpool2x2_nhwc(x.data_ptr(), out.data_ptr(), n, h, w, c, relu, ELEMENTS[x.dtype], torch.get_num_threads())
     return out
 
 
@@ -61,7 +61,7 @@ def quantize_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
         else torch.contiguous_format
     x = x.contiguous(memory_format=layout)
     out = torch.empty(x.shape, dtype=torch.uint8, memory_format=layout)
-    _C.quantize_u8(x.data_ptr(), out.data_ptr(), x.numel(), scale, zero_point, _ELEMENT[x.dtype],
+    _C.quantize_u8(x.data_ptr(), out.data_ptr(), x.numel(), scale, zero_point, ELEMENTS[x.dtype],
                    torch.get_num_threads())
     return out
 

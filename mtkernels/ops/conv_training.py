@@ -44,14 +44,19 @@ def _winograd_buffers() -> WinogradBuffers:
     return _scratch.buffers
 
 
-def _check_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    _check("x", x)
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 4 \
+def _check_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
+    """x 4-D on the CPU in one of ``dtypes``; weight and bias of x's dtype and shapes."""
+    if x.device.type != "cpu" or x.dtype not in dtypes:
+        raise TypeError(f"x must be a {' or '.join(str(d) for d in dtypes)} CPU tensor, got {x.dtype} on {x.device}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W], got {tuple(x.shape)}")
+    if weight.dtype != x.dtype or weight.device.type != "cpu" or weight.dim() != 4 \
             or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must be a float32 CPU tensor [C_out, {x.shape[1]}, KH, KW] (x has {x.shape[1]} "
+        raise ValueError(f"weight must be a {x.dtype} CPU tensor [C_out, {x.shape[1]}, KH, KW] (x has {x.shape[1]} "
                          f"channels), got {weight.dtype} {tuple(weight.shape)} on {weight.device}")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (weight.shape[0],)):
-        raise ValueError(f"bias must be None or a float32 tensor of shape ({weight.shape[0]},), got "
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (weight.shape[0],)):
+        raise ValueError(f"bias must be None or a {x.dtype} tensor of shape ({weight.shape[0]},), got "
                          f"{bias.dtype} {tuple(bias.shape)}")
 
 
@@ -215,8 +220,8 @@ def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
 def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
                 padding: int) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` as one GEMM over every output pixel of
-    the batch; channels-last float32 output."""
-    _check_conv(x, weight, bias)
+    the batch, float32 or bfloat16 (float32 accumulation); channels-last output of x's dtype."""
+    _check_conv(x, weight, bias, (torch.float32, torch.bfloat16))
     if stride < 1 or padding < 0:
         raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
     n, _, h, w = x.shape
