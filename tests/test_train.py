@@ -45,9 +45,9 @@ def small_config(**overrides) -> TrainConfig:
     return base.replace(**overrides)
 
 
-def run_training(out_dir, epochs):
+def run_training(out_dir, epochs, precision="fp32"):
     """Entry point for the kill-and-resume subprocess."""
-    train(small_config(epochs=epochs), learnable_dataset(), out_dir, progress=False)
+    train(small_config(epochs=epochs, precision=precision), learnable_dataset(), out_dir, progress=False)
 
 
 def test_loss_falls_and_accuracy_beats_chance(tmp_path):
@@ -63,11 +63,13 @@ def test_loss_falls_and_accuracy_beats_chance(tmp_path):
     assert state["task_names"] == TASKS and state["model_name"] == "bknet" and state["num_classes"] == (2, 7, 2)
 
 
-def test_kill_and_resume_reaches_the_same_weights(tmp_path):
-    uninterrupted = train(small_config(epochs=3), learnable_dataset(), tmp_path / "a", progress=False)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_kill_and_resume_reaches_the_same_weights(tmp_path, precision):
+    config = small_config(epochs=3, precision=precision)
+    uninterrupted = train(config, learnable_dataset(), tmp_path / "a", progress=False)
 
     killed_dir = tmp_path / "b"
-    code = f"import test_train as t; t.run_training({str(killed_dir)!r}, 3)"
+    code = f"import test_train as t; t.run_training({str(killed_dir)!r}, 3, {precision!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(__file__))
     deadline = time.time() + 300
     while not (killed_dir / "checkpoints" / "epoch-0001.pt").exists():
@@ -77,13 +79,14 @@ def test_kill_and_resume_reaches_the_same_weights(tmp_path):
     proc.wait()
     assert not (killed_dir / "checkpoints" / "epoch-0003.pt").exists()
 
-    resumed = train(small_config(epochs=3), learnable_dataset(), killed_dir, resume=True, progress=False)
+    resumed = train(config, learnable_dataset(), killed_dir, resume=True, progress=False)
     a = torch.load(uninterrupted.checkpoints[-1], weights_only=True)
     b = torch.load(resumed.checkpoints[-1], weights_only=True)
     assert a["epoch"] == b["epoch"] == 3
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
     assert [row["loss"] for row in a["history"]] == [row["loss"] for row in b["history"]]
+    assert a["config"]["precision"] == b["config"]["precision"] == precision
 
 
 def test_existing_run_needs_resume(tmp_path):
@@ -186,6 +189,27 @@ def test_train_command_with_overrides_and_resume(tmp_path, capsys):
     assert state["config"]["batch_size"] == 16 and state["config"]["sources"] == ("fer2013",)
     with pytest.raises(SystemExit, match="--set expects KEY=VALUE"):
         main(args + ["--set", "nonsense=1"])
+
+
+def test_train_command_precision_is_recorded_and_kept_on_resume(tmp_path):
+    from models.__main__ import main
+
+    assert main(["synth", "--out", str(tmp_path / "data"), "--sources", "fer2013"]) == 0
+    args = ["train", "--config", "B4", "--data-root", str(tmp_path / "data"), "--cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "run"), "--set", "sources=fer2013", "--set", "batch_size=16", "--quiet"]
+    assert main(args + ["--epochs", "1", "--precision", "bf16"]) == 0
+    assert main(args + ["--epochs", "2", "--resume"]) == 0  # no --precision: the run's own
+    for epoch in (1, 2):
+        state = torch.load(tmp_path / "run" / "checkpoints" / f"epoch-{epoch:04d}.pt", weights_only=True)
+        assert state["config"]["precision"] == "bf16"
+    with pytest.raises(ValueError, match="trained with precision 'bf16'"):
+        main(args + ["--epochs", "3", "--resume", "--precision", "fp32"])
+
+
+def test_bf16_needs_the_fused_cpu_path(tmp_path):
+    with pytest.raises(ValueError, match="fused CPU training path"):
+        train(small_config(precision="bf16"), learnable_dataset(per_source=8), tmp_path, progress=False,
+              fuse_layers=False)
 
 
 @pytest.mark.parametrize("kind", ["ce", "svm"])

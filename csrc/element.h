@@ -1,0 +1,28 @@
+// Element types of activations besides float32, and the exact conversions between them.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace mtk {
+
+enum class Element : int { float32 = 0, bfloat16 = 1, uint8 = 2 };
+
+// bfloat16 is stored as the upper half of a float32, in a uint16_t: widening is exact.
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+inline void narrow(float* dst, float v) { *dst = v; }
+// Round to nearest, ties to even, as PyTorch's float -> bfloat16 conversion; a NaN stays a
+// (quiet) NaN rather than rounding into inf. Written without branches so loops vectorise.
+inline void narrow(uint16_t* dst, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  *dst = uint16_t(v != v ? (bits >> 16) | 0x40u : rounded);
+}
+
+}  // namespace mtk
