@@ -63,14 +63,16 @@ def measure(benchmark, fn, device: str, suite: str, rounds: int, warmup: int = 3
     return median
 
 
-def sgd_step(model: torch.nn.Module, x: torch.Tensor, loss_fn):
+def sgd_step(model: torch.nn.Module, x: torch.Tensor, loss_fn, forward=None):
     """One training step with paper 1's optimiser (SGD, lr 0.01, momentum 0.9, weight decay
-    0.01): forward, ``loss_fn(logits)``, backward, update. Returns the step to time."""
+    0.01): ``forward(x)`` (default: the model), ``loss_fn(logits)``, backward, update.
+    Returns the step to time."""
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01)
+    forward = model if forward is None else forward
 
     def step():
         optimiser.zero_grad(set_to_none=True)
-        loss_fn(model(x)).backward()
+        loss_fn(forward(x)).backward()
         optimiser.step()
     return step
 

@@ -1,9 +1,11 @@
 """Table 4: training time. Seconds per SGD step at batch 128 for BKNet and Multi-task ResNet
-ver1 / ver2, with the plain-PyTorch reference loss (the eager baseline), the fused loss,
-the fused loss with channels_last activations, then also BatchNorm + ReLU fused, then also
-the convolutions of ``mtkernels.TrainingConv2d`` (all of ``mtkernels.fuse_for_training``), in
-one run; and the projected minutes per epoch of config B4, whose size follows from paper 1's
-dataset sizes (section 4.2)."""
+ver1 / ver2, in one run, turn by turn. float32: the plain-PyTorch reference loss (the eager
+baseline), the same with channels_last activations, the fused loss, the fused loss with
+channels_last, then also BatchNorm + ReLU fused, then also the convolutions of
+``mtkernels.TrainingConv2d`` (all of ``mtkernels.fuse_for_training``). bf16 mixed precision:
+eager ``torch.autocast`` channels_last with the fused loss, ``torch.compile`` of that step,
+and ``mtkernels.fuse_for_training(precision="bf16")``. Also the projected minutes per epoch
+of config B4, whose size follows from paper 1's dataset sizes (section 4.2)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ from models.report import PAPER_TABLE4
 SUITE = "training"
 BATCH = 128
 NETWORKS = ("bknet", "resnet-v1", "resnet-v2")
-VARIANTS = ("reference", "fused", "fused+channels_last", "fused+channels_last+bn_relu",
-            "fused+channels_last+bn_relu+conv")
+FP32_VARIANTS = ("reference", "reference+channels_last", "fused", "fused+channels_last",
+                 "fused+channels_last+bn_relu", "fused+channels_last+bn_relu+conv")
+BF16_VARIANTS = ("autocast_bf16", "autocast_bf16+compile", "mtkernels_bf16")
+VARIANTS = FP32_VARIANTS + BF16_VARIANTS
+MTKERNELS_FP32 = FP32_VARIANTS[2:]
 # Paper 1, section 4.2, config B4 training splits: GENKI-4K 3000, FER-2013 (Kaggle) 28709, Wiki 30000.
 B4_TRAIN_SIZES = {"genki4k": 3000, "fer2013": 28709, "wiki": 30000}
 
@@ -42,10 +47,12 @@ def make_step(name: str, variant: str, device: str):
     labels[torch.rand(labels.shape) < 2 / 3] = -1  # multi-source batches: one task labelled per sample
     if "bn_relu" in variant:
         mtkernels.fuse_for_training(model, convs="conv" in variant)
-    if "channels_last" in variant:
+    if variant == "mtkernels_bf16":
+        mtkernels.fuse_for_training(model, precision="bf16")
+    if "channels_last" in variant or variant in BF16_VARIANTS:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
-    if variant == "reference":
+    if variant.startswith("reference"):
         def loss_fn(logits):
             return mtkernels.reference.multitask_loss(logits, labels, model.num_classes)
     else:
@@ -53,6 +60,14 @@ def make_step(name: str, variant: str, device: str):
 
         def loss_fn(logits):
             return crit(logits, labels)
+    if variant.startswith("autocast"):
+        def forward(inputs):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                return model(inputs)
+        if variant.endswith("compile"):
+            compiled = torch.compile(lambda inputs: loss_fn(forward(inputs)))
+            return sgd_step(model, x, lambda logits: logits, forward=compiled)
+        return sgd_step(model, x, loss_fn, forward=forward)
     return sgd_step(model, x, loss_fn)
 
 
@@ -64,9 +79,9 @@ def measure_step(benchmark, device, name, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", NETWORKS)
 def test_training_step(benchmark, device, name, variant):
-    if device == "cuda" and "bn_relu" in variant:
-        pytest.skip("fused BatchNorm + ReLU and the conv algorithms are CPU kernels: on CUDA these rows would "
-                    "time PyTorch's own layers again")
+    if device == "cuda" and ("bn_relu" in variant or variant == "mtkernels_bf16"):
+        pytest.skip("fused BatchNorm + ReLU, the conv algorithms and bf16 training are CPU kernels: on CUDA these "
+                    "rows would time PyTorch's own layers again")
     measure_step(benchmark, device, name, variant)
 
 
@@ -86,16 +101,22 @@ def report(device, measurements):
                 row[f"{variant} s/step"] = f"{t[(name, variant)]:.3f}"
                 row[f"{variant} min/epoch"] = f"{t[(name, variant)] * steps / 60:.1f}"
                 row[f"{variant} total min"] = f"{t[(name, variant)] * steps * epochs / 60:.0f}"
-        best = min((t[(name, v)] for v in VARIANTS[1:] if (name, v) in t), default=None)
+        best = min((t[(name, v)] for v in MTKERNELS_FP32 if (name, v) in t), default=None)
         if best:
-            row["mtkernels vs reference"] = f"{t[(name, 'reference')] / best:.2f}x"
+            row["mtkernels fp32 vs reference"] = f"{t[(name, 'reference')] / best:.2f}x"
+        if (name, "mtkernels_bf16") in t and (name, "autocast_bf16") in t:
+            row["mtkernels bf16 vs autocast"] = f"{t[(name, 'autocast_bf16')] / t[(name, 'mtkernels_bf16')]:.2f}x"
         rows.append(row)
     columns = (["network", "paper epochs", "paper min/epoch (TITAN X)", "paper total min"]
                + [f"{v} {u}" for v in VARIANTS for u in ("s/step", "min/epoch", "total min")]
-               + ["mtkernels vs reference"])
+               + ["mtkernels fp32 vs reference", "mtkernels bf16 vs autocast"])
     notes = (f"One SGD step (forward, loss, backward, update) at batch {BATCH}, median. Epoch = config B4's merged, "
              f"balanced training set from paper 1's sizes {B4_TRAIN_SIZES} = {b4_epoch_samples()} samples = "
-             f"{steps} steps. 'mtkernels vs reference' = reference step time / the fastest mtkernels variant; "
+             f"{steps} steps. 'mtkernels fp32 vs reference' = reference step time / the fastest float32 mtkernels "
+             f"variant; 'mtkernels bf16 vs autocast' = autocast_bf16 step time / mtkernels_bf16's. The first six "
+             f"variants are float32; autocast_bf16 (eager torch.autocast bfloat16, channels_last, fused loss), "
+             f"autocast_bf16+compile (torch.compile of that forward + loss) and mtkernels_bf16 "
+             f"(mtkernels.fuse_for_training(precision='bf16')) compute in bfloat16 with float32 parameters; "
              f"bn_relu = BatchNorm + ReLU as one op (mtkernels.fuse_for_training(model, convs=False)); conv = "
              f"also each conv layer's algorithm chosen by shape (mtkernels.TrainingConv2d).")
     path = write_table(SUITE, device, rows, columns, f"Table 4: training time, {device}", notes)

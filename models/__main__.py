@@ -128,6 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
+    from mtkernels.training import native_bf16
+
     from .data.merge import merge_sources
     from .train import config_by_name, train
 
@@ -138,7 +140,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config.replace(fold=args.fold)
     config = _override(config, args.set)
     out = args.out or f"runs/{config.name}/fold-{config.fold}"
-    config = config.replace(precision=args.precision or _run_precision(out, args.resume) or config.precision)
+    precision = args.precision or _run_precision(out, args.resume)
+    if precision is None and not any(item.startswith("precision=") for item in args.set):
+        precision = "bf16" if native_bf16() else "fp32"
+    config = config.replace(precision=precision or config.precision)
     tasks = build_model(config.model).task_names
     train_parts, val_parts = split_for_training(config, load_sources(config, args))
     train_set = merge_sources(train_parts, tasks)
@@ -396,8 +401,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"],
                    help="CPU compute precision: fp32, or bf16 mixed precision (float32 parameters, bfloat16 convs, "
                         "linear layers and activations on the CPU's bfloat16 unit; float32 where it has none). "
-                        "Default: the run's own when resuming, else fp32 (the README's section on bf16 training "
-                        "says why)")
+                        "Default: the run's own when resuming, else bf16 where the CPU has a bfloat16 unit "
+                        "(measured 1.9x faster for BKNet here, loss within 10%%: README, bf16 training) and fp32 "
+                        "elsewhere")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set lr=0.02 --set batch_size=64 (repeatable)")
     p.set_defaults(func=cmd_train)
