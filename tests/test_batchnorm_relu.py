@@ -52,7 +52,7 @@ def test_opcheck():
 
 def test_bad_inputs_are_named():
     x, weight, bias, _ = inputs((2, 3, 4, 4))
-    with pytest.raises(TypeError, match="x must be a float32 CPU tensor"):
+    with pytest.raises(TypeError, match="x must be a float32 or bfloat16 CPU tensor"):
         batchnorm_relu(x.double(), weight, bias, EPS)
     with pytest.raises(ValueError, match=r"weight must be a float32 CPU tensor of shape \(3,\)"):
         batchnorm_relu(x, weight[:2], bias, EPS)

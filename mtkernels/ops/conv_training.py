@@ -48,15 +48,17 @@ def _check_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
     """x 4-D on the CPU in one of ``dtypes``; weight and bias of x's dtype and shapes."""
     if x.device.type != "cpu" or x.dtype not in dtypes:
-        raise TypeError(f"x must be a {' or '.join(str(d) for d in dtypes)} CPU tensor, got {x.dtype} on {x.device}")
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"x must be a {names} CPU tensor, got {x.dtype} on {x.device}")
+    dtype = str(x.dtype).removeprefix("torch.")
     if x.dim() != 4:
         raise ValueError(f"x must be [N, C, H, W], got {tuple(x.shape)}")
     if weight.dtype != x.dtype or weight.device.type != "cpu" or weight.dim() != 4 \
             or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must be a {x.dtype} CPU tensor [C_out, {x.shape[1]}, KH, KW] (x has {x.shape[1]} "
+        raise ValueError(f"weight must be a {dtype} CPU tensor [C_out, {x.shape[1]}, KH, KW] (x has {x.shape[1]} "
                          f"channels), got {weight.dtype} {tuple(weight.shape)} on {weight.device}")
     if bias is not None and (bias.dtype != x.dtype or bias.shape != (weight.shape[0],)):
-        raise ValueError(f"bias must be None or a {x.dtype} tensor of shape ({weight.shape[0]},), got "
+        raise ValueError(f"bias must be None or a {dtype} tensor of shape ({weight.shape[0]},), got "
                          f"{bias.dtype} {tuple(bias.shape)}")
 
 
