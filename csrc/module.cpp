@@ -64,14 +64,19 @@ void maxpool2x2_nhwc(uintptr_t src, uintptr_t dst, int64_t batch, int64_t height
   mtk::kernels().maxpool2x2_nhwc(problem);
 }
 
+// The element of a float activation (float32 or bfloat16), checked.
+mtk::Element activation_element(int element) {
+  if (element != 0 && element != 1) throw std::invalid_argument("element must be 0 (float32) or 1 (bfloat16)");
+  return mtk::Element(element);
+}
+
 void quantize_u8(uintptr_t src, uintptr_t dst, int64_t count, double scale, int zero_point, int element,
                  int num_threads) {
   if (count < 0) throw std::invalid_argument("negative size");
   if (!(scale > 0.0) || !std::isfinite(scale)) throw std::invalid_argument("scale must be positive and finite");
   if (zero_point < 0 || zero_point > 255) throw std::invalid_argument("zero_point must be in [0, 255]");
-  if (element != 0 && element != 1) throw std::invalid_argument("element must be 0 (float32) or 1 (bfloat16)");
   const mtk::QuantizeProblem problem{as_ptr<const void>(src), as_ptr<uint8_t>(dst), count, float(1.0 / scale),
-                                     zero_point, mtk::Element(element), std::max(1, num_threads)};
+                                     zero_point, activation_element(element), std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().quantize_u8(problem);
 }
@@ -270,11 +275,6 @@ void check_rows(int64_t rows, int64_t channels) {
   if (rows < 0 || channels < 0) throw std::invalid_argument("negative size");
 }
 
-mtk::Element activation_element(int element) {
-  if (element != 0 && element != 1) throw std::invalid_argument("element must be 0 (float32) or 1 (bfloat16)");
-  return mtk::Element(element);
-}
-
 void bn_stats(uintptr_t x, int64_t rows, int64_t channels, uintptr_t sum, uintptr_t sum_sq, int element,
               int num_threads) {
   check_rows(rows, channels);
@@ -386,7 +386,8 @@ PYBIND11_MODULE(_C, m) {
         "y = max(0, x * scale + shift) per channel.");
   m.def("bn_relu_backward_reduce", &bn_relu_backward_reduce, py::arg("dy"), py::arg("x"), py::arg("scale"),
         py::arg("shift"), py::arg("mean"), py::arg("rows"), py::arg("channels"), py::arg("sum_g"), py::arg("sum_gx"),
-        py::arg("element"), py::arg("num_threads"), "Per-channel sums of the ReLU-masked gradient g and of g * (x - mean) (float64).");
+        py::arg("element"), py::arg("num_threads"),
+        "Per-channel sums of the ReLU-masked gradient g and of g * (x - mean) (float64).");
   m.def("bn_relu_backward_apply", &bn_relu_backward_apply, py::arg("dy"), py::arg("x"), py::arg("scale"),
         py::arg("shift"), py::arg("p"), py::arg("q"), py::arg("s"), py::arg("dx"), py::arg("rows"), py::arg("channels"),
         py::arg("element"), py::arg("num_threads"),

@@ -146,10 +146,9 @@ def _float32_logits(module: nn.Module, inputs, output: torch.Tensor) -> torch.Te
 
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16)."""
-    from . import _C
+    from .fuse.precision import matrix_units
 
-    features = _C.cpu_features()
-    return bool(features.get("avx512bf16") or (features.get("amx-bf16") and features.get("amx-permitted")))
+    return matrix_units()["bf16"] != "float32 emulation"
 
 
 _warned_no_bf16 = False
@@ -184,9 +183,9 @@ def fuse_for_training(model: nn.Module, convs: bool = True, precision: str = "fp
     dtype = training_dtype(precision)
     if dtype != torch.float32 and not convs:
         raise ValueError("precision='bf16' needs convs=True: the convolutions are what compute in bfloat16")
-    for p in model.parameters():
+    for p in model.parameters() if precision == "bf16" else ():
         if p.dtype != torch.float32:
-            raise ValueError(f"fuse_for_training needs a float32 model, got a {p.dtype} parameter")
+            raise ValueError(f"precision='bf16' needs a float32 model, got a {p.dtype} parameter")
     for module in model.modules():
         if hasattr(module, "fuse_for_training") and module is not model:
             module.fuse_for_training()
@@ -204,7 +203,6 @@ def fuse_for_training(model: nn.Module, convs: bool = True, precision: str = "fp
             if type(bn) is nn.BatchNorm2d and isinstance(relu, nn.ReLU):
                 as_bn_relu(bn)
                 module._modules[second] = nn.Identity()
-    if dtype != torch.float32 and not getattr(model, "_mtkernels_float32_logits", False):
+    if dtype != torch.float32 and _float32_logits not in model._forward_hooks.values():
         model.register_forward_hook(_float32_logits)
-        model._mtkernels_float32_logits = True
     return model
