@@ -11,6 +11,15 @@
 
 namespace mtk {
 
+// A 2x2 / stride 2 max-pool (floor mode, PyTorch's nn.MaxPool2d(2, 2)) after the ReLU,
+// over x viewed as [images, height, width, channels] (rows = images * height * width);
+// images == 0: no pool. With a pool, y and dy are the pooled
+// [images, height / 2, width / 2, channels]: x's values that are no window's maximum (or
+// in no window) get no gradient through the ReLU, as in the unfused layers.
+struct Pool2x2 {
+  int64_t images = 0, height = 0, width = 0;
+};
+
 // sum[c] = sum_r x[r, c], sum_sq[c] = sum_r x[r, c]^2.
 struct BnStatsProblem {
   const void* x;
@@ -21,18 +30,20 @@ struct BnStatsProblem {
   int num_threads;
 };
 
-// y[r, c] = max(0, x[r, c] * scale[c] + shift[c]).
+// y[r, c] = max(0, x[r, c] * scale[c] + shift[c]), then pooled with `pool`.
 struct BnReluForwardProblem {
   const void* x;
   const float* scale;
   const float* shift;
   void* y;
   int64_t rows, channels;
+  Pool2x2 pool;
   Element element;
   int num_threads;
 };
 
-// With g = dy where the forward's x * scale + shift > 0 (the ReLU passed it) else 0:
+// With g = dy where the forward's x * scale + shift > 0 (the ReLU passed it) else 0 (and,
+// with a pool, dy of x's window where x is its maximum, else 0):
 // sum_g[c] = sum_r g, sum_gx[c] = sum_r g * (x - mean[c]). The mask is recomputed from x
 // with the forward's own expression, so the output need not be read (or kept).
 struct BnReluBackwardReduceProblem {
@@ -42,6 +53,7 @@ struct BnReluBackwardReduceProblem {
   const float* shift;
   const float* mean;
   int64_t rows, channels;
+  Pool2x2 pool;
   double* sum_g;
   double* sum_gx;
   Element element;
@@ -60,6 +72,7 @@ struct BnReluBackwardApplyProblem {
   const float* s;
   void* dx;
   int64_t rows, channels;
+  Pool2x2 pool;
   Element element;
   int num_threads;
 };

@@ -23,6 +23,43 @@ int threads_for(int64_t values, int requested) { return values >= kParallelValue
 // The normalised, scaled and shifted input before the ReLU: one expression for the forward
 // pass and the backward mask, so both round (and contract) it the same way.
 inline float affine(float x, float scale, float shift) { return x * scale + shift; }
+inline float relu_affine(float x, float scale, float shift) { return std::max(affine(x, scale, shift), 0.0f); }
+
+// One 2x2 window of the pooled layers at x (channel c; the other three inputs `right`,
+// `down` and `down + right` values on): the maximum of the four ReLU outputs as stored in
+// T, chosen as PyTorch's max-pool does (the first of equal maxima; a NaN over anything),
+// with its input x and pre-ReLU value. Comparing stored values keeps the unfused layers'
+// choice where bfloat16 rounding makes two outputs equal.
+struct WindowMax {
+  float y, x, pre_relu;
+  int index;
+
+  // Value k replaces the maximum so far where PyTorch's max-pool takes it: strictly
+  // greater, or a NaN. Two selects, not one on `greater || nan`: GCC vectorises no loop
+  // around that condition.
+  void consider(float y_k, float x_k, float pre_k, int k) {
+    take_if(y_k > y, y_k, x_k, pre_k, k);
+    take_if(y_k != y_k, y_k, x_k, pre_k, k);
+  }
+  void take_if(bool take, float y_k, float x_k, float pre_k, int k) {
+    y = take ? y_k : y;
+    x = take ? x_k : x;
+    pre_relu = take ? pre_k : pre_relu;
+    index = take ? k : index;
+  }
+};
+
+template <typename T>
+inline WindowMax window_max(const T* x, int64_t c, int64_t right, int64_t down, float scale, float shift) {
+  const float x0 = widen(x[c]), x1 = widen(x[c + right]), x2 = widen(x[c + down]), x3 = widen(x[c + down + right]);
+  const float p0 = affine(x0, scale, shift), p1 = affine(x1, scale, shift), p2 = affine(x2, scale, shift),
+              p3 = affine(x3, scale, shift);
+  WindowMax m{round_trip<T>(std::max(p0, 0.0f)), x0, p0, 0};
+  m.consider(round_trip<T>(std::max(p1, 0.0f)), x1, p1, 1);
+  m.consider(round_trip<T>(std::max(p2, 0.0f)), x2, p2, 2);
+  m.consider(round_trip<T>(std::max(p3, 0.0f)), x3, p3, 3);
+  return m;
+}
 
 // Two per-channel double sums over rows: each thread reduces one contiguous block of rows
 // into accumulators of its own (never sharing a cache line with another thread's), copies
@@ -73,7 +110,7 @@ void relu_forward(const BnReluForwardProblem& p) {
     const T* x = static_cast<const T*>(p.x) + r * C;
     T* y = static_cast<T*>(p.y) + r * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) narrow(y + c, std::max(affine(widen(x[c]), p.scale[c], p.shift[c]), 0.0f));
+    for (int64_t c = 0; c < C; ++c) narrow(y + c, relu_affine(widen(x[c]), p.scale[c], p.shift[c]));
   }
 }
 
@@ -110,6 +147,102 @@ void relu_backward_apply(const BnReluBackwardApplyProblem& p) {
   }
 }
 
+// The pooled layers visit x one row of windows at a time: image n, output row oh.
+struct WindowRows {
+  int64_t count, out_h, out_w, right, down;  // right, down: value offsets in x
+
+  explicit WindowRows(const Pool2x2& pool, int64_t channels)
+      : count(pool.images * (pool.height / 2)), out_h(pool.height / 2), out_w(pool.width / 2),
+        right(channels), down(pool.width * channels) {}
+  int64_t x_offset(int64_t r, const Pool2x2& pool) const {
+    return ((r / out_h) * pool.height + 2 * (r % out_h)) * down;
+  }
+};
+
+template <typename T>
+void relu_pool_forward(const BnReluForwardProblem& p) {
+  const int64_t C = p.channels;
+  const WindowRows rows(p.pool, C);
+  const float *scale = p.scale, *shift = p.shift;
+#pragma omp parallel for num_threads(threads_for(p.rows * C, p.num_threads)) schedule(static)
+  for (int64_t r = 0; r < rows.count; ++r) {
+    for (int64_t ow = 0; ow < rows.out_w; ++ow) {
+      const T* x = static_cast<const T*>(p.x) + rows.x_offset(r, p.pool) + 2 * ow * C;
+      T* y = static_cast<T*>(p.y) + (r * rows.out_w + ow) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) narrow(y + c, window_max(x, c, rows.right, rows.down, scale[c], shift[c]).y);
+    }
+  }
+}
+
+template <typename T>
+void relu_pool_backward_reduce(const BnReluBackwardReduceProblem& p) {
+  const int64_t C = p.channels;
+  const WindowRows rows(p.pool, C);
+  const float *scale = p.scale, *shift = p.shift, *mean = p.mean;
+  reduce_rows(rows.count, C, p.num_threads, p.sum_g, p.sum_gx, [&](int64_t r, double* sum_g, double* sum_gx) {
+    for (int64_t ow = 0; ow < rows.out_w; ++ow) {
+      const T* __restrict x = static_cast<const T*>(p.x) + rows.x_offset(r, p.pool) + 2 * ow * C;
+      const T* __restrict dy = static_cast<const T*>(p.dy) + (r * rows.out_w + ow) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const WindowMax m = window_max(x, c, rows.right, rows.down, scale[c], shift[c]);
+        const float gy = widen(dy[c]);
+        const float g = m.pre_relu > 0.0f ? gy : 0.0f;
+        sum_g[c] += g;
+        sum_gx[c] += static_cast<double>(g) * (m.x - mean[c]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void relu_pool_backward_apply(const BnReluBackwardApplyProblem& p) {
+  const int64_t C = p.channels, H = p.pool.height, W = p.pool.width;
+  const WindowRows rows(p.pool, C);
+  const float *scale = p.scale, *shift = p.shift, *gain = p.p, *offset = p.q, *slope = p.s;
+  // dx of values in no window (an odd last column or row): no gradient reaches them.
+  const auto ungraded = [&](int64_t first, int64_t count) {
+    const T* __restrict x = static_cast<const T*>(p.x) + first;
+    T* __restrict dx = static_cast<T*>(p.dx) + first;
+    for (int64_t i = 0; i < count; i += C) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) narrow(dx + i + c, offset[c] - slope[c] * widen(x[i + c]));
+    }
+  };
+#pragma omp parallel for num_threads(threads_for(p.rows * C, p.num_threads)) schedule(static)
+  for (int64_t r = 0; r < rows.count; ++r) {
+    const int64_t first = rows.x_offset(r, p.pool);
+    for (int64_t ow = 0; ow < rows.out_w; ++ow) {
+      const int64_t at = first + 2 * ow * C;
+      const T* __restrict x = static_cast<const T*>(p.x) + at;
+      const T* __restrict dy = static_cast<const T*>(p.dy) + (r * rows.out_w + ow) * C;
+      T* __restrict dx = static_cast<T*>(p.dx) + at;
+      const int64_t right = rows.right, down = rows.down;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const WindowMax m = window_max(x, c, right, down, scale[c], shift[c]);
+        const float gy = widen(dy[c]);
+        const float g = m.pre_relu > 0.0f ? gy : 0.0f;
+        const float g0 = m.index == 0 ? g : 0.0f, g1 = m.index == 1 ? g : 0.0f, g2 = m.index == 2 ? g : 0.0f,
+                    g3 = m.index == 3 ? g : 0.0f;
+        narrow(dx + c, gain[c] * g0 + offset[c] - slope[c] * widen(x[c]));
+        narrow(dx + right + c, gain[c] * g1 + offset[c] - slope[c] * widen(x[right + c]));
+        narrow(dx + down + c, gain[c] * g2 + offset[c] - slope[c] * widen(x[down + c]));
+        narrow(dx + down + right + c, gain[c] * g3 + offset[c] - slope[c] * widen(x[down + right + c]));
+      }
+    }
+    if (W % 2) {
+      ungraded(first + (W - 1) * C, C);
+      ungraded(first + rows.down + (W - 1) * C, C);
+    }
+  }
+  if (H % 2) {
+#pragma omp parallel for num_threads(threads_for(p.pool.images * W * C, p.num_threads)) schedule(static)
+    for (int64_t n = 0; n < p.pool.images; ++n) ungraded(((n + 1) * H - 1) * rows.down, rows.down);
+  }
+}
+
 // The kernel for the problem's element type: float32 or bfloat16 (uint8 is not an
 // activation these layers see).
 template <typename Problem, typename Float, typename Bf16>
@@ -117,15 +250,27 @@ void by_element(const Problem& p, Float float_kernel, Bf16 bf16_kernel) {
   if (p.element == Element::bfloat16) return bf16_kernel(p);
   float_kernel(p);
 }
+
+// Unpooled or pooled, float32 or bfloat16.
+template <typename Problem>
+void by_layout(const Problem& p, void (*plain_f)(const Problem&), void (*plain_b)(const Problem&),
+               void (*pooled_f)(const Problem&), void (*pooled_b)(const Problem&)) {
+  if (p.pool.images > 0) return by_element(p, pooled_f, pooled_b);
+  by_element(p, plain_f, plain_b);
+}
 }  // namespace
 
 void bn_stats(const BnStatsProblem& p) { by_element(p, stats<float>, stats<uint16_t>); }
-void bn_relu_forward(const BnReluForwardProblem& p) { by_element(p, relu_forward<float>, relu_forward<uint16_t>); }
+void bn_relu_forward(const BnReluForwardProblem& p) {
+  by_layout(p, relu_forward<float>, relu_forward<uint16_t>, relu_pool_forward<float>, relu_pool_forward<uint16_t>);
+}
 void bn_relu_backward_reduce(const BnReluBackwardReduceProblem& p) {
-  by_element(p, relu_backward_reduce<float>, relu_backward_reduce<uint16_t>);
+  by_layout(p, relu_backward_reduce<float>, relu_backward_reduce<uint16_t>, relu_pool_backward_reduce<float>,
+            relu_pool_backward_reduce<uint16_t>);
 }
 void bn_relu_backward_apply(const BnReluBackwardApplyProblem& p) {
-  by_element(p, relu_backward_apply<float>, relu_backward_apply<uint16_t>);
+  by_layout(p, relu_backward_apply<float>, relu_backward_apply<uint16_t>, relu_pool_backward_apply<float>,
+            relu_pool_backward_apply<uint16_t>);
 }
 
 }  // namespace MTK_ISA

@@ -25,4 +25,12 @@ inline void narrow(uint16_t* dst, float v) {
   *dst = uint16_t(v != v ? (bits >> 16) | 0x40u : rounded);
 }
 
+// v as it reads back after a store in T.
+template <typename T>
+inline float round_trip(float v) {
+  T stored;
+  narrow(&stored, v);
+  return widen(stored);
+}
+
 }  // namespace mtk

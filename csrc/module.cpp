@@ -275,6 +275,16 @@ void check_rows(int64_t rows, int64_t channels) {
   if (rows < 0 || channels < 0) throw std::invalid_argument("negative size");
 }
 
+// The 2x2 max-pool of a BatchNorm + ReLU problem: none for an empty list, else
+// [images, height, width] of x (rows = images * height * width).
+mtk::Pool2x2 pool_of(const std::vector<int64_t>& pool, int64_t rows) {
+  if (pool.empty()) return {};
+  if (pool.size() != 3 || pool[0] < 1 || pool[1] < 2 || pool[2] < 2 || pool[0] * pool[1] * pool[2] != rows)
+    throw std::invalid_argument("pool must be [] or [images, height >= 2, width >= 2] with images * height * width "
+                                "== rows");
+  return mtk::Pool2x2{pool[0], pool[1], pool[2]};
+}
+
 void bn_stats(uintptr_t x, int64_t rows, int64_t channels, uintptr_t sum, uintptr_t sum_sq, int element,
               int num_threads) {
   check_rows(rows, channels);
@@ -285,22 +295,24 @@ void bn_stats(uintptr_t x, int64_t rows, int64_t channels, uintptr_t sum, uintpt
 }
 
 void bn_relu_forward(uintptr_t x, uintptr_t scale, uintptr_t shift, uintptr_t y, int64_t rows, int64_t channels,
-                     int element, int num_threads) {
+                     const std::vector<int64_t>& pool, int element, int num_threads) {
   check_rows(rows, channels);
-  const mtk::BnReluForwardProblem problem{as_ptr<const void>(x), as_ptr<const float>(scale),
-                                          as_ptr<const float>(shift), as_ptr<void>(y), rows, channels,
-                                          activation_element(element), std::max(1, num_threads)};
+  const mtk::BnReluForwardProblem problem{as_ptr<const void>(x),      as_ptr<const float>(scale),
+                                          as_ptr<const float>(shift), as_ptr<void>(y),
+                                          rows,                       channels,
+                                          pool_of(pool, rows),        activation_element(element),
+                                          std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().bn_relu_forward(problem);
 }
 
 void bn_relu_backward_reduce(uintptr_t dy, uintptr_t x, uintptr_t scale, uintptr_t shift, uintptr_t mean,
-                             int64_t rows, int64_t channels, uintptr_t sum_g, uintptr_t sum_gx, int element,
-                             int num_threads) {
+                             int64_t rows, int64_t channels, const std::vector<int64_t>& pool, uintptr_t sum_g,
+                             uintptr_t sum_gx, int element, int num_threads) {
   check_rows(rows, channels);
   const mtk::BnReluBackwardReduceProblem problem{as_ptr<const void>(dy), as_ptr<const void>(x),
                                                  as_ptr<const float>(scale), as_ptr<const float>(shift),
-                                                 as_ptr<const float>(mean), rows, channels,
+                                                 as_ptr<const float>(mean), rows, channels, pool_of(pool, rows),
                                                  as_ptr<double>(sum_g), as_ptr<double>(sum_gx),
                                                  activation_element(element), std::max(1, num_threads)};
   py::gil_scoped_release release;
@@ -308,14 +320,15 @@ void bn_relu_backward_reduce(uintptr_t dy, uintptr_t x, uintptr_t scale, uintptr
 }
 
 void bn_relu_backward_apply(uintptr_t dy, uintptr_t x, uintptr_t scale, uintptr_t shift, uintptr_t p, uintptr_t q,
-                            uintptr_t s, uintptr_t dx, int64_t rows, int64_t channels, int element,
-                            int num_threads) {
+                            uintptr_t s, uintptr_t dx, int64_t rows, int64_t channels,
+                            const std::vector<int64_t>& pool, int element, int num_threads) {
   check_rows(rows, channels);
   const mtk::BnReluBackwardApplyProblem problem{as_ptr<const void>(dy), as_ptr<const void>(x),
                                                 as_ptr<const float>(scale), as_ptr<const float>(shift),
                                                 as_ptr<const float>(p), as_ptr<const float>(q),
                                                 as_ptr<const float>(s), as_ptr<void>(dx), rows, channels,
-                                                activation_element(element), std::max(1, num_threads)};
+                                                pool_of(pool, rows), activation_element(element),
+                                                std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().bn_relu_backward_apply(problem);
 }
@@ -382,16 +395,17 @@ PYBIND11_MODULE(_C, m) {
         "Per-channel sum and sum of squares (float64) of a [rows, channels] buffer of element 0 (float32) or "
         "1 (bfloat16); the element argument of the bn_ functions below means the same.");
   m.def("bn_relu_forward", &bn_relu_forward, py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("y"),
-        py::arg("rows"), py::arg("channels"), py::arg("element"), py::arg("num_threads"),
-        "y = max(0, x * scale + shift) per channel.");
+        py::arg("rows"), py::arg("channels"), py::arg("pool"), py::arg("element"), py::arg("num_threads"),
+        "y = max(0, x * scale + shift) per channel, then 2x2 max-pooled if pool is [images, height, width] of x "
+        "(the pool argument of the bn_relu_ functions below means the same; [] for none).");
   m.def("bn_relu_backward_reduce", &bn_relu_backward_reduce, py::arg("dy"), py::arg("x"), py::arg("scale"),
-        py::arg("shift"), py::arg("mean"), py::arg("rows"), py::arg("channels"), py::arg("sum_g"), py::arg("sum_gx"),
-        py::arg("element"), py::arg("num_threads"),
-        "Per-channel sums of the ReLU-masked gradient g and of g * (x - mean) (float64).");
+        py::arg("shift"), py::arg("mean"), py::arg("rows"), py::arg("channels"), py::arg("pool"), py::arg("sum_g"),
+        py::arg("sum_gx"), py::arg("element"), py::arg("num_threads"),
+        "Per-channel sums of the ReLU-masked (and pool-routed) gradient g and of g * (x - mean) (float64).");
   m.def("bn_relu_backward_apply", &bn_relu_backward_apply, py::arg("dy"), py::arg("x"), py::arg("scale"),
         py::arg("shift"), py::arg("p"), py::arg("q"), py::arg("s"), py::arg("dx"), py::arg("rows"), py::arg("channels"),
-        py::arg("element"), py::arg("num_threads"),
-        "dx = p * g + q - s * x per channel, g the ReLU-masked gradient.");
+        py::arg("pool"), py::arg("element"), py::arg("num_threads"),
+        "dx = p * g + q - s * x per channel, g the ReLU-masked (and pool-routed) gradient.");
   m.def("cpu_features", &mtk::cpu_features, "Instruction-set extensions this CPU and OS support.");
   m.def("isa", []() { return std::string(mtk::isa_name(mtk::active_isa())); },
         "The kernel variant in use: 'baseline', 'avx2' or 'avx512'.");

@@ -12,8 +12,8 @@ from . import reference
 from .cpu_memory import retain_freed_memory
 from .fuse import fuse_for_inference
 from .loss import MultiTaskLoss, multitask_loss
-from .training import BatchNormReLU2d, TrainingConv2d, TrainingLinear, fuse_for_training
+from .training import BatchNormReLU2d, BatchNormReLUPool2d, TrainingConv2d, TrainingLinear, fuse_for_training
 
 __all__ = ["multitask_loss", "MultiTaskLoss", "fuse_for_inference", "fuse_for_training", "BatchNormReLU2d",
-           "TrainingConv2d", "TrainingLinear", "reference", "retain_freed_memory"]
+           "BatchNormReLUPool2d", "TrainingConv2d", "TrainingLinear", "reference", "retain_freed_memory"]
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
-"""Training-time fusion: BatchNorm2d followed by ReLU becomes one module that runs the
-fused ``mtkernels::batchnorm_relu`` op in training on channels-last CPU activations (and
-PyTorch's own BatchNorm + ReLU everywhere else), and each Conv2d runs the convolution
+"""Training-time fusion: BatchNorm2d followed by ReLU (and by a 2x2 max-pool) becomes one
+module that runs the fused ``mtkernels::batchnorm_relu`` op in training on channels-last
+CPU activations (and PyTorch's own BatchNorm + ReLU (+ pool) everywhere else), and each Conv2d runs the convolution
 algorithm that is fastest for its shape on such activations. Parameters, buffers and
 ``state_dict`` keys stay exactly those of the original modules (only their class changes),
 so checkpoints, optimisers and ``fuse_for_inference`` work unchanged.
@@ -40,7 +40,10 @@ class BatchNormReLU2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable(x):
             return F.relu(super().forward(x))
-        y, mean, var = torch.ops.mtkernels.batchnorm_relu(x, self.weight, self.bias, self.eps)
+        return self._fused(x, pool=False)
+
+    def _fused(self, x: torch.Tensor, pool: bool) -> torch.Tensor:
+        y, mean, var = torch.ops.mtkernels.batchnorm_relu(x, self.weight, self.bias, self.eps, pool)
         if self.track_running_stats:
             self._update_running_stats(mean, var, x.numel() // x.shape[1])
         return y
@@ -55,12 +58,33 @@ class BatchNormReLU2d(nn.BatchNorm2d):
         self.running_var.lerp_(var * (count / (count - 1)), momentum)
 
 
-def as_bn_relu(bn: nn.BatchNorm2d) -> BatchNormReLU2d:
-    """Turn ``bn`` (always followed by a ReLU where it is used) into a BatchNormReLU2d in
-    place: same object, parameters and buffers; it now applies the ReLU itself."""
+class BatchNormReLUPool2d(BatchNormReLU2d):
+    """``max_pool2d(relu(BatchNorm2d(x)), 2, 2)``, fused in training on channels-last CPU
+    input (float32 or bfloat16) with spatial size at least 2x2."""
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        return super()._fusable(x) and min(x.shape[2:]) >= 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable(x):
+            return F.max_pool2d(F.relu(nn.BatchNorm2d.forward(self, x)), 2, 2)
+        return self._fused(x, pool=True)
+
+
+def _is_pool2x2(module: nn.Module) -> bool:
+    """Whether ``module`` is ``nn.MaxPool2d(2, 2)`` (no padding, dilation or ceil mode)."""
+    return (type(module) is nn.MaxPool2d and module.kernel_size in (2, (2, 2)) and module.stride in (2, (2, 2))
+            and module.padding in (0, (0, 0)) and module.dilation in (1, (1, 1)) and not module.ceil_mode
+            and not module.return_indices)
+
+
+def as_bn_relu(bn: nn.BatchNorm2d, pool: bool = False) -> BatchNormReLU2d:
+    """Turn ``bn`` (always followed by a ReLU where it is used, and with ``pool`` by a 2x2 /
+    stride 2 max-pool) into a BatchNormReLU2d (BatchNormReLUPool2d) in place: same object,
+    parameters and buffers; it now applies the ReLU (and the pool) itself."""
     if type(bn) is not nn.BatchNorm2d:
         raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-    bn.__class__ = BatchNormReLU2d
+    bn.__class__ = BatchNormReLUPool2d if pool else BatchNormReLU2d
     return bn
 
 
@@ -173,7 +197,8 @@ def training_dtype(precision: str) -> torch.dtype:
 def fuse_for_training(model: nn.Module, convs: bool = True, precision: str = "fp32") -> nn.Module:
     """Make every ``BatchNorm2d`` directly followed by a ``ReLU`` in an ``nn.Sequential`` a
     :class:`BatchNormReLU2d` (the same object, its class changed) and the ReLU an
-    ``Identity``; a module whose forward applies ReLU after its own BatchNorms through
+    ``Identity``; one also followed by ``nn.MaxPool2d(2, 2)`` a
+    :class:`BatchNormReLUPool2d`, the pool an ``Identity`` too; a module whose forward applies ReLU after its own BatchNorms through
     :func:`bn_relu` lists them by defining ``fuse_for_training(self)``, which calls
     :func:`as_bn_relu` on each. With ``convs``, every ``nn.Conv2d`` also becomes a
     :class:`TrainingConv2d`. ``precision="bf16"`` (see the module docstring) makes every
@@ -198,11 +223,14 @@ def fuse_for_training(model: nn.Module, convs: bool = True, precision: str = "fp
         if not isinstance(module, nn.Sequential):
             continue
         names = list(module._modules)
-        for first, second in zip(names, names[1:]):
+        for first, second, third in zip(names, names[1:], names[2:] + [None]):
             bn, relu = module._modules[first], module._modules[second]
             if type(bn) is nn.BatchNorm2d and isinstance(relu, nn.ReLU):
-                as_bn_relu(bn)
+                pool = third is not None and _is_pool2x2(module._modules[third])
+                as_bn_relu(bn, pool)
                 module._modules[second] = nn.Identity()
+                if pool:
+                    module._modules[third] = nn.Identity()
     if dtype != torch.float32 and _float32_logits not in model._forward_hooks.values():
         model.register_forward_hook(_float32_logits)
     return model

@@ -12,9 +12,11 @@ from mtkernels.ops.batchnorm_relu import batchnorm_relu
 EPS = 1e-5
 
 
-def float64_reference(x, weight, bias, grad_y):
+def float64_reference(x, weight, bias, grad_y, pool=False):
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
     y = F.relu(F.batch_norm(x64, None, None, w64, b64, training=True, eps=EPS))
+    if pool:
+        y = F.max_pool2d(y, 2, 2)
     return (y, *torch.autograd.grad(y, (x64, w64, b64), grad_y.double()))
 
 
@@ -44,10 +46,61 @@ def test_forward_and_gradients_match_float64(isa, shape):
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("shape", [(128, 32, 12, 12), (3, 5, 7, 9), (2, 256, 3, 3), (4, 3, 2, 5), (1, 4, 2, 2)])
+def test_pooled_forward_and_gradients_match_float64(isa, shape):
+    """pool=True against float64 max_pool2d(relu(batch_norm(x)), 2, 2), odd sizes included
+    (their last row / column is in no window)."""
+    x, weight, bias, _ = inputs(shape)
+    x, weight, bias = (t.clone().requires_grad_() for t in (x, weight, bias))
+    y, mean, var = batchnorm_relu(x, weight, bias, EPS, True)
+    assert y.shape == (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    got = (y, *torch.autograd.grad(y, (x, weight, bias), grad_y))
+    want = float64_reference(x, weight, bias, grad_y, pool=True)
+    for name, g, w in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(var.double(), x.double().var([0, 2, 3], unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooled_picks_the_maximum_the_unfused_layers_pick(isa, dtype):
+    """Inputs full of exact ties (integers, and in bfloat16 values that round together):
+    the pooled op routes each window's gradient where PyTorch's max_pool2d after the
+    unfused op does (the first of equal maxima, zeros of the ReLU included). The two differ
+    only in the order of their double sums, which can move a float32 coefficient by an ulp:
+    float32 results agree to 1e-6, bfloat16 ones within one bfloat16 rounding."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-2, 3, (16, 8, 7, 6), generator=g).float() * (1 + 2 ** -10 * torch.rand(16, 8, 7, 6, generator=g))
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(8, generator=g) + 0.5, torch.rand(8, generator=g) - 0.5
+    dy = torch.randn(16, 8, 3, 3, generator=g).to(dtype)
+    fused_x, unfused_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, _, _ = batchnorm_relu(fused_x, weight, bias, EPS, True)
+    want = F.max_pool2d(batchnorm_relu(unfused_x, weight, bias, EPS)[0], 2, 2)
+    assert torch.equal(y, want)
+    got_dx, = torch.autograd.grad(y, fused_x, dy)
+    want_dx, = torch.autograd.grad(want, unfused_x, dy)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_dx, want_dx, rtol=1e-6, atol=1e-6)
+    else:
+        assert bool(((got_dx.float() - want_dx.float()).abs() <= 2.0 ** -8 * want_dx.float().abs()).all())
+
+
+def test_pooled_propagates_nan_as_the_unfused_layers():
+    x, weight, bias, _ = inputs((4, 3, 6, 6))
+    x[1, 2, 3, 4] = float("nan")
+    y, _, _ = batchnorm_relu(x, weight, bias, EPS, True)
+    want = F.max_pool2d(F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.0, EPS)), 2, 2)
+    assert torch.equal(y.isnan(), want.isnan()) and bool(y[:, 2].isnan().all())  # the NaN spreads over its channel
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_opcheck(pool):
     x, weight, bias, _ = inputs((4, 6, 5, 5))
     torch.library.opcheck(torch.ops.mtkernels.batchnorm_relu,
-                          (x, weight.requires_grad_(), bias.requires_grad_(), EPS))
+                          (x, weight.requires_grad_(), bias.requires_grad_(), EPS, pool))
 
 
 def test_bad_inputs_are_named():
@@ -58,6 +111,8 @@ def test_bad_inputs_are_named():
         batchnorm_relu(x, weight[:2], bias, EPS)
     with pytest.raises(ValueError, match="more than one value per channel"):
         batchnorm_relu(torch.zeros(1, 3), weight, bias, EPS)
+    with pytest.raises(ValueError, match=r"pool=True needs x of shape \[N, C, H >= 2, W >= 2\], got \(2, 3, 1, 4\)"):
+        batchnorm_relu(x[:, :, :1], weight, bias, EPS, True)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -88,7 +143,8 @@ def test_fuse_for_training_keeps_the_state_dict_and_the_training_step():
     assert mtkernels.fuse_for_training(fused) is fused
     assert list(fused.state_dict()) == keys
     kinds = [type(m).__name__ for m in fused.trunk]
-    assert kinds.count("BatchNormReLU2d") == 9 and "ReLU" not in kinds and kinds.count("Identity") == 9
+    assert kinds.count("BatchNormReLU2d") == 5 and kinds.count("BatchNormReLUPool2d") == 4
+    assert "ReLU" not in kinds and "MaxPool2d" not in kinds and kinds.count("Identity") == 9 + 4
     x, labels = torch.rand(16, 1, 48, 48), torch.randint(0, 2, (16, 3))
     results = []
     for model, inputs_ in ((reference, x.double()), (plain.to(memory_format=torch.channels_last), x),

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import models
 import mtkernels
 from models.export import calibration_faces
-from mtkernels import BatchNormReLU2d, TrainingConv2d, TrainingLinear
+from mtkernels import BatchNormReLU2d, BatchNormReLUPool2d, TrainingConv2d, TrainingLinear
 from mtkernels import training as training_module
 
 U = 2.0 ** -8
@@ -96,22 +96,27 @@ def check_linear(name, linear: TrainingLinear, x, y, dy, dx):
         assert_within(f"{name} input gradient", dx, grads[0], product_bound(ady @ aw, grads[0], linear.out_features))
 
 
-def bn_relu_reference(x, dy, weight, bias, eps):
-    """float64 BatchNorm (batch statistics) + ReLU of bfloat16 x, its input gradient for dy,
-    and the bounds of the bfloat16 kernels' results. The kernels compute in float32 from
-    double statistics: y = relu(x scale + shift), dx = p g + q - s x (g = dy where the ReLU
-    passed), each a few float32 roundings (5 eps of the |terms|, coefficients included),
-    then rounded to bfloat16 (u of itself). The centred input x - mean of the reduction
-    is float32: eps |x - mean| per term, which moves s and q by at most the last term of
-    dx's bound. Where the float64 pre-activation is within float32's error of 0 the mask
-    may differ (bfloat16 inputs do land exactly on the mean): such an element's own dx
-    may be off by |p dy|, and it moves its channel's two reductions, so every dx of the
-    channel by p (its |dy| / rows + invstd^2 |x - mean| |dy (x_i - mean)| / rows)."""
+def bn_relu_reference(x, dy, weight, bias, eps, pool=False):
+    """float64 BatchNorm (batch statistics) + ReLU (+ 2x2 max-pool with ``pool``) of
+    bfloat16 x, its input gradient for dy, and the bounds of the bfloat16 kernels' results.
+    The kernels compute in float32 from double statistics: y = relu(x scale + shift), dx =
+    p g + q - s x (g = dy where the ReLU passed), each a few float32 roundings (5 eps of the
+    |terms|, coefficients included), then rounded to bfloat16 (u of itself). The centred
+    input x - mean of the reduction is float32: eps |x - mean| per term, which moves s and q
+    by at most the last term of dx's bound. Where the float64 pre-activation is within
+    float32's error of 0 the mask may differ (bfloat16 inputs do land exactly on the mean):
+    such an element's own dx may be off by |p dy|, and it moves its channel's two
+    reductions, so every dx of the channel by p (its |dy| / rows + invstd^2 |x - mean|
+    |dy (x_i - mean)| / rows). The pool: a max moves by at most the largest error of its
+    window's values, and where another value of the window lies within the two values'
+    bounds of the float64 maximum, the window's gradient may go to either: each such value
+    is ambiguous as above, with the window's |dy|."""
     x64 = x.double().requires_grad_()
     dims = [0] + list(range(2, x.dim()))
     shape = [1, -1] + [1] * (x.dim() - 2)
     y64 = F.relu(F.batch_norm(x64, None, None, weight.double(), bias.double(), True, 0.0, eps))
-    dx64, = torch.autograd.grad(y64, x64, dy.double())
+    out64 = F.max_pool2d(y64, 2, 2) if pool else y64
+    dx64, dy_full = torch.autograd.grad(out64, (x64, y64), dy.double())
     xd = x.double()
     mean, var = xd.mean(dims), xd.var(dims, unbiased=False)
     invstd = torch.rsqrt(var + eps)
@@ -120,7 +125,7 @@ def bn_relu_reference(x, dy, weight, bias, eps):
     pre = xd * scale + shift
     pre_err = 5 * EPS32 * ((xd * scale).abs() + shift.abs() + (mean.view(shape) * scale).abs())
     y_bound = U * y64.detach().abs() + (1 + U) * pre_err
-    g = torch.where(pre > 0, dy.double(), 0.0)
+    g = torch.where(pre > 0, dy_full, 0.0)
     centred = (xd - mean.view(shape)).abs()
     rows = x.numel() // x.shape[1]
     p = scale
@@ -128,21 +133,43 @@ def bn_relu_reference(x, dy, weight, bias, eps):
     q, s = p * (k * mean - g.sum(dims) / rows).view(shape), p * k.view(shape)
     k_err = (invstd ** 2 * EPS32 * (g.abs() * centred).sum(dims) / rows).view(shape)
     dx_err = 5 * EPS32 * ((p * g).abs() + q.abs() + (s * xd).abs()) + 2 * p.abs() * k_err * centred
-    ambiguous = torch.where(pre.abs() <= pre_err, dy.double().abs(), 0.0)
+    ambiguous = torch.where(pre.abs() <= pre_err, dy_full.abs(), 0.0)
+    if pool:
+        ambiguous = ambiguous + ambiguous_routing(y64.detach(), y_bound, dy.double())
+        y_bound = F.max_pool2d(y_bound, 2, 2)
     mask_err = ambiguous.sum(dims).view(shape) / rows + invstd.view(shape) ** 2 * centred * (
         ambiguous * centred).sum(dims).view(shape) / rows
     dx_err = dx_err + p.abs() * (ambiguous + mask_err)
     dx_bound = U * dx64.abs() + (1 + U) * dx_err
-    return y64.detach(), y_bound, dx64, dx_bound
+    return out64.detach(), y_bound, dx64, dx_bound
+
+
+def ambiguous_routing(y64, y_bound, dy_pooled):
+    """|dy| of its window at each value of a 2x2 window whose maximum could be another
+    value than float64's: every value within its own and the maximum's bound of the
+    maximum, in windows with two or more such values."""
+    n, c, h, w = y64.shape
+    windows = y64[:, :, :h // 2 * 2, :w // 2 * 2].unfold(2, 2, 2).unfold(3, 2, 2)    # [N, C, OH, OW, 2, 2]
+    bounds = y_bound[:, :, :h // 2 * 2, :w // 2 * 2].unfold(2, 2, 2).unfold(3, 2, 2)
+    top = windows.amax((-1, -2), keepdim=True)
+    at_top = bounds.flatten(-2).gather(-1, windows.flatten(-2).argmax(-1, keepdim=True)).unsqueeze(-1)
+    candidates = windows >= top - bounds - at_top
+    contested = candidates & (candidates.sum((-1, -2), keepdim=True) > 1)
+    per_value = torch.where(contested, dy_pooled.abs()[..., None, None], 0.0)
+    full = torch.zeros_like(y64)
+    full[:, :, :h // 2 * 2, :w // 2 * 2] = per_value.permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2 * 2, w // 2 * 2)
+    return full
 
 
 def check_bn_relu(name, bn: BatchNormReLU2d, x, y, dy, dx):
-    y64, y_bound, dx64, dx_bound = bn_relu_reference(x, dy, bn.weight.detach(), bn.bias.detach(), bn.eps)
+    y64, y_bound, dx64, dx_bound = bn_relu_reference(x, dy, bn.weight.detach(), bn.bias.detach(), bn.eps,
+                                                     pool=isinstance(bn, BatchNormReLUPool2d))
     assert_within(f"{name} forward", y, y64, y_bound)
     assert_within(f"{name} input gradient", dx, dx64, dx_bound)
 
 
-CHECKS = {TrainingConv2d: check_conv, TrainingLinear: check_linear, BatchNormReLU2d: check_bn_relu}
+CHECKS = {TrainingConv2d: check_conv, TrainingLinear: check_linear, BatchNormReLU2d: check_bn_relu,
+          BatchNormReLUPool2d: check_bn_relu}
 
 
 def bf16_model(name: str) -> torch.nn.Module:
@@ -185,7 +212,8 @@ def test_one_step_per_layer_within_the_bf16_bound(name):
         assert r["y"].dtype == torch.bfloat16 and r["dy"].dtype == torch.bfloat16, names[module]
         CHECKS[type(module)](names[module], module, r["x"], r["y"], r["dy"], r["dx"])
         kinds[type(module)] += 1
-    assert all(kinds.values()), kinds  # convs, linear layers and BatchNorm + ReLU were all checked
+    kinds = {kind: count for kind, count in kinds.items() if kind is not BatchNormReLUPool2d or name == "bknet"}
+    assert all(kinds.values()), kinds  # convs, linear layers and BatchNorm + ReLU (+ pool) were all checked
     for p in model.parameters():
         assert p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
 
@@ -209,20 +237,21 @@ def test_bound_catches_bfloat16_accumulation():
 
 
 @needs_bf16
-@pytest.mark.parametrize("shape", [(64, 48), (16, 32, 12, 12), (8, 96, 5, 7)])
-def test_batchnorm_relu_bf16_kernels_per_isa(isa, shape):
+@pytest.mark.parametrize("shape, pool", [((64, 48), False), ((16, 32, 12, 12), False), ((8, 96, 5, 7), False),
+                                         ((16, 32, 12, 12), True), ((8, 96, 5, 7), True)])
+def test_batchnorm_relu_bf16_kernels_per_isa(isa, shape, pool):
     torch.manual_seed(0)
     x = (torch.randn(shape) * 3 + 1).bfloat16()
     if x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     weight, bias = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
     xg = x.clone().requires_grad_()
-    y, mean, var = torch.ops.mtkernels.batchnorm_relu(xg, weight, bias, 1e-5)
+    y, mean, var = torch.ops.mtkernels.batchnorm_relu(xg, weight, bias, 1e-5, pool)
     assert y.dtype == torch.bfloat16 and mean.dtype == var.dtype == torch.float32
-    dy = torch.randn(shape).bfloat16()
+    dy = torch.randn(y.shape).bfloat16()
     dx, = torch.autograd.grad(y, xg, dy)
     assert dx.dtype == torch.bfloat16
-    y64, y_bound, dx64, dx_bound = bn_relu_reference(x, dy, weight, bias, 1e-5)
+    y64, y_bound, dx64, dx_bound = bn_relu_reference(x, dy, weight, bias, 1e-5, pool)
     assert_within(f"{isa} forward", y, y64, y_bound)
     assert_within(f"{isa} input gradient", dx, dx64, dx_bound)
     dims = [0] + list(range(2, x.dim()))

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..training import BatchNormReLU2d
+from ..training import BatchNormReLU2d, BatchNormReLUPool2d
 from .layers import AffineReLU, ChannelsLastFlatten, FusedBranches, FusedConv2d, FusedHeads, FusedLinear
 from .plans import FusedMultiTaskNet
 from .precision import calibrate_int8, check_arguments, set_compute_dtype
@@ -109,8 +109,11 @@ class Fuser:
                     relu = True
                 else:
                     relu = take(nn.ReLU) is not None
-                pool = self._take_pool2x2(layers, i)
-                i += pool
+                if isinstance(bn, BatchNormReLUPool2d):  # and its pool slot too
+                    pool = take(nn.Identity) is not None
+                else:
+                    pool = self._take_pool2x2(layers, i)
+                    i += pool
                 out.append(FusedConv2d(layer, bn, relu, bool(pool)))
             elif isinstance(layer, nn.Linear):
                 bn = take(nn.BatchNorm1d)
@@ -119,6 +122,9 @@ class Fuser:
             elif isinstance(layer, BatchNormReLU2d):
                 take(nn.Identity)
                 out.append(AffineReLU(layer))
+                if isinstance(layer, BatchNormReLUPool2d):
+                    take(nn.Identity)
+                    out.append(nn.MaxPool2d(2, 2))
             elif isinstance(layer, nn.BatchNorm2d) and i < len(layers) and isinstance(layers[i], nn.ReLU):
                 i += 1
                 out.append(AffineReLU(layer))

@@ -11,6 +11,11 @@ statistics are also less accurate: tests/test_batchnorm_relu.py). bfloat16 activ
 (and their gradients) are read and written as bfloat16 and halve that traffic; the
 arithmetic stays float32, the sums double, and each stored value is rounded once.
 
+With ``pool=True`` the ReLU's output is also 2x2 / stride 2 max-pooled (``nn.MaxPool2d(2,
+2)``) in the same pass, and only the pooled output is written: the full-size activation,
+the pool's int64 indices and PyTorch's zero-filled full-size pool gradient never exist,
+since the backward recomputes each window's maximum from the input.
+
 ``torch.ops.mtkernels.batchnorm_relu`` is a ``torch.library`` custom op (schema, fake
 implementation, autograd through ``torch.ops.mtkernels.batchnorm_relu_backward``); the
 running statistics are left to the caller (:class:`mtkernels.BatchNormReLU2d`), so the op
@@ -36,11 +41,13 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return x, x.shape[0], x.shape[1]
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pool: bool) -> None:
     if x.device.type != "cpu" or x.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"x must be a float32 or bfloat16 CPU tensor, got {x.dtype} on {x.device}")
     if x.dim() not in (2, 4):
         raise ValueError(f"x must be [N, C] or [N, C, H, W], got {tuple(x.shape)}")
+    if pool and (x.dim() != 4 or min(x.shape[2:]) < 2):
+        raise ValueError(f"pool=True needs x of shape [N, C, H >= 2, W >= 2], got {tuple(x.shape)}")
     channels = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t.shape != (channels,) or t.dtype != torch.float32 or t.device.type != "cpu":
@@ -59,12 +66,26 @@ def _scale_shift(weight, bias, mean, var, eps) -> tuple[torch.Tensor, torch.Tens
     return scale.float().contiguous(), shift.float().contiguous()
 
 
+def _pool_geometry(x: torch.Tensor, pool: bool) -> list[int]:
+    """The kernels' pool argument: [images, height, width] of x, or [] for no pool."""
+    return [x.shape[0], x.shape[2], x.shape[3]] if pool else []
+
+
+def _output_like(x: torch.Tensor, pool: bool) -> torch.Tensor:
+    """An empty y for x: x's shape (channels-last for 4-D), or pooled 2x2 / stride 2."""
+    if pool:
+        n, c, h, w = x.shape
+        return x.new_empty((n, c, h // 2, w // 2)).contiguous(memory_format=torch.channels_last)
+    return torch.empty_like(x, memory_format=torch.channels_last) if x.dim() == 4 else torch.empty_like(x)
+
+
 @torch.library.custom_op("mtkernels::batchnorm_relu", mutates_args=())
-def batchnorm_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """relu(batch_norm(x, weight, bias, eps)) with batch statistics. Returns (y, mean,
-    biased variance); y is channels-last for 4-D x."""
-    _check(x, weight, bias)
+def batchnorm_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   pool: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """relu(batch_norm(x, weight, bias, eps)) with batch statistics, then with ``pool``
+    ``max_pool2d(., 2, 2)``. Returns (y, mean, biased variance); y is channels-last for 4-D
+    x."""
+    _check(x, weight, bias, pool)
     x, rows, channels = _rows(x)
     threads = torch.get_num_threads()
     sums = torch.empty(2, channels, dtype=torch.float64)
@@ -73,31 +94,32 @@ def batchnorm_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     var = (sums[1] / rows - mean * mean).clamp_(min=0.0).float()
     mean = mean.float()
     scale, shift = _scale_shift(weight, bias, mean, var, eps)
-    y = torch.empty_like(x)
+    y = _output_like(x, pool)
     _C.bn_relu_forward(x.data_ptr(), scale.data_ptr(), shift.data_ptr(), y.data_ptr(), rows, channels,
-                       ELEMENTS[x.dtype], threads)
+                       _pool_geometry(x, pool), ELEMENTS[x.dtype], threads)
     return y, mean, var
 
 
 @batchnorm_relu.register_fake
-def _(x, weight, bias, eps):
-    y = torch.empty_like(x, memory_format=torch.channels_last) if x.dim() == 4 else torch.empty_like(x)
-    return y, weight.new_empty(x.shape[1]), weight.new_empty(x.shape[1])  # float32 statistics for any x
+def _(x, weight, bias, eps, pool=False):
+    return _output_like(x, pool), weight.new_empty(x.shape[1]), weight.new_empty(x.shape[1])  # float32 statistics
 
 
 @torch.library.custom_op("mtkernels::batchnorm_relu_backward", mutates_args=())
 def batchnorm_relu_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                            mean: torch.Tensor, var: torch.Tensor,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            mean: torch.Tensor, var: torch.Tensor, eps: float,
+                            pool: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d x, d weight, d bias) of :func:`batchnorm_relu` given d y and its saved statistics."""
     x, rows, channels = _rows(x)
     grad_y, _, _ = _rows(grad_y.to(x.dtype))
+    geometry = _pool_geometry(x, pool)
     threads = torch.get_num_threads()
     scale, shift = _scale_shift(weight, bias, mean, var, eps)
     mean = mean.contiguous()
     sums = torch.empty(2, channels, dtype=torch.float64)
     _C.bn_relu_backward_reduce(grad_y.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(), mean.data_ptr(),
-                               rows, channels, sums[0].data_ptr(), sums[1].data_ptr(), ELEMENTS[x.dtype], threads)
+                               rows, channels, geometry, sums[0].data_ptr(), sums[1].data_ptr(), ELEMENTS[x.dtype],
+                               threads)
     sum_g, sum_gx = sums[0], sums[1]
     invstd = torch.rsqrt(var.double() + eps)
     # dx = w invstd (g - sum_g / n - (x - mean) invstd^2 sum_gx / n) = p g + q - s x
@@ -107,30 +129,29 @@ def batchnorm_relu_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
     p, q, s = p.float(), q.float(), s.float()
     grad_x = torch.empty_like(x)
     _C.bn_relu_backward_apply(grad_y.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(), p.data_ptr(),
-                              q.data_ptr(), s.data_ptr(), grad_x.data_ptr(), rows, channels, ELEMENTS[x.dtype],
-                              threads)
+                              q.data_ptr(), s.data_ptr(), grad_x.data_ptr(), rows, channels, geometry,
+                              ELEMENTS[x.dtype], threads)
     return grad_x, (sum_gx * invstd).float(), sum_g.float()
 
 
 @batchnorm_relu_backward.register_fake
-def _(grad_y, x, weight, bias, mean, var, eps):
-    grad_x = torch.empty_like(x, memory_format=torch.channels_last) if x.dim() == 4 else torch.empty_like(x)
-    return grad_x, weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+def _(grad_y, x, weight, bias, mean, var, eps, pool=False):
+    return _output_like(x, False), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps = inputs
+    x, weight, bias, eps, pool = inputs
     _, mean, var = output
     ctx.save_for_backward(x, weight, bias, mean, var)
     ctx.mark_non_differentiable(mean, var)  # statistics for the running averages, not a model output
-    ctx.eps = eps
+    ctx.eps, ctx.pool = eps, pool
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_var):
     x, weight, bias, mean, var = ctx.saved_tensors
     grad_x, grad_weight, grad_bias = torch.ops.mtkernels.batchnorm_relu_backward(
-        grad_y, x, weight, bias, mean, var, ctx.eps)
-    return grad_x, grad_weight, grad_bias, None
+        grad_y, x, weight, bias, mean, var, ctx.eps, ctx.pool)
+    return grad_x, grad_weight, grad_bias, None, None
 
 
 batchnorm_relu.register_autograd(_backward, setup_context=_setup_context)
