@@ -198,13 +198,13 @@ def fuse_for_training(model: nn.Module, convs: bool = True, precision: str = "fp
     """Make every ``BatchNorm2d`` directly followed by a ``ReLU`` in an ``nn.Sequential`` a
     :class:`BatchNormReLU2d` (the same object, its class changed) and the ReLU an
     ``Identity``; one also followed by ``nn.MaxPool2d(2, 2)`` a
-    :class:`BatchNormReLUPool2d`, the pool an ``Identity`` too; a module whose forward applies ReLU after its own BatchNorms through
-    :func:`bn_relu` lists them by defining ``fuse_for_training(self)``, which calls
-    :func:`as_bn_relu` on each. With ``convs``, every ``nn.Conv2d`` also becomes a
-    :class:`TrainingConv2d`. ``precision="bf16"`` (see the module docstring) makes every
-    conv and linear layer compute in bfloat16 and the model return float32 logits; it
-    needs ``convs``. Changes ``model`` in place and returns it; ``state_dict`` is
-    unchanged."""
+    :class:`BatchNormReLUPool2d`, the pool an ``Identity`` too; a module whose forward
+    applies ReLU after its own BatchNorms through :func:`bn_relu` lists them by defining
+    ``fuse_for_training(self)``, which calls :func:`as_bn_relu` on each. With ``convs``,
+    every ``nn.Conv2d`` also becomes a :class:`TrainingConv2d`. ``precision="bf16"`` (see
+    the module docstring) makes every conv and linear layer compute in bfloat16 and the
+    model return float32 logits; it needs ``convs``. Changes ``model`` in place and
+    returns it; ``state_dict`` is unchanged."""
     dtype = training_dtype(precision)
     if dtype != torch.float32 and not convs:
         raise ValueError("precision='bf16' needs convs=True: the convolutions are what compute in bfloat16")
