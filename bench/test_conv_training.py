@@ -2,7 +2,8 @@
 layer shape of BKNet and Multi-task ResNet ver1 / ver2 at batch 128, channels-last float32:
 PyTorch's own convolution (oneDNN), ``mtkernels::winograd_conv3x3`` (3x3 / stride 1 layers)
 and ``mtkernels::gemm_conv2d``, in the same run, with the algorithm
-``mtkernels.TrainingConv2d`` picks for each shape. The shapes are read off the networks."""
+``mtkernels.TrainingConv2d`` picks untimed for each shape (it times its candidates once per
+machine, and should find the 'fastest' column). The shapes are read off the networks."""
 
 from __future__ import annotations
 
@@ -86,10 +87,10 @@ def test_conv_forward_backward(benchmark, device, shape, algorithm):
     measure(benchmark, step, device, SUITE, rounds=3, warmup=1, shape=label(shape), algorithm=algorithm)
 
 
-def chosen(shape: tuple) -> str:
+def untimed_choice(shape: tuple) -> str:
     c_in, c_out, kernel, stride, padding, side = shape
     conv = as_training_conv(torch.nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False))
-    return conv.algorithm(torch.empty(1, c_in, side, side).to(memory_format=torch.channels_last))
+    return conv.heuristic(conv.candidates(torch.empty(1, c_in, side, side).to(memory_format=torch.channels_last)))
 
 
 @register_report(SUITE)
@@ -104,18 +105,20 @@ def report(device, measurements):
         for algorithm in ("torch", "winograd", "gemm"):
             if (name, algorithm) in t:
                 row[f"{algorithm} ms"] = f"{t[(name, algorithm)] * 1e3:.1f}"
-        pick = chosen(shape)
+        pick = untimed_choice(shape)
         fastest = min((a for a in ("torch", "winograd", "gemm") if (name, a) in t), key=lambda a: t[(name, a)])
-        row.update({"TrainingConv2d runs": pick, "fastest": fastest,
+        row.update({"untimed choice": pick, "fastest": fastest,
                     "speedup": f"{t[(name, 'torch')] / t[(name, pick)]:.2f}x" if (name, pick) in t else ""})
         rows.append(row)
     if not rows:
         return None
     columns = (["layer"] + [f"{n} layers" for n in NETWORKS] + ["torch ms", "winograd ms", "gemm ms",
-                                                               "TrainingConv2d runs", "fastest", "speedup"])
+                                                               "untimed choice", "fastest", "speedup"])
     notes = (f"Forward + backward (input and weight gradients) of one conv layer at batch {BATCH}, channels-last "
              f"float32, median of 3. 'torch' = F.conv2d (oneDNN); the GEMM is timed up to "
-             f"{GEMM_MAX_TIMED_PIXELS} output pixels an image; speedup = torch / the algorithm TrainingConv2d runs.")
+             f"{GEMM_MAX_TIMED_PIXELS} output pixels an image; 'untimed choice' = TrainingConv2d's choice without "
+             f"timing (MTKERNELS_TUNE=off); it times its candidates once per machine instead; speedup = torch / the "
+             f"untimed choice.")
     path = write_table(SUITE, device, rows, columns, f"Training convolutions, {device}", notes)
     save_bar_chart(RESULTS_DIR / f"{SUITE}-{device}.png",
                    [("", [r["layer"] for r in rows],

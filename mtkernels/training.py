@@ -93,11 +93,16 @@ def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return bn(x) if isinstance(bn, BatchNormReLU2d) else torch.relu(bn(x))
 
 
-# Where each algorithm beats oneDNN's own convolution, forward + backward at batch 128 on
-# this project's 2-core AVX-512 CPU (bench/results/conv_training-cpu.md): one GEMM where an
-# image has at most 16 output pixels, else Winograd for 3x3 / stride 1 from 64 channels in
-# and out (below that its transforms move more memory than the multiplications it saves).
+# Which layers time an algorithm against oneDNN's own convolution (forward + backward, once
+# per machine: mtkernels.fuse.tuning), and what runs untimed (MTKERNELS_TUNE=off, and under
+# torch.compile): one GEMM where an image has at most 16 output pixels (oneDNN blocks its
+# work per image, far from the GEMM rate on the ResNets' 3x3 maps), Winograd for 3x3 /
+# stride 1 float32 from 64 channels in and out (below that its transforms move more memory
+# than the multiplications save), as measured on this project's first 2-core AVX-512 CPU
+# (bench/results/conv_training-cpu.md). Another CPU of the same family measured oneDNN
+# fastest on every BKNet layer, hence the timing.
 WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_TIMED_MIN_CHANNELS = 32
 GEMM_MAX_OUTPUT_PIXELS = 16
 
 
@@ -121,32 +126,79 @@ class TrainingConv2d(ComputeDtype, nn.Conv2d):
     (float32) or ``mtkernels::gemm_conv2d`` where the layer's shape makes them faster than
     PyTorch's own (oneDNN) convolution (:meth:`algorithm`), in its ``compute_dtype``."""
 
-    def algorithm(self, x: torch.Tensor) -> str:
-        """"winograd", "gemm" or "torch" for input ``x`` (already in ``compute_dtype``)."""
+    def candidates(self, x: torch.Tensor) -> list[str]:
+        """The algorithms that can run this layer on input ``x`` (already in
+        ``compute_dtype``) and may beat oneDNN's ("torch", always first)."""
         square = self.stride[0] == self.stride[1] and not isinstance(self.padding, str) \
             and self.padding[0] == self.padding[1]
         if not (square and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
                 and x.device.type == "cpu" and x.dtype in ACTIVATION_DTYPES and x.dim() == 4
                 and x.is_contiguous(memory_format=torch.channels_last)):
-            return "torch"
+            return ["torch"]
         (padding, _), (stride, _), (kh, kw) = self.padding, self.stride, self.kernel_size
         out_h = conv_output_size(x.shape[2], kh, stride, padding)
         out_w = conv_output_size(x.shape[3], kw, stride, padding)
+        names = ["torch"]
         if out_h > 0 and out_w > 0 and out_h * out_w <= GEMM_MAX_OUTPUT_PIXELS:
-            return "gemm"
+            names.append("gemm")
+        channels = min(self.in_channels, self.out_channels)
         if self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) \
-                and x.dtype == torch.float32 and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS:
+                and x.dtype == torch.float32 and channels >= WINOGRAD_TIMED_MIN_CHANNELS:
+            names.append("winograd")
+        return names
+
+    def heuristic(self, names: list[str]) -> str:
+        """The untimed choice among ``names`` (see ``WINOGRAD_MIN_CHANNELS``)."""
+        if "gemm" in names:
+            return "gemm"
+        if "winograd" in names and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS:
             return "winograd"
         return "torch"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, weight, bias = self.cast(x, self.weight, self.bias)
-        algorithm = self.algorithm(x)
+    def algorithm(self, x: torch.Tensor) -> str:
+        """"winograd", "gemm" or "torch" for input ``x`` (already in ``compute_dtype``): the
+        fastest for a training step of this layer on this machine, timed on the first such
+        input and remembered (:mod:`mtkernels.fuse.tuning`)."""
+        names = self.candidates(x)
+        if len(names) == 1 or torch.compiler.is_compiling():
+            return self.heuristic(names)
+        from .fuse import tuning
+        from .fuse.layers import layer_signature
+
+        bucket = tuning.batch_bucket(x.shape[0])
+        kind = (bucket, x.dtype, tuple(x.shape[1:]), x.requires_grad)
+        chosen = self.__dict__.setdefault("_chosen_algorithms", {})
+        if kind not in chosen:
+            key = (f"training_conv:{layer_signature(self)}:in{'x'.join(map(str, x.shape[1:]))}:{x.dtype}"
+                   f":input_grad{int(x.requires_grad)}:cpu:b{bucket}")
+            chosen[kind] = tuning.choose(key, names, lambda name: self._training_step(name, x.requires_grad), x,
+                                         self.heuristic(names))
+        return chosen[kind]
+
+    def _training_step(self, algorithm: str, input_grad: bool):
+        """What tuning times: forward and backward of this layer by ``algorithm``, on
+        detached copies (the model's gradients are left alone)."""
+        weight, bias = (None if p is None else p.detach().to(self.compute_dtype).requires_grad_()
+                        for p in (self.weight, self.bias))
+
+        def step(x: torch.Tensor) -> None:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(input_grad)
+                y = self._run(algorithm, x, weight, bias)
+                torch.autograd.grad(y, [t for t in (x, weight, bias) if t is not None and t.requires_grad],
+                                    torch.ones_like(y))
+        return step
+
+    def _run(self, algorithm: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if algorithm == "winograd":
             return winograd_conv3x3(x, weight, bias)
         if algorithm == "gemm":
             return gemm_conv2d(x, weight, bias, self.stride[0], self.padding[0])
         return self._conv_forward(x, weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight, bias = self.cast(x, self.weight, self.bias)
+        return self._run(self.algorithm(x), x, weight, bias)
 
 
 def as_training_conv(conv: nn.Conv2d) -> TrainingConv2d:

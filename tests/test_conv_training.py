@@ -8,6 +8,7 @@ from test_conv import WINOGRAD_RELATIVE_BOUND
 
 import models
 import mtkernels
+from mtkernels.fuse import tuning
 from mtkernels.ops.conv_training import gemm_conv2d, winograd_conv3x3, winograd_conv3x3_weight_grad
 from mtkernels.training import TrainingConv2d, as_training_conv
 
@@ -109,29 +110,56 @@ def layer(c_in, c_out, kernel, **options):
     return as_training_conv(torch.nn.Conv2d(c_in, c_out, kernel, bias=False, **options))
 
 
-@pytest.mark.parametrize("conv,shape,algorithm", [
-    (layer(64, 64, 3, padding=1), (2, 64, 12, 12), "winograd"),
-    (layer(32, 64, 3, padding=1), (2, 32, 12, 12), "torch"),          # too few channels for Winograd
-    (layer(512, 2048, 1), (2, 512, 3, 3), "gemm"),                    # 9 output pixels an image
-    (layer(256, 256, 3, stride=2, padding=1), (2, 256, 6, 6), "gemm"),
-    (layer(256, 64, 1), (2, 256, 24, 24), "torch"),
-    (layer(64, 64, 3, padding=2, dilation=2), (2, 64, 3, 3), "torch"),
-    (layer(64, 64, 3, padding=1, groups=2), (2, 64, 3, 3), "torch"),
-    (layer(512, 512, 3, padding=1), (2, 512, 3, 3), "gemm"),            # GEMM before Winograd on small maps
+@pytest.mark.parametrize("conv,shape,candidates,untimed", [
+    (layer(64, 64, 3, padding=1), (2, 64, 12, 12), ["torch", "winograd"], "winograd"),
+    (layer(32, 64, 3, padding=1), (2, 32, 12, 12), ["torch", "winograd"], "torch"),  # timed; untimed too few channels
+    (layer(16, 64, 3, padding=1), (2, 16, 12, 12), ["torch"], "torch"),
+    (layer(512, 2048, 1), (2, 512, 3, 3), ["torch", "gemm"], "gemm"),                 # 9 output pixels an image
+    (layer(256, 256, 3, stride=2, padding=1), (2, 256, 6, 6), ["torch", "gemm"], "gemm"),
+    (layer(256, 64, 1), (2, 256, 24, 24), ["torch"], "torch"),
+    (layer(64, 64, 3, padding=2, dilation=2), (2, 64, 3, 3), ["torch"], "torch"),
+    (layer(64, 64, 3, padding=1, groups=2), (2, 64, 3, 3), ["torch"], "torch"),
+    (layer(512, 512, 3, padding=1), (2, 512, 3, 3), ["torch", "gemm", "winograd"], "gemm"),  # GEMM first on small maps
 ])
-def test_training_conv_picks_by_shape_and_equals_conv2d(conv, shape, algorithm):
+def test_training_conv_candidates_by_shape_and_each_equals_conv2d(conv, shape, candidates, untimed):
     x = torch.randn(shape).to(memory_format=torch.channels_last)
-    assert conv.algorithm(x) == algorithm
-    assert conv.algorithm(x.contiguous()) == "torch"  # NCHW activations stay with PyTorch's own
+    assert conv.candidates(x) == candidates
+    assert conv.heuristic(candidates) == untimed
+    assert conv.candidates(x.contiguous()) == ["torch"]  # NCHW activations stay with PyTorch's own
     want = F.conv2d(x.double(), conv.weight.double(), None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    torch.testing.assert_close(conv(x).double(), want, rtol=1e-4, atol=1e-4)
+    for algorithm in candidates:
+        torch.testing.assert_close(conv._run(algorithm, x, conv.weight, None).double(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_resnet_fused_for_training_steps_as_close_to_float64_as_plain_float32():
-    """A Multi-task ResNet ver2 step with every conv algorithm in use (Winograd in the
-    stages, GEMM on the 3x3 maps, PyTorch's own on the stem and at 24x24). At batch 4 the
-    last stages' BatchNorms see 36 values a channel, which amplifies rounding: float32
+def test_training_conv_times_its_candidates_once_and_remembers(monkeypatch, tmp_path):
+    """The choice is the timed fastest of a training step (forward + backward), stored on
+    disk under the layer's key, so neither this layer nor a new one like it times again;
+    MTKERNELS_TUNE=off takes the untimed choice."""
+    monkeypatch.setenv("MTKERNELS_CACHE_DIR", str(tmp_path))
+    x = torch.randn(4, 64, 12, 12).to(memory_format=torch.channels_last)
+    timed = []
+
+    def fastest(candidates, inputs, **_):
+        timed.append(sorted(candidates))
+        for run in candidates.values():
+            run(inputs)  # each runs a forward and backward without touching the layer's gradients
+        return "torch"
+
+    monkeypatch.setattr(tuning, "fastest", fastest)
+    conv = layer(64, 64, 3, padding=1)
+    assert conv.algorithm(x) == "torch" and conv.weight.grad is None
+    assert layer(64, 64, 3, padding=1).algorithm(x) == "torch"  # a new layer: the stored decision
+    assert timed == [["torch", "winograd"]]
+    monkeypatch.setenv("MTKERNELS_TUNE", "off")
+    assert layer(64, 64, 3, padding=1).algorithm(x[:1]) == "winograd"  # another batch bucket, untimed
+
+
+def test_resnet_fused_for_training_steps_as_close_to_float64_as_plain_float32(monkeypatch):
+    """A Multi-task ResNet ver2 step with every conv algorithm in use (untimed: Winograd in
+    the stages, GEMM on the 3x3 maps, PyTorch's own on the stem and at 24x24). At batch 4
+    the last stages' BatchNorms see 36 values a channel, which amplifies rounding: float32
     itself is about 2% from float64 here, so the bound is relative to it."""
+    monkeypatch.setenv("MTKERNELS_TUNE", "off")
     torch.manual_seed(0)
     plain = models.build_model("resnet-v2").train()
     fused, reference = models.build_model("resnet-v2").train(), models.build_model("resnet-v2").train().double()
@@ -162,7 +190,8 @@ def test_winograd_conv_is_twice_differentiable():
                                  eps=1e-2, atol=1e-2, rtol=1e-2)
 
 
-def test_training_convs_under_torch_compile_fullgraph():
+def test_training_convs_under_torch_compile_fullgraph(monkeypatch):
+    monkeypatch.setenv("MTKERNELS_TUNE", "off")  # eager takes the untimed choice, as compile does
     torch.manual_seed(0)
     convs = torch.nn.Sequential(layer(64, 64, 3, padding=1), layer(64, 32, 3, stride=2, padding=1))
     x = torch.randn(2, 64, 6, 6).to(memory_format=torch.channels_last)
