@@ -76,7 +76,7 @@ class FusedPreActBottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre(x)
         skip = x if self.shortcut is None else self.shortcut(pre)
-        return self.conv3(self.conv2(self.conv1(pre))) + skip
+        return self.conv3.forward_add(self.conv2(self.conv1(pre)), skip)
 
 
 def stage(in_channels: int, depth: int, blocks: int, stride: int) -> nn.Sequential:

@@ -244,3 +244,30 @@ def test_cuda_fused_equals_eager(name, dtype):
     eager_error = (eager.double().cpu() - exact).abs().max().item()
     got_error = (got.double().cpu() - exact).abs().max().item()
     assert got_error <= 2 * eager_error + unit * exact.abs().max().item(), (got_error, eager_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_add_rounds_the_conv_plus_the_skip_once(dtype, monkeypatch):
+    """A residual branch's last conv adds the skip in oneDNN's post-op: float32 accumulation
+    of bfloat16 products (exact), the skip added in float32, one rounding of the output, so
+    |y - y_64| <= u |y_64| + (1 + u) gamma_{K+2} (|w| * |x| + |b| + |skip|). A conv rounded
+    to bfloat16 before a separate add (two roundings) lies outside this where the skip
+    cancels most of the conv."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bfloat16 convolution on this CPU")
+    monkeypatch.setenv("MTKERNELS_TUNE", "off")  # the untimed choice of a 1x1 conv: oneDNN
+    torch.manual_seed(0)
+    conv = FusedConv2d(nn.Conv2d(64, 32, 1))
+    conv.compute_dtype = dtype
+    x = torch.randn(8, 64, 6, 6).to(dtype).contiguous(memory_format=torch.channels_last)
+    skip = torch.randn(8, 32, 6, 6).to(dtype).contiguous(memory_format=torch.channels_last)
+    assert conv.implementation_name(x, "4-15") == "onednn"
+    y = conv.forward_add(x, skip)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    w, b = (t.to(dtype).double() for t in (conv.weight, conv.bias))
+    want = torch.nn.functional.conv2d(x.double(), w, b) + skip.double()
+    magnitude = torch.nn.functional.conv2d(x.double().abs(), w.abs(), b.abs()) + skip.double().abs()
+    u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -24
+    k = 64 + 2
+    gamma = k * 2.0 ** -24 / (1 - k * 2.0 ** -24)
+    assert bool(((y.double() - want).abs() <= u * want.abs() + (1 + u) * gamma * magnitude).all())
