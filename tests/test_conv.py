@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mtkernels.ops.conv import (
+    affine_relu,
     conv3x3_single_channel,
     grouped_linear,
     maxpool2x2,
@@ -38,9 +39,31 @@ def test_single_channel_conv_matches_torch(isa, shape, c_out, relu):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 256, 6, 6), (3, 5, 7, 9), (1, 19, 1, 1)])
+def test_affine_relu_rounds_once(isa, dtype, shape):
+    """relu(x scale + shift) from float32 coefficients: one float32 multiply-add (2 eps of the
+    |terms|), then one rounding to x's dtype (u of the result); NaN and inf as PyTorch's."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, :3, 0, 0] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    scale, shift = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
+    got = affine_relu(x, scale, shift)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    x64, s64, t64 = x.double(), scale.double().view(1, -1, 1, 1), shift.double().view(1, -1, 1, 1)
+    want = F.relu(x64 * s64 + t64)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -24
+    bound = u * want.abs() + (1 + u) * 2 * 2.0 ** -24 * ((x64 * s64).abs() + t64.abs())
+    assert bool(((got.double() - want).abs() <= bound)[finite].all())
+
+
 def test_bad_inputs_are_reported():
     with pytest.raises(TypeError, match="float32, bfloat16 or uint8 CPU tensor, got 4-D torch.float64"):
         maxpool2x2(torch.zeros(1, 2, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"shift must be float32 with 3 values, got torch.float32 \(2,\)"):
+        affine_relu(torch.zeros(1, 3, 2, 2), torch.ones(3), torch.zeros(2))
     with pytest.raises(ValueError, match=r"\[N, 1, H, W\]"):
         conv3x3_single_channel(torch.zeros(1, 2, 4, 4), torch.zeros(9, 3), torch.zeros(3), True)
     with pytest.raises(ValueError, match=r"weight_k_major must be \[9, C_out\]"):

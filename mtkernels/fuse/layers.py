@@ -439,7 +439,9 @@ class FusedLinear(DerivedState):
 
 class AffineReLU(DerivedState):
     """Eval-mode BatchNorm2d followed by ReLU, as one per-channel multiply-add + ReLU, in the
-    input's dtype."""
+    input's dtype: on channels-last float32 / bfloat16 CPU input one C++ pass with float32
+    coefficients (PyTorch's addcmul + ReLU are two passes, and in bfloat16 round the
+    coefficients too)."""
 
     def __init__(self, bn: nn.BatchNorm2d):
         super().__init__()
@@ -448,6 +450,11 @@ class AffineReLU(DerivedState):
         self.shift = nn.Parameter(shift.reshape(1, -1, 1, 1), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
+                and self.scale.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)):
+            from ..ops.conv import affine_relu
+
+            return affine_relu(x, self.scale, self.shift)
         shift, scale = self.in_dtype(x.dtype, self.shift, self.scale)
         return F.relu_(torch.addcmul(shift, x, scale))
 

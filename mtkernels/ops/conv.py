@@ -52,6 +52,23 @@ def maxpool2x2(x: torch.Tensor, relu: bool = False) -> torch.Tensor:
     return out
 
 
+def affine_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``relu(x * scale + shift)`` per channel of a 4-D channels-last float32 or bfloat16 CPU
+    ``x`` with float32 ``scale`` and ``shift`` [C], in one pass (the training BatchNorm +
+    ReLU's forward kernel), rounded once to x's dtype."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4:
+        raise TypeError(f"x must be a 4-D float32 or bfloat16 CPU tensor, got {x.dim()}-D {x.dtype} on {x.device}")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.dtype != torch.float32 or t.numel() != x.shape[1]:
+            raise ValueError(f"{name} must be float32 with {x.shape[1]} values, got {t.dtype} {tuple(t.shape)}")
+    x = x.contiguous(memory_format=torch.channels_last)
+    scale, shift = scale.reshape(-1).contiguous(), shift.reshape(-1).contiguous()
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    _C.bn_relu_forward(x.data_ptr(), scale.data_ptr(), shift.data_ptr(), out.data_ptr(), x.numel() // x.shape[1],
+                       x.shape[1], [], ELEMENTS[x.dtype], torch.get_num_threads())
+    return out
+
+
 def quantize_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """``clamp(round(x / scale) + zero_point, 0, 255)`` as uint8, in ``x``'s memory format
     (float32 or bfloat16 CPU ``x``; rounding half to even; NaN gives ``zero_point``)."""
