@@ -74,6 +74,14 @@ class DerivedState(nn.Module):
         return tensor_bytes(getattr(self, "_derived_cache", {}), seen)
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether a forward (pre-)hook, the module's own or a global one, would see a call of it."""
+    from torch.nn.modules import module as module_state
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module_state._global_forward_hooks
+                or module_state._global_forward_pre_hooks)
+
+
 @functools.lru_cache(maxsize=None)
 def _onednn_available() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
@@ -334,9 +342,9 @@ class FusedConv2d(DerivedState):
         x = self.to_compute_dtype(x.contiguous(memory_format=torch.channels_last))
         fusable = (not (self.relu or self.pool) and self.int8 is None and x.device.type == "cpu"
                    and not takes_cuda_path(x) and x.shape[0] > 0 and skip.dtype == x.dtype
-                   and skip.is_contiguous(memory_format=torch.channels_last))
+                   and skip.is_contiguous(memory_format=torch.channels_last) and not _has_hooks(self))
         if not fusable or self.implementation_name(x, tuning.batch_bucket(x.shape[0])) != "onednn":
-            return self(x) + skip
+            return self(x) + skip  # hooks (int8 calibration's among them) see the conv as a module call
         weight, bias = self.in_dtype(x.dtype, self.weight, self.bias)
         packed = self._packed_onednn_weight(x, weight)
         return torch.ops.mkldnn._convolution_pointwise.binary(
