@@ -114,6 +114,23 @@ def test_argmax_agreement_on_real_faces(name, precision):
             f"{precision} {task}: {agreement:.1%} of 200 faces agree with float32"
 
 
+@pytest.mark.parametrize("name,precision", sorted(BELOW_BAR | AT_THE_BAR))
+def test_below_the_bar_is_still_near_it(name, precision):
+    """Where the issue's bar is not met, agreement stays where it was measured, at most 7
+    points under the bar (measured 92.5-99.5%): a broken layer shows far below (the
+    residual branches' last convs once read the previous conv's uint8 codes as values, and
+    ResNet ver1 int8 agreed on 10% of faces)."""
+    model, fused32, _, bf16, int8 = networks(name)
+    images = faces(model.input_size)
+    with torch.no_grad():
+        reference = model.split(fused32(images))
+        got = model.split((bf16 if precision == "bf16" else int8)(images))
+    floor = NEEDED_AGREEMENT[precision] - 0.07
+    for task, ref, out in zip(model.task_names, reference, got):
+        agreement = float((ref.argmax(1) == out.argmax(1)).float().mean())
+        assert agreement >= floor, f"{precision} {task}: {agreement:.1%} of 200 faces agree with float32"
+
+
 @pytest.mark.parametrize("name", ["resnet-v1", "resnet-v2"])
 def test_int8_calibration_sees_every_conv(name):
     """Every int8 conv's activation scale comes from inputs it saw in calibration (one that

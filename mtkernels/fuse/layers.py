@@ -339,12 +339,13 @@ class FusedConv2d(DerivedState):
         the one rounding of the output: the output is written once, not written, read with
         ``skip`` and written again (ResNet ver1's first stage, bf16 at batch 128: 28 -> 16 ms
         a layer)."""
-        x = self.to_compute_dtype(x.contiguous(memory_format=torch.channels_last))
-        fusable = (not (self.relu or self.pool) and self.int8 is None and x.device.type == "cpu"
-                   and not takes_cuda_path(x) and x.shape[0] > 0 and skip.dtype == x.dtype
-                   and skip.is_contiguous(memory_format=torch.channels_last) and not _has_hooks(self))
-        if not fusable or self.implementation_name(x, tuning.batch_bucket(x.shape[0])) != "onednn":
+        if self.relu or self.pool or self.int8 is not None or _has_hooks(self):
             return self(x) + skip  # hooks (int8 calibration's among them) see the conv as a module call
+        x = self.to_compute_dtype(x.contiguous(memory_format=torch.channels_last))
+        fusable = (x.device.type == "cpu" and not takes_cuda_path(x) and x.shape[0] > 0 and skip.dtype == x.dtype
+                   and skip.is_contiguous(memory_format=torch.channels_last))
+        if not fusable or self.implementation_name(x, tuning.batch_bucket(x.shape[0])) != "onednn":
+            return self(x) + skip
         weight, bias = self.in_dtype(x.dtype, self.weight, self.bias)
         packed = self._packed_onednn_weight(x, weight)
         return torch.ops.mkldnn._convolution_pointwise.binary(
