@@ -4,16 +4,20 @@ baseline), the same with channels_last activations, the fused loss, the fused lo
 channels_last, then also BatchNorm + ReLU fused, then also the convolutions of
 ``mtkernels.TrainingConv2d`` (all of ``mtkernels.fuse_for_training``). bf16 mixed precision:
 eager ``torch.autocast`` channels_last with the fused loss, ``torch.compile`` of that step,
-and ``mtkernels.fuse_for_training(precision="bf16")``. Also the projected minutes per epoch
-of config B4, whose size follows from paper 1's dataset sizes (section 4.2)."""
+and ``mtkernels.fuse_for_training(precision="bf16")``; and those two bf16 steps once more
+turn by turn (one step of each in every round), whose ratio the machine's drift between
+rows does not move. Also the projected minutes per epoch of config B4, whose size follows
+from paper 1's dataset sizes (section 4.2)."""
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import pytest
 import torch
-from harness import measure, register_report, sgd_step
+from harness import MEASUREMENTS, measure, register_report, sgd_step
 from results_io import RESULTS_DIR, save_bar_chart, write_table
 
 import models
@@ -85,6 +89,28 @@ def test_training_step(benchmark, device, name, variant):
     measure_step(benchmark, device, name, variant)
 
 
+TURN_BY_TURN = ("autocast_bf16", "mtkernels_bf16")
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_bf16_steps_turn_by_turn(benchmark, device, name):
+    if device == "cuda":
+        pytest.skip("bf16 training is a CPU path")
+    steps = {variant: make_step(name, variant, device) for variant in TURN_BY_TURN}
+    times: dict[str, list[float]] = {variant: [] for variant in TURN_BY_TURN}
+
+    def turn():
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[variant].append(time.perf_counter() - start)
+
+    benchmark.pedantic(turn, rounds=8 if name == "bknet" else 4, warmup_rounds=1, iterations=1)
+    for variant, seconds in times.items():
+        MEASUREMENTS[SUITE][device].append(dict(network=name, variant=f"{variant} turn by turn",
+                                                seconds=statistics.median(seconds[1:])))  # [0]: the warm-up
+
+
 @register_report(SUITE)
 def report(device, measurements):
     t = {(m["network"], m["variant"]): m["seconds"] for m in measurements}
@@ -106,10 +132,16 @@ def report(device, measurements):
             row["mtkernels fp32 vs reference"] = f"{t[(name, 'reference')] / best:.2f}x"
         if (name, "mtkernels_bf16") in t and (name, "autocast_bf16") in t:
             row["mtkernels bf16 vs autocast"] = f"{t[(name, 'autocast_bf16')] / t[(name, 'mtkernels_bf16')]:.2f}x"
+        autocast, mine = ((name, f"{variant} turn by turn") for variant in TURN_BY_TURN)
+        if autocast in t and mine in t:
+            row["turn by turn: autocast s/step"] = f"{t[autocast]:.3f}"
+            row["turn by turn: mtkernels bf16 s/step"] = f"{t[mine]:.3f}"
+            row["mtkernels bf16 vs autocast, turn by turn"] = f"{t[autocast] / t[mine]:.2f}x"
         rows.append(row)
     columns = (["network", "paper epochs", "paper min/epoch (TITAN X)", "paper total min"]
                + [f"{v} {u}" for v in VARIANTS for u in ("s/step", "min/epoch", "total min")]
-               + ["mtkernels fp32 vs reference", "mtkernels bf16 vs autocast"])
+               + ["mtkernels fp32 vs reference", "mtkernels bf16 vs autocast", "turn by turn: autocast s/step",
+                  "turn by turn: mtkernels bf16 s/step", "mtkernels bf16 vs autocast, turn by turn"])
     notes = (f"One SGD step (forward, loss, backward, update) at batch {BATCH}, median. Epoch = config B4's merged, "
              f"balanced training set from paper 1's sizes {B4_TRAIN_SIZES} = {b4_epoch_samples()} samples = "
              f"{steps} steps. 'mtkernels fp32 vs reference' = reference step time / the fastest float32 mtkernels "
@@ -118,7 +150,9 @@ def report(device, measurements):
              f"autocast_bf16+compile (torch.compile of that forward + loss) and mtkernels_bf16 "
              f"(mtkernels.fuse_for_training(precision='bf16')) compute in bfloat16 with float32 parameters; "
              f"bn_relu = BatchNorm + ReLU as one op (mtkernels.fuse_for_training(model, convs=False)); conv = "
-             f"also each conv layer's algorithm chosen by shape (mtkernels.TrainingConv2d).")
+             f"also each conv layer's algorithm timed fastest (mtkernels.TrainingConv2d). The 'turn by turn' columns "
+             f"time autocast_bf16 and mtkernels_bf16 alternately, one step each per round (median), so the "
+             f"machine's drift between the rows above does not enter their ratio.")
     path = write_table(SUITE, device, rows, columns, f"Table 4: training time, {device}", notes)
     save_bar_chart(RESULTS_DIR / f"{SUITE}-{device}.png",
                    [("", [r["network"] for r in rows],
