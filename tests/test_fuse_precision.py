@@ -78,26 +78,24 @@ def test_error_within_derived_bound(name, batch, precision):
 
 
 # Measured here (2-thread AMD EPYC, oneDNN on AVX512-BF16 / VNNI): these stay under the issue's
-# bar. BKNet bf16: 98.5% on smile, the 3 flipped faces having float32 margins of 0.0007-0.01
-# where the logits' bf16 error is up to 0.024 (the random net leaves near-ties). int8: BKNet
-# 95% / 95% / 97.5%, ResNet ver1 96% (emotion), ver2 92.5% (gender); a per-layer search
-# found no single conv to blame (each alone adds 1.4-2x the bf16 error). Strict: a pass
-# here means the bar is met and the mark must go.
-BELOW_BAR = {("bknet", "bf16"), ("bknet", "int8"), ("resnet-v1", "int8"), ("resnet-v2", "int8")}
-# ResNet ver2 bf16, gender: 98.0-99.5% here depending on which kernel each layer was timed
-# fastest (each rounds differently), with 2-4 of 200 faces near a tie; not strict, since
-# either outcome is this network's real behaviour.
-AT_THE_BAR = {("resnet-v2", "bf16")}
+# bar, or on it. BKNet bf16: 98.5% on smile, the 3 flipped faces having float32 margins of
+# 0.0007-0.01 where the logits' bf16 error is up to 0.024 (the random net leaves near-ties).
+# int8: BKNet 95% / 95% / 97.5%, ResNet ver1 93.5-97.5% (emotion), ver2 92.5% (gender); a
+# per-layer search found no single conv to blame (each alone adds 1.4-2x the bf16 error).
+# ResNet ver2 bf16 (gender) 98.0-99.5%. The spread comes from which kernel each layer was
+# timed fastest (each rounds differently), so a run may land either side of the bar: the
+# marks are not strict, and test_below_the_bar_is_still_near_it holds these pairs to
+# where they were measured.
+BELOW_BAR = {("bknet", "bf16"), ("bknet", "int8"), ("resnet-v1", "int8"), ("resnet-v2", "int8"),
+             ("resnet-v2", "bf16")}
 NEEDED_AGREEMENT = {"bf16": 0.99, "int8": 0.97}
 
 
 def _agreement_cases():
     for name in sorted(models.MODELS):
         for precision in ("bf16", "int8"):
-            marks = ([pytest.mark.xfail(strict=True, reason="measured below the issue's agreement bar")]
-                     if (name, precision) in BELOW_BAR else
-                     [pytest.mark.xfail(strict=False, reason="measured at the issue's agreement bar, either side")]
-                     if (name, precision) in AT_THE_BAR else [])
+            marks = ([pytest.mark.xfail(strict=False, reason="measured below or at the issue's agreement bar")]
+                     if (name, precision) in BELOW_BAR else [])
             yield pytest.param(name, precision, marks=marks, id=f"{name}-{precision}")
 
 
@@ -114,7 +112,7 @@ def test_argmax_agreement_on_real_faces(name, precision):
             f"{precision} {task}: {agreement:.1%} of 200 faces agree with float32"
 
 
-@pytest.mark.parametrize("name,precision", sorted(BELOW_BAR | AT_THE_BAR))
+@pytest.mark.parametrize("name,precision", sorted(BELOW_BAR))
 def test_below_the_bar_is_still_near_it(name, precision):
     """Where the issue's bar is not met, agreement stays where it was measured, at most 7
     points under the bar (measured 92.5-99.5%): a broken layer shows far below (the
