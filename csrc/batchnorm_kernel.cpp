@@ -17,9 +17,6 @@ constexpr int64_t kParallelValues = 1 << 16;
 
 int threads_for(int64_t values, int requested) { return values >= kParallelValues ? std::max(1, requested) : 1; }
 
-// The backward kernels read dy whatever the ReLU mask: loaded under the mask's condition,
-// GCC emitted masked loads and the bfloat16 loops ran 2.5x slower.
-
 // The normalised, scaled and shifted input before the ReLU: one expression for the forward
 // pass and the backward mask, so both round (and contract) it the same way.
 inline float affine(float x, float scale, float shift) { return x * scale + shift; }
@@ -114,6 +111,8 @@ void relu_forward(const BnReluForwardProblem& p) {
   }
 }
 
+// The backward kernels read dy whatever the ReLU mask: loaded under the mask's condition,
+// GCC emitted masked loads and the bfloat16 loops ran 2.5x slower.
 template <typename T>
 void relu_backward_reduce(const BnReluBackwardReduceProblem& p) {
   const int64_t C = p.channels;

@@ -71,7 +71,7 @@ class BatchNormReLUPool2d(BatchNormReLU2d):
         return self._fused(x, pool=True)
 
 
-def _is_pool2x2(module: nn.Module) -> bool:
+def is_pool2x2(module: nn.Module) -> bool:
     """Whether ``module`` is ``nn.MaxPool2d(2, 2)`` (no padding, dilation or ceil mode)."""
     return (type(module) is nn.MaxPool2d and module.kernel_size in (2, (2, 2)) and module.stride in (2, (2, 2))
             and module.padding in (0, (0, 0)) and module.dilation in (1, (1, 1)) and not module.ceil_mode
@@ -278,7 +278,7 @@ def fuse_for_training(model: nn.Module, convs: bool = True, precision: str = "fp
         for first, second, third in zip(names, names[1:], names[2:] + [None]):
             bn, relu = module._modules[first], module._modules[second]
             if type(bn) is nn.BatchNorm2d and isinstance(relu, nn.ReLU):
-                pool = third is not None and _is_pool2x2(module._modules[third])
+                pool = third is not None and is_pool2x2(module._modules[third])
                 as_bn_relu(bn, pool)
                 module._modules[second] = nn.Identity()
                 if pool:

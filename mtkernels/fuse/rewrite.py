@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..training import BatchNormReLU2d, BatchNormReLUPool2d
+from ..training import BatchNormReLU2d, BatchNormReLUPool2d, is_pool2x2
 from .layers import AffineReLU, ChannelsLastFlatten, FusedBranches, FusedConv2d, FusedHeads, FusedLinear
 from .plans import FusedMultiTaskNet
 from .precision import calibrate_int8, check_arguments, set_compute_dtype
@@ -140,12 +140,7 @@ class Fuser:
         j = i
         while j < len(layers) and isinstance(layers[j], nn.Dropout):
             j += 1
-        if j < len(layers) and isinstance(layers[j], nn.MaxPool2d):
-            p = layers[j]
-            if p.kernel_size in (2, (2, 2)) and p.stride in (2, (2, 2)) and p.padding in (0, (0, 0)) \
-                    and p.dilation in (1, (1, 1)) and not p.ceil_mode:
-                return j - i + 1
-        return 0
+        return j - i + 1 if j < len(layers) and is_pool2x2(layers[j]) else 0
 
     def heads(self, branches: Sequence[nn.Module]) -> nn.Module:
         # A lone Linear is a one-layer branch.
