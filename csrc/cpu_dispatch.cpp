@@ -35,7 +35,7 @@ bool has(const char* feature) {
 }
 
 Isa best_isa() {
-  for (Isa isa : {Isa::avx512, Isa::avx2})
+  for (Isa isa : {Isa::avx512bf16, Isa::avx512, Isa::avx2})
     if (isa_supported(isa)) return isa;
   return Isa::baseline;
 }
@@ -96,6 +96,12 @@ bool isa_supported(Isa isa) {
 #else
       return false;
 #endif
+    case Isa::avx512bf16:
+#ifdef MTK_HAVE_AVX512BF16
+      return isa_supported(Isa::avx512) && has("avx512bf16");
+#else
+      return false;
+#endif
   }
   return false;
 }
@@ -104,13 +110,15 @@ Isa isa_from_name(const std::string& name) {
   if (name == "baseline") return Isa::baseline;
   if (name == "avx2") return Isa::avx2;
   if (name == "avx512") return Isa::avx512;
-  throw std::invalid_argument("isa must be 'baseline', 'avx2' or 'avx512', got '" + name + "'");
+  if (name == "avx512bf16") return Isa::avx512bf16;
+  throw std::invalid_argument("isa must be 'baseline', 'avx2', 'avx512' or 'avx512bf16', got '" + name + "'");
 }
 
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::avx2: return "avx2";
     case Isa::avx512: return "avx512";
+    case Isa::avx512bf16: return "avx512bf16";
     default: return "baseline";
   }
 }
@@ -142,6 +150,14 @@ const KernelTable& kernels() {
 #ifdef MTK_HAVE_AVX512
   static const KernelTable avx512_table = MTK_TABLE(avx512);
   if (current() == Isa::avx512) return avx512_table;
+#endif
+#ifdef MTK_HAVE_AVX512BF16
+  static const KernelTable avx512bf16_table = [] {
+    KernelTable table = MTK_TABLE(avx512);
+    table.conv3x3_bf16_nhwc = avx512bf16::conv3x3_bf16_nhwc;
+    return table;
+  }();
+  if (current() == Isa::avx512bf16) return avx512bf16_table;
 #endif
   return baseline_table;
 }

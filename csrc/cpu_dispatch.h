@@ -1,16 +1,19 @@
 // Run-time choice of the kernel variant: the best instruction set this CPU and OS
-// support, optionally lowered with MTKERNELS_ISA=baseline|avx2|avx512.
+// support, optionally lowered with MTKERNELS_ISA=baseline|avx2|avx512|avx512bf16.
 #pragma once
 #include <map>
 #include <string>
 
 #include "batchnorm.h"
 #include "conv.h"
+#include "conv3x3_bf16.h"
 #include "multitask_loss.h"
 
 namespace mtk {
 
-enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
+// avx512bf16 is avx512 plus the bfloat16 dot-product instruction (AVX512-BF16), which only the
+// bfloat16 kernels use.
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
 
 std::map<std::string, bool> cpu_features();
 bool isa_supported(Isa isa);
@@ -31,6 +34,7 @@ void set_active_isa(Isa isa);  // throws std::invalid_argument if unsupported he
   X(winograd_output_adjoint_nhwc, WinogradInputFn)               \
   X(winograd_conv3x3_one_pass_nhwc, WinogradConvFn)              \
   X(grouped_linear, GroupedLinearFn)                             \
+  X(conv3x3_bf16_nhwc, Conv3x3Bf16Fn)                            \
   X(bn_stats, BnStatsFn)                                         \
   X(bn_relu_forward, BnReluForwardFn)                            \
   X(bn_relu_backward_reduce, BnReluBackwardReduceFn)             \

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "conv.h"
+#include "conv3x3_bf16.h"
 #include "cpu_dispatch.h"
 #include "multitask_loss.h"
 
@@ -173,6 +174,36 @@ void grouped_linear(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t d
   mtk::kernels().grouped_linear(problem);
 }
 
+mtk::Conv3x3Bf16Problem conv3x3_bf16_problem(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst,
+                                             int64_t batch, int64_t height, int64_t width, int64_t in_channels,
+                                             int64_t out_channels, int64_t dst_pad, bool relu, bool pool,
+                                             int dst_element, int num_threads) {
+  if (batch < 0 || height < 0 || width < 0 || in_channels < 0 || out_channels < 0)
+    throw std::invalid_argument("negative size");
+  if (in_channels % 2) throw std::invalid_argument("in_channels must be even (pad with a zero channel)");
+  if (out_channels % mtk::kBf16Block)
+    throw std::invalid_argument("out_channels must be a multiple of " + std::to_string(mtk::kBf16Block));
+  if (dst_pad != 0 && dst_pad != 1) throw std::invalid_argument("dst_pad must be 0 or 1");
+  if (pool && (height % 2 || width % 2)) throw std::invalid_argument("pool needs an even height and width");
+  return mtk::Conv3x3Bf16Problem{as_ptr<const uint16_t>(src), as_ptr<const uint16_t>(weight),
+                                 as_ptr<const float>(bias),   as_ptr<void>(dst),
+                                 batch,                       height,
+                                 width,                       in_channels,
+                                 out_channels,                dst_pad,
+                                 relu,                        pool,
+                                 activation_element(dst_element), std::max(1, num_threads)};
+}
+
+void conv3x3_bf16_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t height,
+                       int64_t width, int64_t in_channels, int64_t out_channels, int64_t dst_pad, bool relu,
+                       bool pool, int dst_element, int num_threads) {
+  const auto problem = conv3x3_bf16_problem(src, weight, bias, dst, batch, height, width, in_channels, out_channels,
+                                            dst_pad, relu, pool, dst_element, num_threads);
+  if (batch * height * width * in_channels * out_channels == 0) return;
+  py::gil_scoped_release release;
+  mtk::kernels().conv3x3_bf16_nhwc(problem);
+}
+
 // Consecutive layers run by one call with the GIL released: at batch 1 the Python and
 // dispatcher code between layers costs more than the code itself, since each layer's
 // weights push it out of the caches. Layers are added in order with the tensors they read
@@ -200,6 +231,16 @@ class LayerChain {
     append(layer, dst);
   }
 
+  void add_conv3x3_bf16(py::object weight, py::object bias, py::object dst, int64_t batch, int64_t height,
+                        int64_t width, int64_t in_channels, int64_t out_channels, int64_t dst_pad, bool relu,
+                        bool pool, int dst_element) {
+    Layer layer{};
+    layer.kind = Kind::conv3x3_bf16;
+    layer.bf16 = conv3x3_bf16_problem(0, keep(weight), keep(bias), 0, batch, height, width, in_channels,
+                                      out_channels, dst_pad, relu, pool, dst_element, 1);
+    append(layer, dst);
+  }
+
   void add_grouped_linear(py::object weight, py::object bias, py::object dst, int64_t batch, int64_t groups,
                           int64_t in_features, int64_t out_features, bool relu) {
     Layer layer{};
@@ -213,8 +254,8 @@ class LayerChain {
 
   void run(uintptr_t src, uintptr_t dst, int num_threads) {
     if (layers_.empty()) throw std::invalid_argument("the chain has no layers");
-    layers_.front().src = as_ptr<const float>(src);
-    layers_.back().dst = as_ptr<float>(dst);
+    layers_.front().src = as_ptr<const void>(src);
+    layers_.back().dst = as_ptr<void>(dst);
     py::gil_scoped_release release;
     const mtk::KernelTable& kernels = mtk::kernels();
     for (Layer& layer : layers_) {
@@ -225,27 +266,29 @@ class LayerChain {
         case Kind::winograd_conv3x3_one_pass:
           kernels.winograd_conv3x3_one_pass_nhwc(bind(layer.wino, layer, num_threads));
           break;
+        case Kind::conv3x3_bf16: kernels.conv3x3_bf16_nhwc(bind(layer.bf16, layer, num_threads)); break;
         case Kind::grouped_linear: kernels.grouped_linear(bind(layer.linear, layer, num_threads)); break;
       }
     }
   }
 
  private:
-  enum class Kind { single_channel, winograd_conv3x3_one_pass, grouped_linear };
+  enum class Kind { single_channel, winograd_conv3x3_one_pass, conv3x3_bf16, grouped_linear };
   // One of the problems is used, per kind; src and dst are set in it when the chain runs.
   struct Layer {
     Kind kind;
-    const float* src;
-    float* dst;
+    const void* src;  // of the element the layer reads (float32, or bfloat16 for conv3x3_bf16)
+    void* dst;
     mtk::Conv3x3SingleChannelProblem single;
     mtk::WinogradConvProblem wino;
+    mtk::Conv3x3Bf16Problem bf16;
     mtk::GroupedLinearProblem linear;
   };
 
   template <class Problem>
   static const Problem& bind(Problem& problem, const Layer& layer, int num_threads) {
-    problem.src = layer.src;
-    problem.dst = layer.dst;
+    problem.src = static_cast<decltype(problem.src)>(layer.src);
+    problem.dst = static_cast<decltype(problem.dst)>(layer.dst);
     problem.num_threads = std::max(1, num_threads);
     return problem;
   }
@@ -258,7 +301,7 @@ class LayerChain {
   }
 
   void append(Layer& layer, const py::object& dst) {
-    layer.dst = dst.is_none() ? nullptr : as_ptr<float>(keep(dst));
+    layer.dst = dst.is_none() ? nullptr : as_ptr<void>(keep(dst));
     if (!layers_.empty()) {
       if (layers_.back().dst == nullptr)
         throw std::invalid_argument("only the last layer of a chain may leave its destination to run()");
@@ -370,6 +413,13 @@ PYBIND11_MODULE(_C, m) {
         "Winograd F(2x2,3x3) conv + bias (+ ReLU) (+ 2x2 max-pool) of NHWC float32, one pass per chunk of images; "
         "u packed per block of winograd_block_channels output channels.");
   m.attr("winograd_block_channels") = mtk::kWinogradBlock;
+  m.def("conv3x3_bf16_nhwc", &conv3x3_bf16_nhwc, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
+        py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"), py::arg("out_channels"),
+        py::arg("dst_pad"), py::arg("relu"), py::arg("pool"), py::arg("dst_element"), py::arg("num_threads"),
+        "Direct 3x3 / stride 1 / pad 1 conv of a zero-bordered NHWC bfloat16 input [N, H + 2, W + 2, C_in] with "
+        "pair-packed bfloat16 weights, float32 accumulation, + bias (+ ReLU) (+ 2x2 max-pool), to NHWC of "
+        "dst_element 0 (float32) or 1 (bfloat16) with a border of dst_pad (0 or 1) left untouched.");
+  m.attr("bf16_block_channels") = mtk::kBf16Block;
   m.def("grouped_linear", &grouped_linear, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
         py::arg("batch"), py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
         py::arg("num_threads"),
@@ -384,6 +434,10 @@ PYBIND11_MODULE(_C, m) {
            py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"), py::arg("out_channels"),
            py::arg("images_per_chunk"), py::arg("relu"), py::arg("pool"),
            "Append winograd_conv3x3_one_pass_nhwc; dst None for the last layer (given to run).")
+      .def("add_conv3x3_bf16", &LayerChain::add_conv3x3_bf16, py::arg("weight"), py::arg("bias"), py::arg("dst"),
+           py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"), py::arg("out_channels"),
+           py::arg("dst_pad"), py::arg("relu"), py::arg("pool"), py::arg("dst_element"),
+           "Append conv3x3_bf16_nhwc; dst None for the last layer (given to run).")
       .def("add_grouped_linear", &LayerChain::add_grouped_linear, py::arg("weight"), py::arg("bias"), py::arg("dst"), py::arg("batch"),
            py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
            "Append grouped_linear; dst None for the last layer (given to run).")
@@ -408,7 +462,7 @@ PYBIND11_MODULE(_C, m) {
         "dx = p * g + q - s * x per channel, g the ReLU-masked (and pool-routed) gradient.");
   m.def("cpu_features", &mtk::cpu_features, "Instruction-set extensions this CPU and OS support.");
   m.def("isa", []() { return std::string(mtk::isa_name(mtk::active_isa())); },
-        "The kernel variant in use: 'baseline', 'avx2' or 'avx512'.");
+        "The kernel variant in use: 'baseline', 'avx2', 'avx512' or 'avx512bf16'.");
   m.def("set_isa", [](const std::string& name) { mtk::set_active_isa(mtk::isa_from_name(name)); },
         py::arg("name"), "Select a kernel variant; raises ValueError if this CPU cannot run it.");
   m.def("isa_supported", [](const std::string& name) { return mtk::isa_supported(mtk::isa_from_name(name)); },

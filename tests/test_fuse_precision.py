@@ -167,6 +167,65 @@ def test_small_batches_may_run_the_float32_chain(precision, monkeypatch, tmp_pat
                for step in fused._plans.get(key))
 
 
+def _run_with_plan(fused, x, plan, monkeypatch, tmp_path):
+    """``fused(x)`` with ``plan`` chosen wherever it is a candidate (the timing left out)."""
+    from mtkernels.fuse import tuning
+
+    monkeypatch.setattr(tuning, "_CACHE", tuning.TuningCache(tmp_path))
+    monkeypatch.setattr(tuning, "fastest", lambda candidates, x, **kw: plan if plan in candidates
+                        else next(iter(candidates)))
+    with torch.no_grad():
+        return fused(x)
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_bf16_chain_within_the_derived_bound(batch, monkeypatch, tmp_path):
+    """BKNet as one bfloat16 C++ chain (direct bf16 convs, float32 heads), where timing picks
+    it at batches 1-15, against the float64 model within the bf16 bound."""
+    model, _, fused64, _, _ = networks("bknet")
+    fused = mtkernels.fuse_for_inference(model, "bf16")
+    held_out = faces(model.input_size)[CALIBRATION_IMAGES:][:batch]
+    out = _run_with_plan(fused, held_out, "bf16_chain", monkeypatch, tmp_path)
+    steps = [step for key in list(fused._plans) for step in fused._plans.get(key)]
+    assert len(steps) == 1 and type(steps[0]).__name__ == "ChainStep" and steps[0]._input is not None
+    exact, bound = reduced_precision_bound(fused64, held_out, None)
+    excess = (out.double() - exact).abs() - bound
+    assert float(excess.max()) <= 0, f"bf16 chain logits exceed the bound by {float(excess.max()):.3g}"
+    assert float(bound.max()) < float(exact.abs().max()), "the bound is vacuous here"
+
+
+def test_bf16_chain_agrees_with_float32_on_real_faces(monkeypatch, tmp_path):
+    """The issue's 99% bar per task, face by face at batch 1 through the bfloat16 chain
+    (measured here: 99% / 99% / 100%; oneDNN's bf16 layers at batch 200: 98.5% on smile)."""
+    model, fused32, _, _, _ = networks("bknet")
+    fused = mtkernels.fuse_for_inference(model, "bf16")
+    images = faces(model.input_size)
+    got = torch.cat([_run_with_plan(fused, images[i:i + 1], "bf16_chain", monkeypatch, tmp_path)
+                     for i in range(len(images))])
+    with torch.no_grad():
+        reference = model.split(fused32(images))
+    for task, ref, out in zip(model.task_names, reference, model.split(got)):
+        agreement = float((ref.argmax(1) == out.argmax(1)).float().mean())
+        assert agreement >= NEEDED_AGREEMENT["bf16"], f"bf16 chain {task}: {agreement:.1%} agree with float32"
+
+
+def test_bf16_chain_is_the_untimed_choice_where_every_layer_has_a_kernel(monkeypatch, tmp_path):
+    """MTKERNELS_TUNE=off: BKNet at batch 1 runs the bfloat16 chain; the 4-task CNN, whose
+    third conv pools a 25x25 map (the kernel pools whole 2x2 windows only), has no such chain
+    and runs its layers."""
+    from mtkernels.fuse import tuning
+
+    monkeypatch.setenv("MTKERNELS_TUNE", "off")
+    monkeypatch.setattr(tuning, "_CACHE", tuning.TuningCache(tmp_path))
+    for name, chained in (("bknet", True), ("emotion-cnn", False)):
+        model = networks(name)[0]
+        fused = mtkernels.fuse_for_inference(model, "bf16")
+        with torch.no_grad():
+            fused(faces(model.input_size)[:1])
+        steps = [step for key in list(fused._plans) for step in fused._plans.get(key)]
+        assert any(getattr(step, "_input", None) is not None for step in steps) == chained, name
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_non_finite_input_gives_nan_logits_for_that_image_only(precision):
     model, _, _, bf16, int8 = networks("bknet")

@@ -197,7 +197,8 @@ def test_bad_arguments_raise_the_same_errors_as_the_reference():
 def test_extension_reports_cpu_features():
     features = _C.cpu_features()
     assert {"avx2", "fma", "avx512f"} <= set(features) and all(isinstance(v, bool) for v in features.values())
-    assert _C.isa() in ("baseline", "avx2", "avx512") and _C.isa_supported(_C.isa())
+    assert _C.isa() in ("baseline", "avx2", "avx512", "avx512bf16") and _C.isa_supported(_C.isa())
+    assert _C.isa_supported("avx512bf16") == (_C.isa_supported("avx512") and features["avx512bf16"])
     assert _C.isa_supported("avx2") == (features["avx2"] and features["fma"] and features["f16c"])
 
 

@@ -361,22 +361,39 @@ class FusedConv2d(DerivedState):
         return self.implementation(x, tuning.batch_bucket(x.shape[0]))(x)
 
     # -- layer chains -----------------------------------------------------------------------
-    def chain_output_shape(self, shape: torch.Size) -> Optional[tuple[int, ...]]:
-        """Output shape for float32 CPU input of ``shape`` if a C++ kernel does the whole layer
-        (so it can join a ``_C.LayerChain``), else None."""
+    def chain_output_shape(self, shape: torch.Size, bf16: bool = False) -> Optional[tuple[int, ...]]:
+        """Output shape for CPU input of ``shape`` if a C++ kernel does the whole layer (so it can
+        join a ``_C.LayerChain``), else None: in float32, or with ``bf16`` in bfloat16 (the direct
+        conv3x3_bf16 kernel, which needs whole blocks of output channels)."""
         n, _, h, w = shape
         c_out = self.weight.shape[0]
-        if self.single_channel_3x3 and not self.pool:
-            return (n, c_out, h, w)
-        if self.winograd_ok and not (self.pool and (h % 2 or w % 2)):
-            return (n, c_out, h // 2, w // 2) if self.pool else (n, c_out, h, w)
-        return None
+        if self.pool and (h % 2 or w % 2):
+            return None
+        out = (n, c_out, h // 2, w // 2) if self.pool else (n, c_out, h, w)
+        if bf16:
+            from ..ops.conv3x3_bf16 import BLOCK
 
-    def append_to_chain(self, chain, shape: torch.Size, dst: Optional[torch.Tensor]) -> None:
-        """Append this layer (``chain_output_shape(shape)`` not None) to a ``_C.LayerChain``,
-        writing to ``dst`` (None: the chain's output)."""
+            plain_3x3 = self.single_channel_3x3 or self.winograd_ok
+            return out if plain_3x3 and c_out % BLOCK == 0 and self.weight.dtype == torch.float32 else None
+        if self.single_channel_3x3 and not self.pool:
+            return out
+        return out if self.winograd_ok else None
+
+    def append_to_chain(self, chain, shape: torch.Size, dst: Optional[torch.Tensor], bf16: bool = False) -> None:
+        """Append this layer (``chain_output_shape(shape, bf16)`` not None) to a ``_C.LayerChain``,
+        writing to ``dst`` (None: the chain's output). With ``bf16`` the layer reads a bordered
+        bfloat16 input (``mtkernels.ops.conv3x3_bf16.bordered_input``) and writes ``dst``'s
+        dtype: a bordered bfloat16 buffer (the next conv's input), or float32 [N, C, H, W]."""
         n, c_in, h, w = shape
-        if self.single_channel_3x3:
+        if bf16:
+            from ..ops.conv import ELEMENTS
+            from ..ops.conv3x3_bf16 import even
+
+            bordered = dst is not None and dst.dtype == torch.bfloat16
+            chain.add_conv3x3_bf16(self.bf16_weight(), self.bias, dst, n, h, w, even(c_in), self.bias.shape[0],
+                                   int(bordered), self.relu, self.pool,
+                                   ELEMENTS[torch.bfloat16 if bordered else torch.float32])
+        elif self.single_channel_3x3:
             weight, bias = self.weight_k_major(torch.float32)
             chain.add_single_channel(weight, bias, dst, n, h, w, weight.shape[1], self.relu)
         else:
@@ -384,6 +401,15 @@ class FusedConv2d(DerivedState):
             _, images_per_chunk, v = buffers.one_pass_plan(shape, self.bias.shape[0], self.pool, None)
             chain.add_winograd_conv3x3_one_pass(u_blocked, self.bias, v, dst, n, h, w, c_in, self.bias.shape[0],
                                                 images_per_chunk, self.relu, self.pool)
+
+    def bf16_weight(self) -> torch.Tensor:
+        """The weight in conv3x3_bf16's packed bfloat16 pair layout, packed once."""
+        derived = self.derived()
+        if "bf16_packed" not in derived:
+            from ..ops.conv3x3_bf16 import pack_conv3x3_bf16_weight
+
+            derived["bf16_packed"] = pack_conv3x3_bf16_weight(self.weight)
+        return derived["bf16_packed"]
 
 
 class FusedLinear(DerivedState):
@@ -405,11 +431,13 @@ class FusedLinear(DerivedState):
                                  f"got {tuple(blocks.shape)}")
             self.blocks = nn.Parameter(blocks.detach().clone().contiguous(), requires_grad=False)
 
-    def chain_output_shape(self, shape: torch.Size) -> Optional[tuple[int, ...]]:
-        """Output shape for float32 CPU input of ``shape`` (a ``_C.LayerChain`` can run it)."""
+    def chain_output_shape(self, shape: torch.Size, bf16: bool = False) -> Optional[tuple[int, ...]]:
+        """Output shape for float32 CPU input of ``shape`` (a ``_C.LayerChain`` can run it). A
+        chain runs linear layers in float32, ``bf16`` or not: at the small batches chains serve,
+        they stream their weights once, and the heads' share of the time is small."""
         return (shape[0], self.weight.shape[0]) if len(shape) == 2 and shape[1] == self.weight.shape[1] else None
 
-    def append_to_chain(self, chain, shape: torch.Size, dst: Optional[torch.Tensor]) -> None:
+    def append_to_chain(self, chain, shape: torch.Size, dst: Optional[torch.Tensor], bf16: bool = False) -> None:
         rows = self.weight.unsqueeze(0) if self.blocks is None else self.blocks  # [groups, out, in]
         chain.add_grouped_linear(rows, self.bias, dst, shape[0], rows.shape[0], rows.shape[2], rows.shape[1],
                                  self.relu)
@@ -516,6 +544,6 @@ class ChannelsLastFlatten(nn.Module):
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
 
     @staticmethod
-    def chain_output_shape(shape: torch.Size) -> Optional[tuple[int, ...]]:
+    def chain_output_shape(shape: torch.Size, bf16: bool = False) -> Optional[tuple[int, ...]]:
         """In a chain the input is channels-last already: nothing to run."""
         return (shape[0], math.prod(shape[1:])) if len(shape) == 4 else None

@@ -47,26 +47,39 @@ class ChainStep:
     with the intermediate activations in buffers kept here. At batch 1 this beats calling
     the layers' fastest kernels one by one from Python: every layer's weights push the
     Python and dispatcher code out of the caches, so each call between layers costs
-    10-15 us there. The C++ chain holds a reference to every tensor it addresses."""
+    10-15 us there. The C++ chain holds a reference to every tensor it addresses.
 
-    def __init__(self, layers: Sequence[nn.Module], shape: torch.Size):
+    With ``bf16`` the convs run the direct bfloat16 kernel (``mtkernels.ops.conv3x3_bf16``):
+    the input is rounded into a zero-bordered bfloat16 buffer, each conv writes the interior
+    of the next one's, and the last conv writes float32 for the (float32) layers after it."""
+
+    def __init__(self, layers: Sequence[nn.Module], shape: torch.Size, bf16: bool = False):
         from .. import _C
+        from ..ops.conv3x3_bf16 import bordered_input
 
-        self.chain, self._buffers = _C.LayerChain(), []
+        self.chain, self._buffers, self._input = _C.LayerChain(), [], None
         shapes = [torch.Size(shape)]
         for index, layer in enumerate(layers):
-            out_shape = layer.chain_output_shape(shapes[-1])
+            out_shape = layer.chain_output_shape(shapes[-1], bf16)
             if out_shape is None:
-                raise ValueError(f"layer {index} ({type(layer).__name__}) has no C++ kernel for input "
-                                 f"{tuple(shapes[-1])}")
+                raise ValueError(f"layer {index} ({type(layer).__name__}) has no {'bfloat16 ' if bf16 else ''}C++ "
+                                 f"kernel for input {tuple(shapes[-1])}")
             shapes.append(torch.Size(out_shape))
         writers = [i for i, layer in enumerate(layers) if not isinstance(layer, ChannelsLastFlatten)]
-        for index in writers:
+        bf16_conv = [bf16 and isinstance(layers[i], FusedConv2d) for i in writers]
+        if bf16_conv[0]:
+            self._input = bordered_input(shape[0], shape[2], shape[3], shape[1])
+            self._buffers.append(self._input)
+        for position, index in enumerate(writers):
             dst = None  # the last writer's output is run()'s destination
             if index != writers[-1]:
-                dst = self._empty(shapes[index + 1])
+                out = shapes[index + 1]
+                if bf16_conv[position] and bf16_conv[position + 1]:
+                    dst = bordered_input(out[0], out[2], out[3], out[1])
+                else:
+                    dst = self._empty(out)
                 self._buffers.append(dst)
-            layers[index].append_to_chain(self.chain, shapes[index], dst)
+            layers[index].append_to_chain(self.chain, shapes[index], dst, bf16)
         self.in_shape, self.out_shape = shapes[0], shapes[-1]
 
     @staticmethod
@@ -82,7 +95,12 @@ class ChainStep:
         if x.shape != self.in_shape or x.dtype != torch.float32 or x.device.type != "cpu":
             raise ValueError(f"this chain runs float32 CPU input of shape {tuple(self.in_shape)}, "
                              f"got {x.dtype} {tuple(x.shape)} on {x.device}")
-        x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.contiguous()
+        if self._input is not None:
+            from ..ops.conv3x3_bf16 import fill_bordered
+
+            x = fill_bordered(self._input, x)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.contiguous()
         out = self._empty(self.out_shape)
         self.chain.run(x.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out
@@ -209,18 +227,23 @@ class FusedMultiTaskNet(DerivedState):
 
     def _reduced_or_float32_chain(self, steps: list, probe: torch.Tensor, batch: int, bucket: str) -> list:
         """For a reduced-precision net at small batches: ``steps``, or the whole network as one
-        float32 C++ chain where every layer has one and it was timed faster (at batch 1 the
-        chain saves more than bf16 / int8 arithmetic gains; float32 is also the more exact)."""
-        try:
-            probe_chain = ChainStep(self._layers, probe.shape)
-        except ValueError:
+        C++ chain where every layer has a kernel and it was timed faster: in bfloat16 (direct
+        convs, float32 heads), or in float32 (more exact than either reduced precision). At
+        batch 1 a chain saves the per-call set-up of oneDNN and of Python between layers."""
+        plans = {"reduced": functools.partial(_replay, steps)}
+        for name, bf16 in (("bf16_chain", True), ("float32_chain", False)):
+            try:
+                plans[name] = functools.partial(_replay, [ChainStep(self._layers, probe.shape, bf16)])
+            except ValueError:
+                continue
+        if len(plans) == 1:
             return steps
-        plans = {"reduced": functools.partial(_replay, steps),
-                 "float32_chain": functools.partial(_replay, [probe_chain])}
         choice = tuning.choose(self._plan_key(probe.shape, self.precision, bucket), list(plans), plans.__getitem__,
-                               probe, heuristic="reduced")
+                               probe, heuristic="bf16_chain" if "bf16_chain" in plans else "reduced")
         shape = torch.Size((batch, *probe.shape[1:]))
-        return [ChainStep(self._layers, shape)] if choice == "float32_chain" else steps
+        if choice == "reduced":
+            return steps
+        return [ChainStep(self._layers, shape, bf16=choice == "bf16_chain")]
 
     @staticmethod
     def _chained(steps: list, chainable: list, batch: int) -> Optional[list]:

@@ -1,0 +1,202 @@
+// Direct 3x3 bfloat16 convolution (conv3x3_bf16.h), compiled once per ISA. An output tile of
+// 2 rows x 6 columns x 32 channels keeps its 24 float32 accumulators in registers over all
+// 9 * C_in / 2 input-channel pairs: per pair, 2 weight vectors are loaded and each of the 12
+// pixels' pair is broadcast, for 24 dot products. The pool takes the maximum of the tile's
+// 2x2 windows straight from the accumulators, so the unpooled output is never stored.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "conv3x3_bf16.h"
+#include "float_ops.h"
+#include "isa_variant.h"
+
+namespace mtk {
+namespace MTK_ISA {
+namespace {
+
+// Below this many multiply-adds a parallel region costs more than it saves.
+constexpr int64_t kParallelMacs = int64_t(1) << 20;
+constexpr int kTileRows = 2, kTileColumns = 6;
+
+#ifdef __AVX512BF16__
+// vdpbf16ps: 16 float32 accumulators, each += the dot product of a bfloat16 pair of the
+// input (broadcast) and of the weights.
+struct Unit {
+  using Acc = __m512;
+  using Weights = __m512bh;
+  static Acc load_bias(const float* b) { return _mm512_loadu_ps(b); }
+  static Weights load_weights(const uint16_t* w) { return (__m512bh)_mm512_loadu_si512(w); }
+  static void dot(Acc& acc, const uint16_t* pair, const Weights& w) {
+    int32_t bits;
+    std::memcpy(&bits, pair, sizeof bits);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(bits), w);
+  }
+  // vmaxps returns its second operand when either is NaN: a NaN in the first is put back.
+  static Acc max(Acc a, Acc b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_max_ps(a, b), a);
+  }
+  static Acc relu(Acc a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }  // NaN: the second operand
+  static void store(float* p, Acc a) { _mm512_storeu_ps(p, a); }
+  static void store(uint16_t* p, Acc a) {  // round to nearest even; NaN stays NaN
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(a));
+  }
+};
+#else
+// The same arithmetic through float32: a product of two bfloat16 values is exact in float32.
+struct Unit {
+  struct Acc {
+    float v[kBf16Block];
+  };
+  struct Weights {
+    float v[2 * kBf16Block];
+  };
+  static Acc load_bias(const float* b) {
+    Acc a;
+    for (int j = 0; j < kBf16Block; ++j) a.v[j] = b[j];
+    return a;
+  }
+  static Weights load_weights(const uint16_t* w) {
+    Weights out;
+    for (int j = 0; j < 2 * kBf16Block; ++j) out.v[j] = widen(w[j]);
+    return out;
+  }
+  static void dot(Acc& acc, const uint16_t* pair, const Weights& w) {
+    const float a0 = widen(pair[0]), a1 = widen(pair[1]);
+    for (int j = 0; j < kBf16Block; ++j) acc.v[j] += a0 * w.v[2 * j] + a1 * w.v[2 * j + 1];
+  }
+  static Acc max(const Acc& a, const Acc& b) {
+    Acc out;
+    for (int j = 0; j < kBf16Block; ++j) out.v[j] = max_nan(a.v[j], b.v[j]);
+    return out;
+  }
+  static Acc relu(const Acc& a) {
+    Acc out;
+    for (int j = 0; j < kBf16Block; ++j) out.v[j] = a.v[j] < 0.0f ? 0.0f : a.v[j];  // NaN < 0 is false
+    return out;
+  }
+  static void store(float* p, const Acc& a) { std::memcpy(p, a.v, sizeof a.v); }
+  static void store(uint16_t* p, const Acc& a) {
+    for (int j = 0; j < kBf16Block; ++j) narrow(p + j, a.v[j]);
+  }
+};
+#endif
+
+// Strides (in elements) of the problem's buffers.
+struct Geometry {
+  int64_t channels, in_row, in_image, pairs, tap_stride, block_stride;
+  int64_t dst_row, dst_image, dst_origin;  // dst_origin: the offset of output pixel (0, 0)
+  explicit Geometry(const Conv3x3Bf16Problem& p) {
+    channels = p.in_channels;
+    in_row = (p.width + 2) * channels;
+    in_image = (p.height + 2) * in_row;
+    pairs = channels / 2;
+    tap_stride = pairs * 2 * kBf16Block;
+    block_stride = 9 * tap_stride;
+    const int64_t out_h = p.pool ? p.height / 2 : p.height, out_w = p.pool ? p.width / 2 : p.width;
+    dst_row = (out_w + 2 * p.dst_pad) * p.out_channels;
+    dst_image = (out_h + 2 * p.dst_pad) * dst_row;
+    dst_origin = p.dst_pad * (dst_row + p.out_channels);
+  }
+};
+
+// Output rows y .. y + ROWS - 1, columns x .. x + COLS - 1, channels co .. co + NB * 16 - 1 of
+// image n; with POOL (ROWS = 2, COLS even) their 2x2 maxima at row y / 2, columns x / 2 ...
+template <int ROWS, int COLS, int NB, bool POOL, typename Out>
+void tile(const Conv3x3Bf16Problem& p, const Geometry& g, int64_t n, int64_t y, int64_t x, int64_t co) {
+  typename Unit::Acc acc[ROWS][COLS][NB];
+  for (int b = 0; b < NB; ++b) {
+    const typename Unit::Acc bias = Unit::load_bias(p.bias + co + b * kBf16Block);
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < COLS; ++c) acc[r][c][b] = bias;
+  }
+  // Output (y, x)'s window starts at (y, x) of the zero-bordered input.
+  const uint16_t* in = p.src + n * g.in_image + y * g.in_row + x * g.channels;
+  const uint16_t* w = p.weight + (co / kBf16Block) * g.block_stride;
+  for (int tap = 0; tap < 9; ++tap) {
+    const uint16_t* tap_in = in + (tap / 3) * g.in_row + (tap % 3) * g.channels;
+    const uint16_t* tap_w = w + tap * g.tap_stride;
+    for (int64_t cp = 0; cp < g.pairs; ++cp) {
+      typename Unit::Weights wv[NB];
+      for (int b = 0; b < NB; ++b) wv[b] = Unit::load_weights(tap_w + b * g.block_stride + cp * 2 * kBf16Block);
+      for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < COLS; ++c) {
+          const uint16_t* pair = tap_in + r * g.in_row + c * g.channels + 2 * cp;
+          for (int b = 0; b < NB; ++b) Unit::dot(acc[r][c][b], pair, wv[b]);
+        }
+    }
+  }
+  Out* dst = static_cast<Out*>(p.dst) + n * g.dst_image + g.dst_origin + co;
+  if constexpr (POOL) {
+    static_assert(ROWS == 2 && COLS % 2 == 0, "a pooled tile covers whole 2x2 windows");
+    Out* row = dst + (y / 2) * g.dst_row + (x / 2) * p.out_channels;
+    for (int c = 0; c < COLS / 2; ++c)
+      for (int b = 0; b < NB; ++b) {
+        typename Unit::Acc m = Unit::max(Unit::max(acc[0][2 * c][b], acc[0][2 * c + 1][b]),
+                                         Unit::max(acc[1][2 * c][b], acc[1][2 * c + 1][b]));
+        Unit::store(row + c * p.out_channels + b * kBf16Block, p.relu ? Unit::relu(m) : m);
+      }
+  } else {
+    for (int r = 0; r < ROWS; ++r) {
+      Out* row = dst + (y + r) * g.dst_row + x * p.out_channels;
+      for (int c = 0; c < COLS; ++c)
+        for (int b = 0; b < NB; ++b)
+          Unit::store(row + c * p.out_channels + b * kBf16Block, p.relu ? Unit::relu(acc[r][c][b]) : acc[r][c][b]);
+    }
+  }
+}
+
+// One band of ROWS output rows across the whole width: full tiles, then the narrower tails.
+template <int ROWS, int NB, bool POOL, typename Out>
+void band(const Conv3x3Bf16Problem& p, const Geometry& g, int64_t n, int64_t y, int64_t co) {
+  int64_t x = 0;
+  for (; x + kTileColumns <= p.width; x += kTileColumns) tile<ROWS, kTileColumns, NB, POOL, Out>(p, g, n, y, x, co);
+  for (; x + 2 <= p.width; x += 2) tile<ROWS, 2, NB, POOL, Out>(p, g, n, y, x, co);
+  if constexpr (!POOL) {
+    if (x < p.width) tile<ROWS, 1, NB, POOL, Out>(p, g, n, y, x, co);
+  }
+}
+
+template <int NB, bool POOL, typename Out>
+void conv(const Conv3x3Bf16Problem& p) {
+  const Geometry g(p);
+  const int64_t bands = (p.height + kTileRows - 1) / kTileRows;  // pool: H is even
+  const int64_t group = NB * kBf16Block, items = (p.out_channels / group) * p.batch * bands;
+  const int64_t macs = p.batch * p.height * p.width * p.out_channels * 9 * p.in_channels;
+  const bool parallel = p.num_threads > 1 && macs >= kParallelMacs;
+  // Output-channel groups outermost: each thread's share of the weights stays in its cache.
+#pragma omp parallel for num_threads(p.num_threads) if (parallel) schedule(static)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t co = item / (p.batch * bands) * group, rest = item % (p.batch * bands);
+    const int64_t n = rest / bands, y = rest % bands * kTileRows;
+    if (y + kTileRows <= p.height) {
+      band<kTileRows, NB, POOL, Out>(p, g, n, y, co);
+    } else if constexpr (!POOL) {
+      band<1, NB, POOL, Out>(p, g, n, y, co);
+    }
+  }
+}
+
+template <int NB, typename Out>
+void conv_pool_or_not(const Conv3x3Bf16Problem& p) {
+  if (p.pool) return conv<NB, true, Out>(p);
+  conv<NB, false, Out>(p);
+}
+
+template <typename Out>
+void conv_blocks(const Conv3x3Bf16Problem& p) {
+  if (p.out_channels % (2 * kBf16Block) == 0) return conv_pool_or_not<2, Out>(p);
+  conv_pool_or_not<1, Out>(p);
+}
+
+}  // namespace
+
+void conv3x3_bf16_nhwc(const Conv3x3Bf16Problem& p) {
+  if (p.dst_element == Element::float32) return conv_blocks<float>(p);
+  conv_blocks<uint16_t>(p);
+}
+
+}  // namespace MTK_ISA
+}  // namespace mtk
