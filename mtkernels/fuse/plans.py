@@ -60,7 +60,8 @@ class ChainStep:
         self.chain, self._buffers, self._input = _C.LayerChain(), [], None
         shapes = [torch.Size(shape)]
         for index, layer in enumerate(layers):
-            out_shape = layer.chain_output_shape(shapes[-1], bf16)
+            kernel_shape = getattr(layer, "chain_output_shape", None)  # modules without one have no kernel
+            out_shape = None if kernel_shape is None else kernel_shape(shapes[-1], bf16)
             if out_shape is None:
                 raise ValueError(f"layer {index} ({type(layer).__name__}) has no {'bfloat16 ' if bf16 else ''}C++ "
                                  f"kernel for input {tuple(shapes[-1])}")
