@@ -456,20 +456,43 @@ void winograd_conv3x3_one_pass_nhwc(const WinogradConvProblem& p) {
   }
 }
 
+namespace {
+// Weight rows dotted at once with each input row: independent chains of multiply-adds (one
+// row's chain waits on each add's latency, and a 2304-wide BKNet head row ran at a quarter
+// of the rate its weights stream in), and each input value loaded once for all of them.
+constexpr int64_t kLinearRows = 4;
+}  // namespace
+
 void grouped_linear(const GroupedLinearProblem& p) {
   const int64_t rows = p.groups * p.out_features, in = p.in_features, width_in = p.groups * in;
+  const int64_t quads = (p.out_features + kLinearRows - 1) / kLinearRows;
   const bool parallel = p.num_threads > 1 && rows * in >= kParallelOutputs;
 #pragma omp parallel for num_threads(p.num_threads) if (parallel) schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
-    const float* w = p.weight + row * in;
-    const float* x = p.src + (row / p.out_features) * in;
+  for (int64_t item = 0; item < p.groups * quads; ++item) {
+    const int64_t group = item / quads, first = group * p.out_features + item % quads * kLinearRows;
+    const int64_t count = std::min(kLinearRows, (group + 1) * p.out_features - first);
+    // A short last quad repeats its last row: computed, not written.
+    const float* w0 = p.weight + first * in;
+    const float* w1 = p.weight + (first + std::min<int64_t>(1, count - 1)) * in;
+    const float* w2 = p.weight + (first + std::min<int64_t>(2, count - 1)) * in;
+    const float* w3 = p.weight + (first + std::min<int64_t>(3, count - 1)) * in;
+    const float* x = p.src + group * in;
     for (int64_t n = 0; n < p.batch; ++n) {
       const float* xn = x + n * width_in;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < in; ++i) acc += xn[i] * w[i];
-      acc += p.bias[row];
-      p.dst[n * rows + row] = p.relu ? std::max(acc, 0.0f) : acc;
+      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t i = 0; i < in; ++i) {
+        const float v = xn[i];
+        a0 += v * w0[i];
+        a1 += v * w1[i];
+        a2 += v * w2[i];
+        a3 += v * w3[i];
+      }
+      const float acc[kLinearRows] = {a0, a1, a2, a3};
+      for (int64_t j = 0; j < count; ++j) {
+        const float y = acc[j] + p.bias[first + j];
+        p.dst[n * rows + first + j] = p.relu ? std::max(y, 0.0f) : y;
+      }
     }
   }
 }
