@@ -102,6 +102,47 @@ struct Geometry {
   }
 };
 
+// Which rows / columns of a tile a tap skips, as bits: kFirst (the tile's first row or column
+// reads the zero border for this tap) and kLast (its last one does).
+constexpr int kFirst = 1, kLast = 2;
+
+template <int N, int SKIP>
+constexpr bool skipped(int i) {
+  return ((SKIP & kFirst) && i == 0) || ((SKIP & kLast) && i == N - 1);
+}
+
+// acc += one tap's products over all input-channel pairs, for the tile's pixels that read
+// inside the image: a tap on the border skips the row or column that would read only zeros
+// (on BKNet's 6x6 maps that is 21% of the products). Inlined, so that the accumulators stay in
+// registers (through a call they went to memory, at half the speed).
+template <int ROWS, int COLS, int NB, int SKIP_ROWS, int SKIP_COLS>
+[[gnu::always_inline]] inline void accumulate(typename Unit::Acc (&acc)[ROWS][COLS][NB], const Geometry& g, const uint16_t* tap_in,
+                const uint16_t* tap_w) {
+  for (int64_t cp = 0; cp < g.pairs; ++cp) {
+    typename Unit::Weights wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = Unit::load_weights(tap_w + b * g.block_stride + cp * 2 * kBf16Block);
+    for (int r = 0; r < ROWS; ++r) {
+      if (skipped<ROWS, SKIP_ROWS>(r)) continue;
+      for (int c = 0; c < COLS; ++c) {
+        if (skipped<COLS, SKIP_COLS>(c)) continue;
+        const uint16_t* pair = tap_in + r * g.in_row + c * g.channels + 2 * cp;
+        for (int b = 0; b < NB; ++b) Unit::dot(acc[r][c][b], pair, wv[b]);
+      }
+    }
+  }
+}
+
+template <int ROWS, int COLS, int NB, int SKIP_ROWS>
+[[gnu::always_inline]] inline void accumulate_columns(typename Unit::Acc (&acc)[ROWS][COLS][NB], const Geometry& g, const uint16_t* tap_in,
+                        const uint16_t* tap_w, int skip_columns) {
+  switch (skip_columns) {
+    case 0: return accumulate<ROWS, COLS, NB, SKIP_ROWS, 0>(acc, g, tap_in, tap_w);
+    case kFirst: return accumulate<ROWS, COLS, NB, SKIP_ROWS, kFirst>(acc, g, tap_in, tap_w);
+    case kLast: return accumulate<ROWS, COLS, NB, SKIP_ROWS, kLast>(acc, g, tap_in, tap_w);
+    default: return accumulate<ROWS, COLS, NB, SKIP_ROWS, kFirst | kLast>(acc, g, tap_in, tap_w);
+  }
+}
+
 // Output rows y .. y + ROWS - 1, columns x .. x + COLS - 1, channels co .. co + NB * 16 - 1 of
 // image n; with POOL (ROWS = 2, COLS even) their 2x2 maxima at row y / 2, columns x / 2 ...
 template <int ROWS, int COLS, int NB, bool POOL, typename Out>
@@ -115,17 +156,18 @@ void tile(const Conv3x3Bf16Problem& p, const Geometry& g, int64_t n, int64_t y, 
   // Output (y, x)'s window starts at (y, x) of the zero-bordered input.
   const uint16_t* in = p.src + n * g.in_image + y * g.in_row + x * g.channels;
   const uint16_t* w = p.weight + (co / kBf16Block) * g.block_stride;
+  const bool top = y == 0, bottom = y + ROWS == p.height, left = x == 0, right = x + COLS == p.width;
   for (int tap = 0; tap < 9; ++tap) {
-    const uint16_t* tap_in = in + (tap / 3) * g.in_row + (tap % 3) * g.channels;
+    const int ky = tap / 3, kx = tap % 3;
+    const uint16_t* tap_in = in + ky * g.in_row + kx * g.channels;
     const uint16_t* tap_w = w + tap * g.tap_stride;
-    for (int64_t cp = 0; cp < g.pairs; ++cp) {
-      typename Unit::Weights wv[NB];
-      for (int b = 0; b < NB; ++b) wv[b] = Unit::load_weights(tap_w + b * g.block_stride + cp * 2 * kBf16Block);
-      for (int r = 0; r < ROWS; ++r)
-        for (int c = 0; c < COLS; ++c) {
-          const uint16_t* pair = tap_in + r * g.in_row + c * g.channels + 2 * cp;
-          for (int b = 0; b < NB; ++b) Unit::dot(acc[r][c][b], pair, wv[b]);
-        }
+    const int skip_columns = (kx == 0 && left ? kFirst : 0) | (kx == 2 && right ? kLast : 0);
+    if (ky == 0 && top) {
+      accumulate_columns<ROWS, COLS, NB, kFirst>(acc, g, tap_in, tap_w, skip_columns);
+    } else if (ky == 2 && bottom) {
+      accumulate_columns<ROWS, COLS, NB, kLast>(acc, g, tap_in, tap_w, skip_columns);
+    } else {
+      accumulate_columns<ROWS, COLS, NB, 0>(acc, g, tap_in, tap_w, skip_columns);
     }
   }
   Out* dst = static_cast<Out*>(p.dst) + n * g.dst_image + g.dst_origin + co;
