@@ -178,16 +178,25 @@ def _run_with_plan(fused, x, plan, monkeypatch, tmp_path):
         return fused(x)
 
 
-@pytest.mark.parametrize("batch", [1, 7])
+def _plan_steps(fused) -> list:
+    return [step for key in list(fused._plans) for step in fused._plans.get(key)]
+
+
+def _is_bf16_chain(step) -> bool:
+    return type(step).__name__ == "ChainStep" and step._input is not None
+
+
+@pytest.mark.parametrize("batch", [1, 7, 20])
 def test_bf16_chain_within_the_derived_bound(batch, monkeypatch, tmp_path):
-    """BKNet as one bfloat16 C++ chain (direct bf16 convs, float32 heads), where timing picks
-    it at batches 1-15, against the float64 model within the bf16 bound."""
+    """BKNet's bfloat16 C++ chain (direct bf16 convs), where timing picks it, against the float64
+    model within the bf16 bound: at batches 1-15 the whole network (float32 heads), from 16 on
+    the convs, then the heads' bf16 GEMMs."""
     model, _, fused64, _, _ = networks("bknet")
     fused = mtkernels.fuse_for_inference(model, "bf16")
     held_out = faces(model.input_size)[CALIBRATION_IMAGES:][:batch]
     out = _run_with_plan(fused, held_out, "bf16_chain", monkeypatch, tmp_path)
-    steps = [step for key in list(fused._plans) for step in fused._plans.get(key)]
-    assert len(steps) == 1 and type(steps[0]).__name__ == "ChainStep" and steps[0]._input is not None
+    steps = _plan_steps(fused)
+    assert _is_bf16_chain(steps[0]) and len(steps) == (1 if batch < 16 else 1 + len(fused.heads.layers))
     exact, bound = reduced_precision_bound(fused64, held_out, None)
     excess = (out.double() - exact).abs() - bound
     assert float(excess.max()) <= 0, f"bf16 chain logits exceed the bound by {float(excess.max()):.3g}"
@@ -209,21 +218,25 @@ def test_bf16_chain_agrees_with_float32_on_real_faces(monkeypatch, tmp_path):
         assert agreement >= NEEDED_AGREEMENT["bf16"], f"bf16 chain {task}: {agreement:.1%} agree with float32"
 
 
-def test_bf16_chain_is_the_untimed_choice_where_every_layer_has_a_kernel(monkeypatch, tmp_path):
-    """MTKERNELS_TUNE=off: BKNet at batch 1 runs the bfloat16 chain; the 4-task CNN, whose
-    third conv pools a 25x25 map (the kernel pools whole 2x2 windows only), has no such chain
-    and runs its layers."""
+@pytest.mark.parametrize("batch", [1, 20])
+def test_bf16_chain_is_the_untimed_choice_where_the_convs_have_a_kernel(batch, monkeypatch, tmp_path):
+    """MTKERNELS_TUNE=off: BKNet runs the bfloat16 chain (and int8 BKNet too at batch 1, where
+    its int8 convs lose to the chain; not from 16 on); the 4-task CNN, whose fourth conv pools
+    a 25x25 map (the kernel pools whole 2x2 windows only), would chain only its first three
+    convs, measured slower than its layers, and runs its layers."""
     from mtkernels.fuse import tuning
 
     monkeypatch.setenv("MTKERNELS_TUNE", "off")
     monkeypatch.setattr(tuning, "_CACHE", tuning.TuningCache(tmp_path))
-    for name, chained in (("bknet", True), ("emotion-cnn", False)):
+    for name, precision, chained in (("bknet", "bf16", True), ("bknet", "int8", batch < 16),
+                                     ("emotion-cnn", "bf16", False)):
         model = networks(name)[0]
-        fused = mtkernels.fuse_for_inference(model, "bf16")
+        images = faces(model.input_size)
+        fused = mtkernels.fuse_for_inference(model, precision, images[:CALIBRATION_IMAGES] if precision == "int8"
+                                             else None)
         with torch.no_grad():
-            fused(faces(model.input_size)[:1])
-        steps = [step for key in list(fused._plans) for step in fused._plans.get(key)]
-        assert any(getattr(step, "_input", None) is not None for step in steps) == chained, name
+            fused(images[:batch])
+        assert any(_is_bf16_chain(step) for step in _plan_steps(fused)) == chained, (name, precision)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])

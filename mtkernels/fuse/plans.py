@@ -209,8 +209,8 @@ class FusedMultiTaskNet(DerivedState):
             chainable.append((layer, h.shape[1:]) if joins else None)
             steps.append(step)
             h = step(h)
-        if bucket in CHAIN_BUCKETS and self.precision != "fp32":
-            return self._reduced_or_float32_chain(steps, probe, n, bucket)
+        if self.precision != "fp32":
+            return self._reduced_plan(steps, probe, n, bucket)
         if bucket not in CHAIN_BUCKETS or self._chained(steps, chainable, n) is None:
             return steps
         key = self._plan_key(x.shape, x.dtype, bucket)
@@ -226,25 +226,52 @@ class FusedMultiTaskNet(DerivedState):
         ``kind`` is the input dtype (float32 plans) or the precision (reduced ones)."""
         return f"net:{self._signature}:in{'x'.join(map(str, shape[1:]))}:{kind}:cpu:b{bucket}"
 
-    def _reduced_or_float32_chain(self, steps: list, probe: torch.Tensor, batch: int, bucket: str) -> list:
-        """For a reduced-precision net at small batches: ``steps``, or the whole network as one
-        C++ chain where every layer has a kernel and it was timed faster: in bfloat16 (direct
-        convs, float32 heads), or in float32 (more exact than either reduced precision). At
-        batch 1 a chain saves the per-call set-up of oneDNN and of Python between layers."""
+    def _reduced_plan(self, steps: list, probe: torch.Tensor, batch: int, bucket: str) -> list:
+        """For a reduced-precision net: ``steps``, or where it was timed faster:
+
+        * ``bf16_chain``: the leading layers that mtkernels' direct bfloat16 conv can run, as one
+          C++ chain, then the rest of ``steps``. At batches 1-15 that is the whole network where
+          every layer has a kernel (the heads in float32: the chain's linear kernel streams each
+          weight row once per batch); at larger ones (bf16 nets only: int8 convs are faster
+          there) the convs, the heads staying oneDNN GEMMs.
+        * ``float32_chain`` (batches 1-15): the whole network as a float32 C++ chain, the more
+          exact, where every layer has a kernel.
+
+        At batch 1 a chain saves the per-call set-up of oneDNN and of Python between layers."""
+        small = bucket in CHAIN_BUCKETS
+        builders = {}
+        length = self._bf16_chain_length(probe.shape, whole=small)
+        if length >= 2 and (small or self.precision == "bf16"):
+            builders["bf16_chain"] = lambda shape: [ChainStep(self._layers[:length], shape, bf16=True),
+                                                    *steps[length:]]
+        if small:
+            builders["float32_chain"] = lambda shape: [ChainStep(self._layers, shape)]
         plans = {"reduced": functools.partial(_replay, steps)}
-        for name, bf16 in (("bf16_chain", True), ("float32_chain", False)):
+        for name, build in builders.items():
             try:
-                plans[name] = functools.partial(_replay, [ChainStep(self._layers, probe.shape, bf16)])
-            except ValueError:
+                plans[name] = functools.partial(_replay, build(probe.shape))
+            except ValueError:  # some layer has no float32 kernel
                 continue
         if len(plans) == 1:
             return steps
+        # Untimed, the bf16 chain runs where it takes every conv (BKNet: measured faster at every
+        # batch size); a part of the convs (the 4-task CNN's first three) measured slower.
+        every_conv = not any(isinstance(layer, FusedConv2d) for layer in self._layers[length:])
         choice = tuning.choose(self._plan_key(probe.shape, self.precision, bucket), list(plans), plans.__getitem__,
-                               probe, heuristic="bf16_chain" if "bf16_chain" in plans else "reduced")
-        shape = torch.Size((batch, *probe.shape[1:]))
-        if choice == "reduced":
-            return steps
-        return [ChainStep(self._layers, shape, bf16=choice == "bf16_chain")]
+                               probe, heuristic="bf16_chain" if "bf16_chain" in plans and every_conv else "reduced")
+        return steps if choice == "reduced" else builders[choice](torch.Size((batch, *probe.shape[1:])))
+
+    def _bf16_chain_length(self, shape: torch.Size, whole: bool) -> int:
+        """How many leading layers a bfloat16 ``ChainStep`` can run for input of ``shape``: up to
+        the first without a kernel, or (``whole`` False) the first linear layer."""
+        for index, layer in enumerate(self._layers):
+            kernel_shape = getattr(layer, "chain_output_shape", None)
+            out = None if kernel_shape is None or (isinstance(layer, FusedLinear) and not whole) \
+                else kernel_shape(shape, True)
+            if out is None:
+                return index
+            shape = torch.Size(out)
+        return len(self._layers)
 
     @staticmethod
     def _chained(steps: list, chainable: list, batch: int) -> Optional[list]:
