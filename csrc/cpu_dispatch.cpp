@@ -154,7 +154,7 @@ const KernelTable& kernels() {
 #ifdef MTK_HAVE_AVX512BF16
   static const KernelTable avx512bf16_table = [] {
     KernelTable table = MTK_TABLE(avx512);
-    table.conv3x3_bf16_nhwc = avx512bf16::conv3x3_bf16_nhwc;
+    table.conv_bf16_nhwc = avx512bf16::conv_bf16_nhwc;
     return table;
   }();
   if (current() == Isa::avx512bf16) return avx512bf16_table;

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "conv.h"
-#include "conv3x3_bf16.h"
+#include "conv_bf16.h"
 #include "cpu_dispatch.h"
 #include "multitask_loss.h"
 
@@ -174,34 +174,46 @@ void grouped_linear(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t d
   mtk::kernels().grouped_linear(problem);
 }
 
-mtk::Conv3x3Bf16Problem conv3x3_bf16_problem(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst,
-                                             int64_t batch, int64_t height, int64_t width, int64_t in_channels,
-                                             int64_t out_channels, int64_t dst_pad, bool relu, bool pool,
-                                             int dst_element, int num_threads) {
+mtk::ConvBf16Problem conv_bf16_problem(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch,
+                                       int64_t height, int64_t width, int64_t in_channels, int64_t out_channels,
+                                       int64_t kernel_size, int64_t stride, int64_t dst_pad, bool relu, bool pool,
+                                       int dst_element, int num_threads) {
   if (batch < 0 || height < 0 || width < 0 || in_channels < 0 || out_channels < 0)
     throw std::invalid_argument("negative size");
   if (in_channels % 2) throw std::invalid_argument("in_channels must be even (pad with a zero channel)");
   if (out_channels % mtk::kBf16Block)
     throw std::invalid_argument("out_channels must be a multiple of " + std::to_string(mtk::kBf16Block));
+  if (kernel_size != 1 && kernel_size != 3) throw std::invalid_argument("kernel_size must be 1 or 3");
+  if (stride != 1 && stride != 2) throw std::invalid_argument("stride must be 1 or 2");
   if (dst_pad != 0 && dst_pad != 1) throw std::invalid_argument("dst_pad must be 0 or 1");
-  if (pool && (height % 2 || width % 2)) throw std::invalid_argument("pool needs an even height and width");
-  return mtk::Conv3x3Bf16Problem{as_ptr<const uint16_t>(src), as_ptr<const uint16_t>(weight),
-                                 as_ptr<const float>(bias),   as_ptr<void>(dst),
-                                 batch,                       height,
-                                 width,                       in_channels,
-                                 out_channels,                dst_pad,
-                                 relu,                        pool,
-                                 activation_element(dst_element), std::max(1, num_threads)};
+  const int64_t out_h = height > 0 ? (height - 1) / stride + 1 : 0, out_w = width > 0 ? (width - 1) / stride + 1 : 0;
+  if (pool && (out_h % 2 || out_w % 2)) throw std::invalid_argument("pool needs an even output height and width");
+  return mtk::ConvBf16Problem{as_ptr<const uint16_t>(src),
+                              as_ptr<const uint16_t>(weight),
+                              as_ptr<const float>(bias),
+                              as_ptr<void>(dst),
+                              batch,
+                              height,
+                              width,
+                              in_channels,
+                              out_channels,
+                              kernel_size,
+                              stride,
+                              dst_pad,
+                              relu,
+                              pool,
+                              activation_element(dst_element),
+                              std::max(1, num_threads)};
 }
 
-void conv3x3_bf16_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t height,
-                       int64_t width, int64_t in_channels, int64_t out_channels, int64_t dst_pad, bool relu,
-                       bool pool, int dst_element, int num_threads) {
-  const auto problem = conv3x3_bf16_problem(src, weight, bias, dst, batch, height, width, in_channels, out_channels,
-                                            dst_pad, relu, pool, dst_element, num_threads);
+void conv_bf16_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch, int64_t height,
+                    int64_t width, int64_t in_channels, int64_t out_channels, int64_t kernel_size, int64_t stride,
+                    int64_t dst_pad, bool relu, bool pool, int dst_element, int num_threads) {
+  const auto problem = conv_bf16_problem(src, weight, bias, dst, batch, height, width, in_channels, out_channels,
+                                         kernel_size, stride, dst_pad, relu, pool, dst_element, num_threads);
   if (batch * height * width * in_channels * out_channels == 0) return;
   py::gil_scoped_release release;
-  mtk::kernels().conv3x3_bf16_nhwc(problem);
+  mtk::kernels().conv_bf16_nhwc(problem);
 }
 
 // Consecutive layers run by one call with the GIL released: at batch 1 the Python and
@@ -231,13 +243,13 @@ class LayerChain {
     append(layer, dst);
   }
 
-  void add_conv3x3_bf16(py::object weight, py::object bias, py::object dst, int64_t batch, int64_t height,
-                        int64_t width, int64_t in_channels, int64_t out_channels, int64_t dst_pad, bool relu,
-                        bool pool, int dst_element) {
+  void add_conv_bf16(py::object weight, py::object bias, py::object dst, int64_t batch, int64_t height, int64_t width,
+                     int64_t in_channels, int64_t out_channels, int64_t kernel_size, int64_t stride, int64_t dst_pad,
+                     bool relu, bool pool, int dst_element) {
     Layer layer{};
-    layer.kind = Kind::conv3x3_bf16;
-    layer.bf16 = conv3x3_bf16_problem(0, keep(weight), keep(bias), 0, batch, height, width, in_channels,
-                                      out_channels, dst_pad, relu, pool, dst_element, 1);
+    layer.kind = Kind::conv_bf16;
+    layer.bf16 = conv_bf16_problem(0, keep(weight), keep(bias), 0, batch, height, width, in_channels, out_channels,
+                                   kernel_size, stride, dst_pad, relu, pool, dst_element, 1);
     append(layer, dst);
   }
 
@@ -266,22 +278,22 @@ class LayerChain {
         case Kind::winograd_conv3x3_one_pass:
           kernels.winograd_conv3x3_one_pass_nhwc(bind(layer.wino, layer, num_threads));
           break;
-        case Kind::conv3x3_bf16: kernels.conv3x3_bf16_nhwc(bind(layer.bf16, layer, num_threads)); break;
+        case Kind::conv_bf16: kernels.conv_bf16_nhwc(bind(layer.bf16, layer, num_threads)); break;
         case Kind::grouped_linear: kernels.grouped_linear(bind(layer.linear, layer, num_threads)); break;
       }
     }
   }
 
  private:
-  enum class Kind { single_channel, winograd_conv3x3_one_pass, conv3x3_bf16, grouped_linear };
+  enum class Kind { single_channel, winograd_conv3x3_one_pass, conv_bf16, grouped_linear };
   // One of the problems is used, per kind; src and dst are set in it when the chain runs.
   struct Layer {
     Kind kind;
-    const void* src;  // of the element the layer reads (float32, or bfloat16 for conv3x3_bf16)
+    const void* src;  // of the element the layer reads (float32, or bfloat16 for conv_bf16)
     void* dst;
     mtk::Conv3x3SingleChannelProblem single;
     mtk::WinogradConvProblem wino;
-    mtk::Conv3x3Bf16Problem bf16;
+    mtk::ConvBf16Problem bf16;
     mtk::GroupedLinearProblem linear;
   };
 
@@ -413,12 +425,14 @@ PYBIND11_MODULE(_C, m) {
         "Winograd F(2x2,3x3) conv + bias (+ ReLU) (+ 2x2 max-pool) of NHWC float32, one pass per chunk of images; "
         "u packed per block of winograd_block_channels output channels.");
   m.attr("winograd_block_channels") = mtk::kWinogradBlock;
-  m.def("conv3x3_bf16_nhwc", &conv3x3_bf16_nhwc, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
+  m.def("conv_bf16_nhwc", &conv_bf16_nhwc, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
         py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"), py::arg("out_channels"),
-        py::arg("dst_pad"), py::arg("relu"), py::arg("pool"), py::arg("dst_element"), py::arg("num_threads"),
-        "Direct 3x3 / stride 1 / pad 1 conv of a zero-bordered NHWC bfloat16 input [N, H + 2, W + 2, C_in] with "
-        "pair-packed bfloat16 weights, float32 accumulation, + bias (+ ReLU) (+ 2x2 max-pool), to NHWC of "
-        "dst_element 0 (float32) or 1 (bfloat16) with a border of dst_pad (0 or 1) left untouched.");
+        py::arg("kernel_size"), py::arg("stride"), py::arg("dst_pad"), py::arg("relu"), py::arg("pool"),
+        py::arg("dst_element"), py::arg("num_threads"),
+        "Direct conv (3x3 with padding 1 on a zero-bordered input [N, H + 2, W + 2, C_in], or 1x1 on [N, H, W, "
+        "C_in]; stride 1 or 2) of NHWC bfloat16 with pair-packed bfloat16 weights, float32 accumulation, + bias "
+        "(+ ReLU) (+ 2x2 max-pool), to NHWC of dst_element 0 (float32) or 1 (bfloat16) with a border of dst_pad "
+        "(0 or 1) left untouched.");
   m.attr("bf16_block_channels") = mtk::kBf16Block;
   m.def("grouped_linear", &grouped_linear, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
         py::arg("batch"), py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
@@ -434,10 +448,10 @@ PYBIND11_MODULE(_C, m) {
            py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"), py::arg("out_channels"),
            py::arg("images_per_chunk"), py::arg("relu"), py::arg("pool"),
            "Append winograd_conv3x3_one_pass_nhwc; dst None for the last layer (given to run).")
-      .def("add_conv3x3_bf16", &LayerChain::add_conv3x3_bf16, py::arg("weight"), py::arg("bias"), py::arg("dst"),
+      .def("add_conv_bf16", &LayerChain::add_conv_bf16, py::arg("weight"), py::arg("bias"), py::arg("dst"),
            py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"), py::arg("out_channels"),
-           py::arg("dst_pad"), py::arg("relu"), py::arg("pool"), py::arg("dst_element"),
-           "Append conv3x3_bf16_nhwc; dst None for the last layer (given to run).")
+           py::arg("kernel_size"), py::arg("stride"), py::arg("dst_pad"), py::arg("relu"), py::arg("pool"),
+           py::arg("dst_element"), "Append conv_bf16_nhwc; dst None for the last layer (given to run).")
       .def("add_grouped_linear", &LayerChain::add_grouped_linear, py::arg("weight"), py::arg("bias"), py::arg("dst"), py::arg("batch"),
            py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
            "Append grouped_linear; dst None for the last layer (given to run).")

@@ -123,8 +123,9 @@ class FusedConv2d(DerivedState):
     ReLU post-op, which turns NaN into 0), ``single_channel`` (a direct C++ kernel for the
     one-input-channel first layer), and for 3x3 / stride 1 convs Winograd F(2x2, 3x3) as C++ transforms around PyTorch's
     batched GEMM (``winograd``) or as one C++ pass (``winograd_one_pass``); the last two pool
-    in their output transform, the others are followed by a C++ NHWC pool. CUDA: the Triton
-    implicit-GEMM kernel, the pool in its epilogue."""
+    in their output transform, the others are followed by a C++ NHWC pool. bfloat16 input may
+    also run mtkernels' direct bf16 conv (``direct_bf16``: 3x3 or 1x1, stride 1 or 2, ReLU and
+    pool in its epilogue). CUDA: the Triton implicit-GEMM kernel, the pool in its epilogue."""
 
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, relu: bool = False,
                  pool: bool = False):
@@ -185,6 +186,24 @@ class FusedConv2d(DerivedState):
         """oneDNN's conv with its ReLU post-op (NaN -> 0): offered for bfloat16 only, where the
         network flags non-finite images itself (see mtkernels.fuse.precision)."""
         return self._onednn(x, "relu")
+
+    def _direct_bf16_ok(self, shape: torch.Size) -> bool:
+        """Whether mtkernels' direct bf16 conv runs this layer on input of ``shape``."""
+        from ..ops.conv_bf16 import output_size, supports
+
+        if self.groups != 1 or self.dilation != [1, 1] or len(set(self.stride)) != 1 or len(set(self.padding)) != 1:
+            return False
+        stride = self.stride[0]
+        even_output = all(output_size(size, stride) % 2 == 0 for size in shape[2:])
+        return (supports(self.weight.shape, stride, self.padding[0]) and self.weight.dtype == torch.float32
+                and (even_output or not self.pool))
+
+    def _direct_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """mtkernels' direct bf16 conv, bias, ReLU and pool in one pass (a 3x3 conv's input is
+        first copied into a zero-bordered buffer)."""
+        from ..ops.conv_bf16 import conv_bf16
+
+        return conv_bf16(x, self.bf16_weight(), self.bias, self.relu, self.pool, stride=self.stride[0])
 
     def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """oneDNN's packed int8 weight (symmetric, per output channel), its scales and zero points."""
@@ -283,6 +302,8 @@ class FusedConv2d(DerivedState):
             names.append("onednn")
             if x.dtype == torch.bfloat16 and self.relu:
                 names.append("onednn_relu")
+        if x.dtype == torch.bfloat16 and self._direct_bf16_ok(x.shape):
+            names.append("direct_bf16")
         if x.dtype != torch.float32:
             return names
         if self.single_channel_3x3:
@@ -293,7 +314,7 @@ class FusedConv2d(DerivedState):
 
     def build(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         impl = getattr(self, "_" + name)
-        if name.startswith("winograd"):  # ReLU and pool in the output transform
+        if name.startswith("winograd") or name == "direct_bf16":  # ReLU and pool in the kernel's epilogue
             return impl
         return self._epilogue(impl, relu=self.relu and name not in ("single_channel", "onednn_relu"))
 
@@ -364,17 +385,15 @@ class FusedConv2d(DerivedState):
     def chain_output_shape(self, shape: torch.Size, bf16: bool = False) -> Optional[tuple[int, ...]]:
         """Output shape for CPU input of ``shape`` if a C++ kernel does the whole layer (so it can
         join a ``_C.LayerChain``), else None: in float32, or with ``bf16`` in bfloat16 (the direct
-        conv3x3_bf16 kernel, which needs whole blocks of output channels)."""
+        conv_bf16 kernel, which needs whole blocks of output channels)."""
         n, _, h, w = shape
         c_out = self.weight.shape[0]
         if self.pool and (h % 2 or w % 2):
             return None
         out = (n, c_out, h // 2, w // 2) if self.pool else (n, c_out, h, w)
-        if bf16:
-            from ..ops.conv3x3_bf16 import BLOCK
-
+        if bf16:  # 3x3 / stride 1 only: each conv writes the next one's zero-bordered input
             plain_3x3 = self.single_channel_3x3 or self.winograd_ok
-            return out if plain_3x3 and c_out % BLOCK == 0 and self.weight.dtype == torch.float32 else None
+            return out if plain_3x3 and self._direct_bf16_ok(shape) else None
         if self.single_channel_3x3 and not self.pool:
             return out
         return out if self.winograd_ok else None
@@ -382,17 +401,17 @@ class FusedConv2d(DerivedState):
     def append_to_chain(self, chain, shape: torch.Size, dst: Optional[torch.Tensor], bf16: bool = False) -> None:
         """Append this layer (``chain_output_shape(shape, bf16)`` not None) to a ``_C.LayerChain``,
         writing to ``dst`` (None: the chain's output). With ``bf16`` the layer reads a bordered
-        bfloat16 input (``mtkernels.ops.conv3x3_bf16.bordered_input``) and writes ``dst``'s
+        bfloat16 input (``mtkernels.ops.conv_bf16.bordered_input``) and writes ``dst``'s
         dtype: a bordered bfloat16 buffer (the next conv's input), or float32 [N, C, H, W]."""
         n, c_in, h, w = shape
         if bf16:
             from ..ops.conv import ELEMENTS
-            from ..ops.conv3x3_bf16 import even
+            from ..ops.conv_bf16 import even
 
             bordered = dst is not None and dst.dtype == torch.bfloat16
-            chain.add_conv3x3_bf16(self.bf16_weight(), self.bias, dst, n, h, w, even(c_in), self.bias.shape[0],
-                                   int(bordered), self.relu, self.pool,
-                                   ELEMENTS[torch.bfloat16 if bordered else torch.float32])
+            chain.add_conv_bf16(self.bf16_weight(), self.bias, dst, n, h, w, even(c_in), self.bias.shape[0], 3, 1,
+                                int(bordered), self.relu, self.pool,
+                                ELEMENTS[torch.bfloat16 if bordered else torch.float32])
         elif self.single_channel_3x3:
             weight, bias = self.weight_k_major(torch.float32)
             chain.add_single_channel(weight, bias, dst, n, h, w, weight.shape[1], self.relu)
@@ -403,12 +422,12 @@ class FusedConv2d(DerivedState):
                                                 images_per_chunk, self.relu, self.pool)
 
     def bf16_weight(self) -> torch.Tensor:
-        """The weight in conv3x3_bf16's packed bfloat16 pair layout, packed once."""
+        """The weight in conv_bf16's packed bfloat16 pair layout, packed once."""
         derived = self.derived()
         if "bf16_packed" not in derived:
-            from ..ops.conv3x3_bf16 import pack_conv3x3_bf16_weight
+            from ..ops.conv_bf16 import pack_conv_bf16_weight
 
-            derived["bf16_packed"] = pack_conv3x3_bf16_weight(self.weight)
+            derived["bf16_packed"] = pack_conv_bf16_weight(self.weight)
         return derived["bf16_packed"]
 
 

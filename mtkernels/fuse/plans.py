@@ -49,13 +49,13 @@ class ChainStep:
     Python and dispatcher code out of the caches, so each call between layers costs
     10-15 us there. The C++ chain holds a reference to every tensor it addresses.
 
-    With ``bf16`` the convs run the direct bfloat16 kernel (``mtkernels.ops.conv3x3_bf16``):
+    With ``bf16`` the convs run the direct bfloat16 kernel (``mtkernels.ops.conv_bf16``):
     the input is rounded into a zero-bordered bfloat16 buffer, each conv writes the interior
     of the next one's, and the last conv writes float32 for the (float32) layers after it."""
 
     def __init__(self, layers: Sequence[nn.Module], shape: torch.Size, bf16: bool = False):
         from .. import _C
-        from ..ops.conv3x3_bf16 import bordered_input
+        from ..ops.conv_bf16 import bordered_input
 
         self.chain, self._buffers, self._input = _C.LayerChain(), [], None
         shapes = [torch.Size(shape)]
@@ -97,7 +97,7 @@ class ChainStep:
             raise ValueError(f"this chain runs float32 CPU input of shape {tuple(self.in_shape)}, "
                              f"got {x.dtype} {tuple(x.shape)} on {x.device}")
         if self._input is not None:
-            from ..ops.conv3x3_bf16 import fill_bordered
+            from ..ops.conv_bf16 import fill_bordered
 
             x = fill_bordered(self._input, x)
         else:

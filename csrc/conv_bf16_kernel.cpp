@@ -1,7 +1,7 @@
-// Direct 3x3 bfloat16 convolution (conv3x3_bf16.h), compiled once per ISA. An output tile of
+// Direct bfloat16 convolution (conv_bf16.h), compiled once per ISA. An output tile of
 // 2 rows x 6 columns x 32 channels keeps its 24 float32 accumulators in registers over all
-// 9 * C_in / 2 input-channel pairs: per pair, 2 weight vectors are loaded and each of the 12
-// pixels' pair is broadcast, for 24 dot products. The pool takes the maximum of the tile's
+// K * K * C_in / 2 products of input-channel pairs: per pair, 2 weight vectors are loaded and
+// each of the 12 pixels' pair is broadcast, for 24 dot products. The pool takes the maximum of the tile's
 // 2x2 windows straight from the accumulators, so the unpooled output is never stored.
 #include <immintrin.h>
 #include <omp.h>
@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "conv3x3_bf16.h"
+#include "conv_bf16.h"
 #include "float_ops.h"
 #include "isa_variant.h"
 
@@ -86,20 +86,27 @@ struct Unit {
 };
 #endif
 
-// Strides (in elements) of the problem's buffers.
+// Strides (in elements) of the problem's buffers, and the output's size.
 struct Geometry {
-  int64_t channels, in_row, in_image, pairs, tap_stride, block_stride;
+  int64_t channels, in_row, in_image, pairs, taps, tap_stride, block_stride;
+  int64_t kernel, stride, pad, out_h, out_w;  // out_h x out_w: the conv's output, before the pool
   int64_t dst_row, dst_image, dst_origin;  // dst_origin: the offset of output pixel (0, 0)
-  explicit Geometry(const Conv3x3Bf16Problem& p) {
+  explicit Geometry(const ConvBf16Problem& p) {
+    kernel = p.kernel_size;
+    stride = p.stride;
+    pad = (kernel - 1) / 2;
     channels = p.in_channels;
-    in_row = (p.width + 2) * channels;
-    in_image = (p.height + 2) * in_row;
+    in_row = (p.width + 2 * pad) * channels;
+    in_image = (p.height + 2 * pad) * in_row;
     pairs = channels / 2;
+    taps = kernel * kernel;
     tap_stride = pairs * 2 * kBf16Block;
-    block_stride = 9 * tap_stride;
-    const int64_t out_h = p.pool ? p.height / 2 : p.height, out_w = p.pool ? p.width / 2 : p.width;
-    dst_row = (out_w + 2 * p.dst_pad) * p.out_channels;
-    dst_image = (out_h + 2 * p.dst_pad) * dst_row;
+    block_stride = taps * tap_stride;
+    out_h = (p.height - 1) / stride + 1;
+    out_w = (p.width - 1) / stride + 1;
+    const int64_t rows = p.pool ? out_h / 2 : out_h, columns = p.pool ? out_w / 2 : out_w;
+    dst_row = (columns + 2 * p.dst_pad) * p.out_channels;
+    dst_image = (rows + 2 * p.dst_pad) * dst_row;
     dst_origin = p.dst_pad * (dst_row + p.out_channels);
   }
 };
@@ -118,8 +125,9 @@ constexpr bool skipped(int i) {
 // (on BKNet's 6x6 maps that is 21% of the products). Inlined, so that the accumulators stay in
 // registers (through a call they went to memory, at half the speed).
 template <int ROWS, int COLS, int NB, int SKIP_ROWS, int SKIP_COLS>
-[[gnu::always_inline]] inline void accumulate(typename Unit::Acc (&acc)[ROWS][COLS][NB], const Geometry& g, const uint16_t* tap_in,
-                const uint16_t* tap_w) {
+[[gnu::always_inline]] inline void accumulate(typename Unit::Acc (&acc)[ROWS][COLS][NB], const Geometry& g,
+                                              const uint16_t* tap_in, const uint16_t* tap_w) {
+  const int64_t row_step = g.stride * g.in_row, column_step = g.stride * g.channels;
   for (int64_t cp = 0; cp < g.pairs; ++cp) {
     typename Unit::Weights wv[NB];
     for (int b = 0; b < NB; ++b) wv[b] = Unit::load_weights(tap_w + b * g.block_stride + cp * 2 * kBf16Block);
@@ -127,7 +135,7 @@ template <int ROWS, int COLS, int NB, int SKIP_ROWS, int SKIP_COLS>
       if (skipped<ROWS, SKIP_ROWS>(r)) continue;
       for (int c = 0; c < COLS; ++c) {
         if (skipped<COLS, SKIP_COLS>(c)) continue;
-        const uint16_t* pair = tap_in + r * g.in_row + c * g.channels + 2 * cp;
+        const uint16_t* pair = tap_in + r * row_step + c * column_step + 2 * cp;
         for (int b = 0; b < NB; ++b) Unit::dot(acc[r][c][b], pair, wv[b]);
       }
     }
@@ -135,8 +143,9 @@ template <int ROWS, int COLS, int NB, int SKIP_ROWS, int SKIP_COLS>
 }
 
 template <int ROWS, int COLS, int NB, int SKIP_ROWS>
-[[gnu::always_inline]] inline void accumulate_columns(typename Unit::Acc (&acc)[ROWS][COLS][NB], const Geometry& g, const uint16_t* tap_in,
-                        const uint16_t* tap_w, int skip_columns) {
+[[gnu::always_inline]] inline void accumulate_columns(typename Unit::Acc (&acc)[ROWS][COLS][NB], const Geometry& g,
+                                                      const uint16_t* tap_in, const uint16_t* tap_w,
+                                                      int skip_columns) {
   switch (skip_columns) {
     case 0: return accumulate<ROWS, COLS, NB, SKIP_ROWS, 0>(acc, g, tap_in, tap_w);
     case kFirst: return accumulate<ROWS, COLS, NB, SKIP_ROWS, kFirst>(acc, g, tap_in, tap_w);
@@ -145,31 +154,36 @@ template <int ROWS, int COLS, int NB, int SKIP_ROWS>
   }
 }
 
+// The skip bits of the output span first .. first + count - 1 (rows or columns) for a tap at
+// offset k: which of its ends read outside the input's extent.
+inline int skips(const Geometry& g, int64_t first, int64_t count, int64_t k, int64_t extent) {
+  const int64_t begin = first * g.stride + k - g.pad, end = (first + count - 1) * g.stride + k - g.pad;
+  return (begin < 0 ? kFirst : 0) | (end >= extent ? kLast : 0);
+}
+
 // Output rows y .. y + ROWS - 1, columns x .. x + COLS - 1, channels co .. co + NB * 16 - 1 of
 // image n; with POOL (ROWS = 2, COLS even) their 2x2 maxima at row y / 2, columns x / 2 ...
 template <int ROWS, int COLS, int NB, bool POOL, typename Out>
-void tile(const Conv3x3Bf16Problem& p, const Geometry& g, int64_t n, int64_t y, int64_t x, int64_t co) {
+void tile(const ConvBf16Problem& p, const Geometry& g, int64_t n, int64_t y, int64_t x, int64_t co) {
   typename Unit::Acc acc[ROWS][COLS][NB];
   for (int b = 0; b < NB; ++b) {
     const typename Unit::Acc bias = Unit::load_bias(p.bias + co + b * kBf16Block);
     for (int r = 0; r < ROWS; ++r)
       for (int c = 0; c < COLS; ++c) acc[r][c][b] = bias;
   }
-  // Output (y, x)'s window starts at (y, x) of the zero-bordered input.
-  const uint16_t* in = p.src + n * g.in_image + y * g.in_row + x * g.channels;
+  // Output (y, x)'s window starts at (stride y, stride x) of the (zero-bordered) input.
+  const uint16_t* in = p.src + n * g.in_image + y * g.stride * g.in_row + x * g.stride * g.channels;
   const uint16_t* w = p.weight + (co / kBf16Block) * g.block_stride;
-  const bool top = y == 0, bottom = y + ROWS == p.height, left = x == 0, right = x + COLS == p.width;
-  for (int tap = 0; tap < 9; ++tap) {
-    const int ky = tap / 3, kx = tap % 3;
+  for (int64_t tap = 0; tap < g.taps; ++tap) {
+    const int64_t ky = tap / g.kernel, kx = tap % g.kernel;
     const uint16_t* tap_in = in + ky * g.in_row + kx * g.channels;
     const uint16_t* tap_w = w + tap * g.tap_stride;
-    const int skip_columns = (kx == 0 && left ? kFirst : 0) | (kx == 2 && right ? kLast : 0);
-    if (ky == 0 && top) {
-      accumulate_columns<ROWS, COLS, NB, kFirst>(acc, g, tap_in, tap_w, skip_columns);
-    } else if (ky == 2 && bottom) {
-      accumulate_columns<ROWS, COLS, NB, kLast>(acc, g, tap_in, tap_w, skip_columns);
-    } else {
-      accumulate_columns<ROWS, COLS, NB, 0>(acc, g, tap_in, tap_w, skip_columns);
+    const int skip_columns = skips(g, x, COLS, kx, p.width);
+    switch (skips(g, y, ROWS, ky, p.height)) {
+      case 0: accumulate_columns<ROWS, COLS, NB, 0>(acc, g, tap_in, tap_w, skip_columns); break;
+      case kFirst: accumulate_columns<ROWS, COLS, NB, kFirst>(acc, g, tap_in, tap_w, skip_columns); break;
+      case kLast: accumulate_columns<ROWS, COLS, NB, kLast>(acc, g, tap_in, tap_w, skip_columns); break;
+      default: accumulate_columns<ROWS, COLS, NB, kFirst | kLast>(acc, g, tap_in, tap_w, skip_columns);
     }
   }
   Out* dst = static_cast<Out*>(p.dst) + n * g.dst_image + g.dst_origin + co;
@@ -194,30 +208,30 @@ void tile(const Conv3x3Bf16Problem& p, const Geometry& g, int64_t n, int64_t y, 
 
 // One band of ROWS output rows across the whole width: full tiles, then the narrower tails.
 template <int ROWS, int NB, bool POOL, typename Out>
-void band(const Conv3x3Bf16Problem& p, const Geometry& g, int64_t n, int64_t y, int64_t co) {
+void band(const ConvBf16Problem& p, const Geometry& g, int64_t n, int64_t y, int64_t co) {
   int64_t x = 0;
-  for (; x + kTileColumns <= p.width; x += kTileColumns) tile<ROWS, kTileColumns, NB, POOL, Out>(p, g, n, y, x, co);
-  for (; x + 2 <= p.width; x += 2) tile<ROWS, 2, NB, POOL, Out>(p, g, n, y, x, co);
+  for (; x + kTileColumns <= g.out_w; x += kTileColumns) tile<ROWS, kTileColumns, NB, POOL, Out>(p, g, n, y, x, co);
+  for (; x + 2 <= g.out_w; x += 2) tile<ROWS, 2, NB, POOL, Out>(p, g, n, y, x, co);
   if constexpr (!POOL) {
-    if (x < p.width) tile<ROWS, 1, NB, POOL, Out>(p, g, n, y, x, co);
+    if (x < g.out_w) tile<ROWS, 1, NB, POOL, Out>(p, g, n, y, x, co);
   }
 }
 
 template <int NB, bool POOL, typename Out>
-void conv(const Conv3x3Bf16Problem& p) {
+void conv(const ConvBf16Problem& p) {
   const Geometry g(p);
-  const int64_t bands = (p.height + kTileRows - 1) / kTileRows;  // pool: H is even
+  const int64_t bands = (g.out_h + kTileRows - 1) / kTileRows;  // pool: out_h is even
   const int64_t group = NB * kBf16Block, items = (p.out_channels / group) * p.batch * bands;
-  const int64_t macs = p.batch * p.height * p.width * p.out_channels * 9 * p.in_channels;
+  const int64_t macs = p.batch * g.out_h * g.out_w * p.out_channels * g.taps * p.in_channels;
   const bool parallel = p.num_threads > 1 && macs >= kParallelMacs;
   // Images outermost where the whole weight stays in each core's cache: a thread then reads
   // its images once, for all output channels. Else output-channel groups outermost, so that
   // each thread's share of the weights stays in its cache.
-  const int64_t groups = p.out_channels / group, weight_bytes = p.out_channels * 9 * p.in_channels * 2;
+  const int64_t groups = p.out_channels / group, weight_bytes = p.out_channels * g.taps * p.in_channels * 2;
   const bool images_outer = p.batch >= p.num_threads && weight_bytes <= kImagesOuterWeightBytes;
 #pragma omp parallel for num_threads(p.num_threads) if (parallel) schedule(static)
   for (int64_t item = 0; item < items; ++item) {
-    int64_t n, co, y;
+    int64_t n, co;
     if (images_outer) {
       n = item / (groups * bands);
       co = item / bands % groups * group;
@@ -225,8 +239,8 @@ void conv(const Conv3x3Bf16Problem& p) {
       co = item / (p.batch * bands) * group;
       n = item / bands % p.batch;
     }
-    y = item % bands * kTileRows;
-    if (y + kTileRows <= p.height) {
+    const int64_t y = item % bands * kTileRows;
+    if (y + kTileRows <= g.out_h) {
       band<kTileRows, NB, POOL, Out>(p, g, n, y, co);
     } else if constexpr (!POOL) {
       band<1, NB, POOL, Out>(p, g, n, y, co);
@@ -235,20 +249,20 @@ void conv(const Conv3x3Bf16Problem& p) {
 }
 
 template <int NB, typename Out>
-void conv_pool_or_not(const Conv3x3Bf16Problem& p) {
+void conv_pool_or_not(const ConvBf16Problem& p) {
   if (p.pool) return conv<NB, true, Out>(p);
   conv<NB, false, Out>(p);
 }
 
 template <typename Out>
-void conv_blocks(const Conv3x3Bf16Problem& p) {
+void conv_blocks(const ConvBf16Problem& p) {
   if (p.out_channels % (2 * kBf16Block) == 0) return conv_pool_or_not<2, Out>(p);
   conv_pool_or_not<1, Out>(p);
 }
 
 }  // namespace
 
-void conv3x3_bf16_nhwc(const Conv3x3Bf16Problem& p) {
+void conv_bf16_nhwc(const ConvBf16Problem& p) {
   if (p.dst_element == Element::float32) return conv_blocks<float>(p);
   conv_blocks<uint16_t>(p);
 }

@@ -1,4 +1,4 @@
-"""The direct bfloat16 3x3 conv (``mtkernels.ops.conv3x3_bf16``) on BKNet's layers at batch 1,
+"""The direct bfloat16 3x3 conv (``mtkernels.ops.conv_bf16``) on BKNet's layers at batch 1,
 against oneDNN's bfloat16 convolution through PyTorch (weights packed once, its ReLU post-op,
 then PyTorch's 2x2 max-pool where the layer pools), in the same run; and BKNet at batch 1
 whole: the bfloat16 C++ chain against OpenVINO's defaults (bf16 on this CPU) on the same
@@ -15,9 +15,9 @@ from test_inference import network, onnx_file, openvino_runner
 
 from mtkernels import _C
 from mtkernels.fuse.plans import ChainStep
-from mtkernels.ops.conv3x3_bf16 import bordered_input, pack_conv3x3_bf16_weight
+from mtkernels.ops.conv_bf16 import bordered_input, pack_conv_bf16_weight
 
-SUITE = "conv3x3_bf16"
+SUITE = "conv_bf16"
 # (C_in, C_out, side, pool) of BKNet's convs after the one-channel first one.
 LAYERS = ((32, 32, 48, True), (32, 64, 24, False), (64, 64, 24, True), (64, 128, 12, False),
           (128, 128, 12, True), (128, 256, 6, False), (256, 256, 6, False), (256, 256, 6, True))
@@ -29,7 +29,7 @@ def layer_name(c_in, c_out, side, pool):
 
 @pytest.mark.parametrize("impl", ["onednn", "mtkernels"])
 @pytest.mark.parametrize("c_in,c_out,side,pool", LAYERS)
-def test_conv3x3_bf16_layer(benchmark, device, c_in, c_out, side, pool, impl):
+def test_conv_bf16_layer(benchmark, device, c_in, c_out, side, pool, impl):
     if device != "cpu":
         pytest.skip("a CPU kernel")
     if impl == "onednn" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -37,13 +37,13 @@ def test_conv3x3_bf16_layer(benchmark, device, c_in, c_out, side, pool, impl):
     torch.manual_seed(0)
     weight, bias = torch.randn(c_out, c_in, 3, 3) / (3 * c_in ** 0.5), torch.randn(c_out)
     if impl == "mtkernels":
-        src, packed = bordered_input(1, side, side, c_in), pack_conv3x3_bf16_weight(weight)
+        src, packed = bordered_input(1, side, side, c_in), pack_conv_bf16_weight(weight)
         src[:, 1:-1, 1:-1].normal_()
         out = side // 2 if pool else side
         dst = bordered_input(1, out, out, c_out)
 
         def run():
-            _C.conv3x3_bf16_nhwc(src.data_ptr(), packed.data_ptr(), bias.data_ptr(), dst.data_ptr(), 1, side, side,
+            _C.conv_bf16_nhwc(src.data_ptr(), packed.data_ptr(), bias.data_ptr(), dst.data_ptr(), 1, side, side,
                                  c_in, c_out, 1, True, pool, 1, torch.get_num_threads())
     else:
         x = torch.randn(1, c_in, side, side).bfloat16().contiguous(memory_format=torch.channels_last)
@@ -102,7 +102,7 @@ def report(device, measurements):
         return None
     notes = ("Batch 1, bfloat16 activations and weights, float32 accumulation, median of 200 (300 for the whole "
              "network). oneDNN: torch.ops.mkldnn._convolution_pointwise with pre-packed weights and its ReLU "
-             "post-op, then F.max_pool2d where the layer pools. mtkernels: _C.conv3x3_bf16_nhwc "
+             "post-op, then F.max_pool2d where the layer pools. mtkernels: _C.conv_bf16_nhwc "
              f"(kernel variant {_C.isa()}), ReLU and pool in its epilogue, writing the next layer's zero-bordered "
              "input. Whole network: OpenVINO's default settings on `python -m models export`'s ONNX file against "
              "the mtkernels bf16 chain (bf16 convs, float32 heads), one face.")
