@@ -207,10 +207,13 @@ void tile(const ConvBf16Problem& p, const Geometry& g, int64_t n, int64_t y, int
 }
 
 // One band of ROWS output rows across the whole width: full tiles, then the narrower tails.
+// Four channel blocks (maps narrower than a 6-column tile) take tiles of 3 columns (2 with a
+// pool): 24 (16) accumulators again.
 template <int ROWS, int NB, bool POOL, typename Out>
 void band(const ConvBf16Problem& p, const Geometry& g, int64_t n, int64_t y, int64_t co) {
+  constexpr int kFull = NB < 4 ? kTileColumns : POOL ? 2 : 3;
   int64_t x = 0;
-  for (; x + kTileColumns <= g.out_w; x += kTileColumns) tile<ROWS, kTileColumns, NB, POOL, Out>(p, g, n, y, x, co);
+  for (; x + kFull <= g.out_w; x += kFull) tile<ROWS, kFull, NB, POOL, Out>(p, g, n, y, x, co);
   for (; x + 2 <= g.out_w; x += 2) tile<ROWS, 2, NB, POOL, Out>(p, g, n, y, x, co);
   if constexpr (!POOL) {
     if (x < g.out_w) tile<ROWS, 1, NB, POOL, Out>(p, g, n, y, x, co);
@@ -254,8 +257,13 @@ void conv_pool_or_not(const ConvBf16Problem& p) {
   conv<NB, false, Out>(p);
 }
 
+// Two channel blocks a tile (2 x 6 pixels); four where the map is narrower than 6 columns,
+// whose few pixels would leave tiles of 2 to 8 accumulators waiting on the dot product's
+// latency (ResNet's 3x3 maps).
 template <typename Out>
 void conv_blocks(const ConvBf16Problem& p) {
+  const int64_t out_w = (p.width - 1) / p.stride + 1;
+  if (out_w < kTileColumns && p.out_channels % (4 * kBf16Block) == 0) return conv_pool_or_not<4, Out>(p);
   if (p.out_channels % (2 * kBf16Block) == 0) return conv_pool_or_not<2, Out>(p);
   conv_pool_or_not<1, Out>(p);
 }

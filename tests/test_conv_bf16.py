@@ -20,7 +20,7 @@ U_BF16 = 2.0 ** -8
 # channel, padded to a pair), one block of output channels and several pairs of blocks, widths
 # that leave tails after the 6-column tiles, an odd height (a one-row band), BKNet's own
 # layers, ResNet's 1x1 and strided convs (odd sizes: the last row / column of a stride-2 3x3
-# conv reads the bottom / right border).
+# conv reads the bottom / right border), maps narrower than a tile (four channel blocks).
 SHAPES = [
     (1, 1, 32, 48, 48, False, 3, 1),
     (2, 3, 16, 7, 9, False, 3, 1),
@@ -34,6 +34,9 @@ SHAPES = [
     (2, 32, 32, 12, 12, False, 3, 2),
     (1, 16, 32, 7, 11, False, 3, 2),
     (1, 8, 16, 8, 8, True, 3, 2),
+    (1, 64, 128, 3, 3, False, 3, 1),
+    (2, 32, 64, 4, 4, True, 3, 1),
+    (3, 128, 64, 3, 3, False, 1, 1),
 ]
 
 

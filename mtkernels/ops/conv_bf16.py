@@ -104,11 +104,10 @@ def conv_bf16(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor, 
     out = torch.empty((n, c_out, out_h, out_w), dtype=out_dtype, memory_format=torch.channels_last)
     packed_weight, bias = packed_weight.contiguous(), bias.contiguous()
     shape = (n, h, w)
-    if kernel_size == 1 and stride == 1 and not pool:
-        # Pixels are independent: the batch as one image of two rows fills whole 2x6 tiles on
-        # small maps too (a 3x3 map alone leaves tiles of 2 to 8 accumulators, which wait on
-        # the dot product's latency).
-        pixels = n * h * w
+    pixels = n * h * w
+    if kernel_size == 1 and stride == 1 and not pool and pixels >= 24:
+        # Pixels are independent: the batch as one image of two rows fills whole 2x6 tiles
+        # whatever the map's width (a 9-pixel map stays 3x3: the kernel's narrow-map tiles).
         shape = (1, 2, pixels // 2) if pixels % 2 == 0 else (1, 1, pixels)
     _C.conv_bf16_nhwc(src.data_ptr(), packed_weight.data_ptr(), bias.data_ptr(), out.data_ptr(), *shape,
                       src.shape[3], c_out, kernel_size, stride, 0, relu, pool, ELEMENTS[out_dtype],
