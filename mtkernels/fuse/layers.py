@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device_path import takes_cuda_path
-from ..lru import tensor_bytes
+from ..lru import LruCache, tensor_bytes
 from . import tuning
 
 __all__ = ["FusedConv2d", "FusedLinear", "AffineReLU", "FusedHeads", "FusedBranches", "ChannelsLastFlatten",
@@ -200,10 +200,19 @@ class FusedConv2d(DerivedState):
 
     def _direct_bf16(self, x: torch.Tensor) -> torch.Tensor:
         """mtkernels' direct bf16 conv, bias, ReLU and pool in one pass (a 3x3 conv's input is
-        first copied into a zero-bordered buffer)."""
-        from ..ops.conv_bf16 import conv_bf16
+        first copied into a zero-bordered buffer, kept per input shape: only its interior is
+        written again)."""
+        from ..ops.conv_bf16 import bordered_input, conv_bf16_unchecked
 
-        return conv_bf16(x, self.bf16_weight(), self.bias, self.relu, self.pool, stride=self.stride[0])
+        buffer = None
+        if self.weight.shape[2] == 3 or x.shape[1] % 2:
+            buffers = self.derived().setdefault("bf16_buffers", LruCache(4))
+            buffer = buffers.get(x.shape)
+            if buffer is None:
+                buffer = bordered_input(x.shape[0], x.shape[2], x.shape[3], x.shape[1], self.weight.shape[2] // 2)
+                buffers[x.shape] = buffer
+        return conv_bf16_unchecked(x, self.bf16_weight(), self.bias, self.relu, self.pool, torch.bfloat16,
+                                   self.stride[0], buffer)
 
     def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """oneDNN's packed int8 weight (symmetric, per output channel), its scales and zero points."""
