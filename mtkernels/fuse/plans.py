@@ -41,6 +41,13 @@ __all__ = ["ChainStep", "FusedMultiTaskNet"]
 CHAIN_BUCKETS = ("1", "2-3", "4-15")
 
 
+def chain_output_shape(layer: nn.Module, shape: torch.Size, bf16: bool) -> Optional[tuple[int, ...]]:
+    """``layer``'s output shape in a ``_C.LayerChain`` for input of ``shape`` (in bfloat16 with
+    ``bf16``), or None where no C++ kernel runs it (modules without one: ResNet's blocks)."""
+    kernel_shape = getattr(layer, "chain_output_shape", None)
+    return None if kernel_shape is None else kernel_shape(shape, bf16)
+
+
 class ChainStep:
     """Consecutive fused layers (convs with whole-layer C++ kernels, channels-last flattens,
     linear layers) run by one C++ call (``_C.LayerChain``) for one float32 CPU input shape,
@@ -60,8 +67,7 @@ class ChainStep:
         self.chain, self._buffers, self._input = _C.LayerChain(), [], None
         shapes = [torch.Size(shape)]
         for index, layer in enumerate(layers):
-            kernel_shape = getattr(layer, "chain_output_shape", None)  # modules without one have no kernel
-            out_shape = None if kernel_shape is None else kernel_shape(shapes[-1], bf16)
+            out_shape = chain_output_shape(layer, shapes[-1], bf16)
             if out_shape is None:
                 raise ValueError(f"layer {index} ({type(layer).__name__}) has no {'bfloat16 ' if bf16 else ''}C++ "
                                  f"kernel for input {tuple(shapes[-1])}")
@@ -265,9 +271,7 @@ class FusedMultiTaskNet(DerivedState):
         """How many leading layers a bfloat16 ``ChainStep`` can run for input of ``shape``: up to
         the first without a kernel, or (``whole`` False) the first linear layer."""
         for index, layer in enumerate(self._layers):
-            kernel_shape = getattr(layer, "chain_output_shape", None)
-            out = None if kernel_shape is None or (isinstance(layer, FusedLinear) and not whole) \
-                else kernel_shape(shape, True)
+            out = None if isinstance(layer, FusedLinear) and not whole else chain_output_shape(layer, shape, True)
             if out is None:
                 return index
             shape = torch.Size(out)
