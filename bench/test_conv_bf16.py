@@ -113,7 +113,7 @@ def report(device, measurements):
                        f"Direct bfloat16 conv (BKNet's 3x3 layers) at batch 1, {device}", notes)
     layers = [r for r in rows if not r["layer"].startswith("BKNet")]
     save_bar_chart(RESULTS_DIR / f"{SUITE}-{device}.png",
-                   [("", [r["layer"] for r in layers],
+                   [("", [r["layer"].replace(" ", "\n") for r in layers],
                      {name: [float(r[f"{name} us"]) for r in layers] for name in ("oneDNN", "mtkernels")})],
                    "us per layer (batch 1)", f"BKNet's 3x3 convs in bf16 at batch 1 ({device})")
     return path
