@@ -1,8 +1,9 @@
 // Direct bfloat16 convolution (conv_bf16.h), compiled once per ISA. An output tile of
-// 2 rows x 6 columns x 32 channels keeps its 24 float32 accumulators in registers over all
-// K * K * C_in / 2 products of input-channel pairs: per pair, 2 weight vectors are loaded and
-// each of the 12 pixels' pair is broadcast, for 24 dot products. The pool takes the maximum of the tile's
-// 2x2 windows straight from the accumulators, so the unpooled output is never stored.
+// 2 rows x 6 columns x 32 channels (3 columns x 64 channels on maps narrower than 6) keeps its
+// 24 float32 accumulators in registers over all K * K * C_in / 2 input-channel pairs: per pair,
+// 2 weight vectors are loaded and each of the 12 pixels' pair is broadcast, for 24 dot
+// products. The pool takes the maximum of the tile's 2x2 windows straight from the
+// accumulators, so the unpooled output is never stored.
 #include <immintrin.h>
 #include <omp.h>
 
