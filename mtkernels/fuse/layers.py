@@ -143,8 +143,10 @@ class FusedConv2d(DerivedState):
             list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         self.relu, self.pool = relu, pool
         self.chosen: dict[tuple, str] = {}  # (bucket, dtype, per-image shape) -> candidate name
-        self.triton_ok = (self.groups == 1 and self.dilation == [1, 1] and len(set(self.stride)) == 1
-                          and len(set(self.padding)) == 1)
+        # One stride and one padding for both axes, no groups or dilation: what the Triton
+        # implicit-GEMM conv and the direct bf16 conv take.
+        self.square_geometry = (self.groups == 1 and self.dilation == [1, 1] and len(set(self.stride)) == 1
+                                and len(set(self.padding)) == 1)
         plain_3x3 = (tuple(weight.shape[2:]) == (3, 3) and self.stride == [1, 1] and self.padding == [1, 1]
                      and self.dilation == [1, 1] and self.groups == 1)
         self.single_channel_3x3 = plain_3x3 and weight.shape[1] == 1
@@ -191,7 +193,7 @@ class FusedConv2d(DerivedState):
         """Whether mtkernels' direct bf16 conv runs this layer on input of ``shape``."""
         from ..ops.conv_bf16 import output_size, supports
 
-        if self.groups != 1 or self.dilation != [1, 1] or len(set(self.stride)) != 1 or len(set(self.padding)) != 1:
+        if not self.square_geometry:
             return False
         stride = self.stride[0]
         even_output = all(output_size(size, stride) % 2 == 0 for size in shape[2:])
@@ -385,7 +387,7 @@ class FusedConv2d(DerivedState):
         x = x.contiguous(memory_format=torch.channels_last)
         if takes_cuda_path(x):
             x = self.to_compute_dtype(x)
-            return self._triton(x) if self.triton_ok else self.build("aten")(x)  # Triton: pool in its epilogue
+            return self._triton(x) if self.square_geometry else self.build("aten")(x)  # Triton: pool in its epilogue
         if x.shape[0] == 0 or x.device.type != "cpu":
             return self.build("aten")(self.to_compute_dtype(x))
         return self.implementation(x, tuning.batch_bucket(x.shape[0]))(x)

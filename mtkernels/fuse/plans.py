@@ -246,32 +246,31 @@ class FusedMultiTaskNet(DerivedState):
         At batch 1 a chain saves the per-call set-up of oneDNN and of Python between layers."""
         small = bucket in CHAIN_BUCKETS
         builders = {}
-        length = self._bf16_chain_length(probe.shape, whole=small)
+        length = self._chain_length(probe.shape, bf16=True, whole=small)
         if length >= 2 and (small or self.precision == "bf16"):
             builders["bf16_chain"] = lambda shape: [ChainStep(self._layers[:length], shape, bf16=True),
                                                     *steps[length:]]
-        if small:
+        if small and self._chain_length(probe.shape, bf16=False, whole=True) == len(self._layers):
             builders["float32_chain"] = lambda shape: [ChainStep(self._layers, shape)]
-        plans = {"reduced": functools.partial(_replay, steps)}
-        for name, build in builders.items():
-            try:
-                plans[name] = functools.partial(_replay, build(probe.shape))
-            except ValueError:  # some layer has no float32 kernel
-                continue
-        if len(plans) == 1:
+        if not builders:
             return steps
         # Untimed, the bf16 chain runs where it takes every conv (BKNet: measured faster at every
         # batch size); a part of the convs (the 4-task CNN's first three) measured slower.
         every_conv = not any(isinstance(layer, FusedConv2d) for layer in self._layers[length:])
-        choice = tuning.choose(self._plan_key(probe.shape, self.precision, bucket), list(plans), plans.__getitem__,
-                               probe, heuristic="bf16_chain" if "bf16_chain" in plans and every_conv else "reduced")
+        names = ["reduced", *builders]
+        # A chain is built for the probe only when it is timed, not where a decision is stored.
+        choice = tuning.choose(self._plan_key(probe.shape, self.precision, bucket), names,
+                               lambda name: functools.partial(_replay, steps if name == "reduced"
+                                                              else builders[name](probe.shape)),
+                               probe, heuristic="bf16_chain" if "bf16_chain" in builders and every_conv else "reduced")
         return steps if choice == "reduced" else builders[choice](torch.Size((batch, *probe.shape[1:])))
 
-    def _bf16_chain_length(self, shape: torch.Size, whole: bool) -> int:
-        """How many leading layers a bfloat16 ``ChainStep`` can run for input of ``shape``: up to
-        the first without a kernel, or (``whole`` False) the first linear layer."""
+    def _chain_length(self, shape: torch.Size, bf16: bool, whole: bool) -> int:
+        """How many leading layers a ``ChainStep`` (in bfloat16 with ``bf16``) can run for input
+        of ``shape``: up to the first without a kernel, or (``whole`` False) the first linear
+        layer."""
         for index, layer in enumerate(self._layers):
-            out = None if isinstance(layer, FusedLinear) and not whole else chain_output_shape(layer, shape, True)
+            out = None if isinstance(layer, FusedLinear) and not whole else chain_output_shape(layer, shape, bf16)
             if out is None:
                 return index
             shape = torch.Size(out)
