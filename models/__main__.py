@@ -160,6 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config, train_set, out, val_set=val_set, resume=args.resume, loss_impl=args.loss_impl,
                    progress=not args.quiet, device=device, fuse_layers=not args.plain_layers)
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 may still be writing the best checkpoint
         torch.distributed.destroy_process_group()
     last = result.history[-1] if result.history else {}
     print(f"{result.stopped} after {result.epochs_run} epochs; checkpoints and metrics.csv in {result.out_dir}; "

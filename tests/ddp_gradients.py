@@ -19,4 +19,8 @@ if __name__ == "__main__":
     loss_on(ddp, learnable_dataset(), index).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, sys.argv[1])
+    # The wrapper holds the process group: gloo's worker threads must stop while the interpreter
+    # is alive, after both ranks are done, or a rank can abort on exit.
+    del ddp
+    dist.barrier()
     dist.destroy_process_group()
