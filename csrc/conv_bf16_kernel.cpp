@@ -10,8 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16_unit.h"
 #include "conv_bf16.h"
-#include "float_ops.h"
 #include "isa_variant.h"
 
 namespace mtk {
@@ -23,69 +23,6 @@ constexpr int64_t kParallelMacs = int64_t(1) << 20;
 constexpr int kTileRows = 2, kTileColumns = 6;
 // Half of a core's level-2 cache (1 MB on the CPUs measured).
 constexpr int64_t kImagesOuterWeightBytes = int64_t(512) << 10;
-
-#ifdef __AVX512BF16__
-// vdpbf16ps: 16 float32 accumulators, each += the dot product of a bfloat16 pair of the
-// input (broadcast) and of the weights.
-struct Unit {
-  using Acc = __m512;
-  using Weights = __m512bh;
-  static Acc load_bias(const float* b) { return _mm512_loadu_ps(b); }
-  static Weights load_weights(const uint16_t* w) { return (__m512bh)_mm512_loadu_si512(w); }
-  static void dot(Acc& acc, const uint16_t* pair, const Weights& w) {
-    int32_t bits;
-    std::memcpy(&bits, pair, sizeof bits);
-    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(bits), w);
-  }
-  // vmaxps returns its second operand when either is NaN: a NaN in the first is put back.
-  static Acc max(Acc a, Acc b) {
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_max_ps(a, b), a);
-  }
-  static Acc relu(Acc a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }  // NaN: the second operand
-  static void store(float* p, Acc a) { _mm512_storeu_ps(p, a); }
-  static void store(uint16_t* p, Acc a) {  // round to nearest even; NaN stays NaN
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(a));
-  }
-};
-#else
-// The same arithmetic through float32: a product of two bfloat16 values is exact in float32.
-struct Unit {
-  struct Acc {
-    float v[kBf16Block];
-  };
-  struct Weights {
-    float v[2 * kBf16Block];
-  };
-  static Acc load_bias(const float* b) {
-    Acc a;
-    for (int j = 0; j < kBf16Block; ++j) a.v[j] = b[j];
-    return a;
-  }
-  static Weights load_weights(const uint16_t* w) {
-    Weights out;
-    for (int j = 0; j < 2 * kBf16Block; ++j) out.v[j] = widen(w[j]);
-    return out;
-  }
-  static void dot(Acc& acc, const uint16_t* pair, const Weights& w) {
-    const float a0 = widen(pair[0]), a1 = widen(pair[1]);
-    for (int j = 0; j < kBf16Block; ++j) acc.v[j] += a0 * w.v[2 * j] + a1 * w.v[2 * j + 1];
-  }
-  static Acc max(const Acc& a, const Acc& b) {
-    Acc out;
-    for (int j = 0; j < kBf16Block; ++j) out.v[j] = max_nan(a.v[j], b.v[j]);
-    return out;
-  }
-  static Acc relu(const Acc& a) {
-    Acc out;
-    for (int j = 0; j < kBf16Block; ++j) out.v[j] = a.v[j] < 0.0f ? 0.0f : a.v[j];  // NaN < 0 is false
-    return out;
-  }
-  static void store(float* p, const Acc& a) { std::memcpy(p, a.v, sizeof a.v); }
-  static void store(uint16_t* p, const Acc& a) {
-    for (int j = 0; j < kBf16Block; ++j) narrow(p + j, a.v[j]);
-  }
-};
-#endif
 
 // Strides (in elements) of the problem's buffers, and the output's size.
 struct Geometry {

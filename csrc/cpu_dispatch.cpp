@@ -155,6 +155,7 @@ const KernelTable& kernels() {
   static const KernelTable avx512bf16_table = [] {
     KernelTable table = MTK_TABLE(avx512);
     table.conv_bf16_nhwc = avx512bf16::conv_bf16_nhwc;
+    table.conv_winograd_bf16_nhwc = avx512bf16::conv_winograd_bf16_nhwc;
     return table;
   }();
   if (current() == Isa::avx512bf16) return avx512bf16_table;

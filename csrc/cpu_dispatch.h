@@ -7,6 +7,7 @@
 #include "batchnorm.h"
 #include "conv.h"
 #include "conv_bf16.h"
+#include "conv_winograd_bf16.h"
 #include "multitask_loss.h"
 
 namespace mtk {
@@ -34,7 +35,8 @@ void set_active_isa(Isa isa);  // throws std::invalid_argument if unsupported he
   X(winograd_output_adjoint_nhwc, WinogradInputFn)               \
   X(winograd_conv3x3_one_pass_nhwc, WinogradConvFn)              \
   X(grouped_linear, GroupedLinearFn)                             \
-  X(conv_bf16_nhwc, ConvBf16Fn)                            \
+  X(conv_bf16_nhwc, ConvBf16Fn)                                  \
+  X(conv_winograd_bf16_nhwc, ConvBf16Fn)                         \
   X(bn_stats, BnStatsFn)                                         \
   X(bn_relu_forward, BnReluForwardFn)                            \
   X(bn_relu_backward_reduce, BnReluBackwardReduceFn)             \

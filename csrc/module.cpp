@@ -10,6 +10,7 @@
 
 #include "conv.h"
 #include "conv_bf16.h"
+#include "conv_winograd_bf16.h"
 #include "cpu_dispatch.h"
 #include "multitask_loss.h"
 
@@ -216,6 +217,27 @@ void conv_bf16_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t d
   mtk::kernels().conv_bf16_nhwc(problem);
 }
 
+mtk::ConvBf16Problem conv_winograd_bf16_problem(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst,
+                                                int64_t batch, int64_t height, int64_t width, int64_t in_channels,
+                                                int64_t out_channels, int64_t dst_pad, bool relu, bool pool,
+                                                int dst_element, int num_threads) {
+  if (height % 2 || width % 2) throw std::invalid_argument("height and width must be even (whole 2x2 tiles)");
+  if (in_channels % mtk::kBf16Block)
+    throw std::invalid_argument("in_channels must be a multiple of " + std::to_string(mtk::kBf16Block));
+  return conv_bf16_problem(src, weight, bias, dst, batch, height, width, in_channels, out_channels, 3, 1, dst_pad,
+                           relu, pool, dst_element, num_threads);
+}
+
+void conv_winograd_bf16_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch,
+                             int64_t height, int64_t width, int64_t in_channels, int64_t out_channels, int64_t dst_pad,
+                             bool relu, bool pool, int dst_element, int num_threads) {
+  const auto problem = conv_winograd_bf16_problem(src, weight, bias, dst, batch, height, width, in_channels,
+                                                  out_channels, dst_pad, relu, pool, dst_element, num_threads);
+  if (batch * height * width * in_channels * out_channels == 0) return;
+  py::gil_scoped_release release;
+  mtk::kernels().conv_winograd_bf16_nhwc(problem);
+}
+
 // Consecutive layers run by one call with the GIL released: at batch 1 the Python and
 // dispatcher code between layers costs more than the code itself, since each layer's
 // weights push it out of the caches. Layers are added in order with the tensors they read
@@ -253,6 +275,16 @@ class LayerChain {
     append(layer, dst);
   }
 
+  void add_conv_winograd_bf16(py::object weight, py::object bias, py::object dst, int64_t batch, int64_t height,
+                              int64_t width, int64_t in_channels, int64_t out_channels, int64_t dst_pad, bool relu,
+                              bool pool, int dst_element) {
+    Layer layer{};
+    layer.kind = Kind::conv_winograd_bf16;
+    layer.bf16 = conv_winograd_bf16_problem(0, keep(weight), keep(bias), 0, batch, height, width, in_channels,
+                                            out_channels, dst_pad, relu, pool, dst_element, 1);
+    append(layer, dst);
+  }
+
   void add_grouped_linear(py::object weight, py::object bias, py::object dst, int64_t batch, int64_t groups,
                           int64_t in_features, int64_t out_features, bool relu) {
     Layer layer{};
@@ -279,13 +311,16 @@ class LayerChain {
           kernels.winograd_conv3x3_one_pass_nhwc(bind(layer.wino, layer, num_threads));
           break;
         case Kind::conv_bf16: kernels.conv_bf16_nhwc(bind(layer.bf16, layer, num_threads)); break;
+        case Kind::conv_winograd_bf16:
+          kernels.conv_winograd_bf16_nhwc(bind(layer.bf16, layer, num_threads));
+          break;
         case Kind::grouped_linear: kernels.grouped_linear(bind(layer.linear, layer, num_threads)); break;
       }
     }
   }
 
  private:
-  enum class Kind { single_channel, winograd_conv3x3_one_pass, conv_bf16, grouped_linear };
+  enum class Kind { single_channel, winograd_conv3x3_one_pass, conv_bf16, conv_winograd_bf16, grouped_linear };
   // One of the problems is used, per kind; src and dst are set in it when the chain runs.
   struct Layer {
     Kind kind;
@@ -293,7 +328,7 @@ class LayerChain {
     void* dst;
     mtk::Conv3x3SingleChannelProblem single;
     mtk::WinogradConvProblem wino;
-    mtk::ConvBf16Problem bf16;
+    mtk::ConvBf16Problem bf16;  // conv_bf16 and conv_winograd_bf16
     mtk::GroupedLinearProblem linear;
   };
 
@@ -434,6 +469,13 @@ PYBIND11_MODULE(_C, m) {
         "(+ ReLU) (+ 2x2 max-pool), to NHWC of dst_element 0 (float32) or 1 (bfloat16) with a border of dst_pad "
         "(0 or 1) left untouched.");
   m.attr("bf16_block_channels") = mtk::kBf16Block;
+  m.def("conv_winograd_bf16_nhwc", &conv_winograd_bf16_nhwc, py::arg("src"), py::arg("weight"), py::arg("bias"),
+        py::arg("dst"), py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"),
+        py::arg("out_channels"), py::arg("dst_pad"), py::arg("relu"), py::arg("pool"), py::arg("dst_element"),
+        py::arg("num_threads"),
+        "Winograd F(2x2,3x3) conv (padding 1, stride 1, even height and width) of a zero-bordered NHWC bfloat16 "
+        "input [N, H + 2, W + 2, C_in] (C_in a multiple of bf16_block_channels) with the transformed, pair-packed "
+        "bfloat16 weight, float32 accumulation, + bias (+ ReLU) (+ 2x2 max-pool); dst as conv_bf16_nhwc's.");
   m.def("grouped_linear", &grouped_linear, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
         py::arg("batch"), py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
         py::arg("num_threads"),
@@ -452,6 +494,10 @@ PYBIND11_MODULE(_C, m) {
            py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"), py::arg("out_channels"),
            py::arg("kernel_size"), py::arg("stride"), py::arg("dst_pad"), py::arg("relu"), py::arg("pool"),
            py::arg("dst_element"), "Append conv_bf16_nhwc; dst None for the last layer (given to run).")
+      .def("add_conv_winograd_bf16", &LayerChain::add_conv_winograd_bf16, py::arg("weight"), py::arg("bias"),
+           py::arg("dst"), py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"),
+           py::arg("out_channels"), py::arg("dst_pad"), py::arg("relu"), py::arg("pool"), py::arg("dst_element"),
+           "Append conv_winograd_bf16_nhwc; dst None for the last layer (given to run).")
       .def("add_grouped_linear", &LayerChain::add_grouped_linear, py::arg("weight"), py::arg("bias"), py::arg("dst"), py::arg("batch"),
            py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
            "Append grouped_linear; dst None for the last layer (given to run).")

@@ -125,7 +125,8 @@ class FusedConv2d(DerivedState):
     batched GEMM (``winograd``) or as one C++ pass (``winograd_one_pass``); the last two pool
     in their output transform, the others are followed by a C++ NHWC pool. bfloat16 input may
     also run mtkernels' direct bf16 conv (``direct_bf16``: 3x3 or 1x1, stride 1 or 2, ReLU and
-    pool in its epilogue). CUDA: the Triton implicit-GEMM kernel, the pool in its epilogue."""
+    pool in its epilogue) or its bf16 Winograd F(2x2, 3x3) conv (``winograd_bf16``: 3x3, stride
+    1, even maps, whole blocks of input channels). CUDA: the Triton implicit-GEMM kernel, the pool in its epilogue."""
 
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, relu: bool = False,
                  pool: bool = False):
@@ -200,21 +201,40 @@ class FusedConv2d(DerivedState):
         return (supports(self.weight.shape, stride, self.padding[0]) and self.weight.dtype == torch.float32
                 and (even_output or not self.pool))
 
+    def _winograd_bf16_ok(self, shape: torch.Size) -> bool:
+        """Whether mtkernels' bf16 Winograd conv runs this layer on input of ``shape``."""
+        from ..ops.conv_winograd_bf16 import supports
+
+        return (self.winograd_ok and self.weight.dtype == torch.float32
+                and supports(self.weight.shape, self.stride[0], self.padding[0], shape[2], shape[3]))
+
+    def _bordered_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        """The bf16 kernels' zero-bordered input buffer for ``x``, kept per input shape (only its
+        interior is written again)."""
+        from ..ops.conv_bf16 import bordered_input
+
+        buffers = self.derived().setdefault("bf16_buffers", LruCache(4))
+        buffer = buffers.get(x.shape)
+        if buffer is None:
+            buffer = bordered_input(x.shape[0], x.shape[2], x.shape[3], x.shape[1], self.weight.shape[2] // 2)
+            buffers[x.shape] = buffer
+        return buffer
+
     def _direct_bf16(self, x: torch.Tensor) -> torch.Tensor:
         """mtkernels' direct bf16 conv, bias, ReLU and pool in one pass (a 3x3 conv's input is
-        first copied into a zero-bordered buffer, kept per input shape: only its interior is
-        written again)."""
-        from ..ops.conv_bf16 import bordered_input, conv_bf16_unchecked
+        first copied into a zero-bordered buffer)."""
+        from ..ops.conv_bf16 import conv_bf16_unchecked
 
-        buffer = None
-        if self.weight.shape[2] == 3 or x.shape[1] % 2:
-            buffers = self.derived().setdefault("bf16_buffers", LruCache(4))
-            buffer = buffers.get(x.shape)
-            if buffer is None:
-                buffer = bordered_input(x.shape[0], x.shape[2], x.shape[3], x.shape[1], self.weight.shape[2] // 2)
-                buffers[x.shape] = buffer
+        buffer = self._bordered_buffer(x) if self.weight.shape[2] == 3 or x.shape[1] % 2 else None
         return conv_bf16_unchecked(x, self.bf16_weight(), self.bias, self.relu, self.pool, torch.bfloat16,
                                    self.stride[0], buffer)
+
+    def _winograd_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """mtkernels' bf16 Winograd conv, bias, ReLU and pool in one pass."""
+        from ..ops.conv_winograd_bf16 import conv_winograd_bf16_unchecked
+
+        return conv_winograd_bf16_unchecked(x, self.winograd_bf16_weight(), self.bias, self.relu, self.pool,
+                                            torch.bfloat16, self._bordered_buffer(x))
 
     def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """oneDNN's packed int8 weight (symmetric, per output channel), its scales and zero points."""
@@ -315,6 +335,8 @@ class FusedConv2d(DerivedState):
                 names.append("onednn_relu")
         if x.dtype == torch.bfloat16 and self._direct_bf16_ok(x.shape):
             names.append("direct_bf16")
+        if x.dtype == torch.bfloat16 and self._winograd_bf16_ok(x.shape):
+            names.append("winograd_bf16")
         if x.dtype != torch.float32:
             return names
         if self.single_channel_3x3:
@@ -326,6 +348,7 @@ class FusedConv2d(DerivedState):
     def build(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         impl = getattr(self, "_" + name)
         if name.startswith("winograd") or name == "direct_bf16":  # ReLU and pool in the kernel's epilogue
+            # (winograd, winograd_one_pass, winograd_bf16)
             return impl
         return self._epilogue(impl, relu=self.relu and name not in ("single_channel", "onednn_relu"))
 
@@ -409,20 +432,27 @@ class FusedConv2d(DerivedState):
             return out
         return out if self.winograd_ok else None
 
-    def append_to_chain(self, chain, shape: torch.Size, dst: Optional[torch.Tensor], bf16: bool = False) -> None:
+    def append_to_chain(self, chain, shape: torch.Size, dst: Optional[torch.Tensor], bf16: bool = False,
+                        winograd: bool = False) -> None:
         """Append this layer (``chain_output_shape(shape, bf16)`` not None) to a ``_C.LayerChain``,
         writing to ``dst`` (None: the chain's output). With ``bf16`` the layer reads a bordered
         bfloat16 input (``mtkernels.ops.conv_bf16.bordered_input``) and writes ``dst``'s
-        dtype: a bordered bfloat16 buffer (the next conv's input), or float32 [N, C, H, W]."""
+        dtype: a bordered bfloat16 buffer (the next conv's input), or float32 [N, C, H, W];
+        with ``winograd`` too it runs the bf16 Winograd conv where that takes the layer."""
         n, c_in, h, w = shape
         if bf16:
             from ..ops.conv import ELEMENTS
             from ..ops.conv_bf16 import even
 
             bordered = dst is not None and dst.dtype == torch.bfloat16
-            chain.add_conv_bf16(self.bf16_weight(), self.bias, dst, n, h, w, even(c_in), self.bias.shape[0], 3, 1,
-                                int(bordered), self.relu, self.pool,
-                                ELEMENTS[torch.bfloat16 if bordered else torch.float32])
+            dst_element = ELEMENTS[torch.bfloat16 if bordered else torch.float32]
+            c_out = self.bias.shape[0]
+            if winograd and self._winograd_bf16_ok(shape):
+                chain.add_conv_winograd_bf16(self.winograd_bf16_weight(), self.bias, dst, n, h, w, c_in, c_out,
+                                             int(bordered), self.relu, self.pool, dst_element)
+            else:
+                chain.add_conv_bf16(self.bf16_weight(), self.bias, dst, n, h, w, even(c_in), c_out, 3, 1,
+                                    int(bordered), self.relu, self.pool, dst_element)
         elif self.single_channel_3x3:
             weight, bias = self.weight_k_major(torch.float32)
             chain.add_single_channel(weight, bias, dst, n, h, w, weight.shape[1], self.relu)
@@ -440,6 +470,15 @@ class FusedConv2d(DerivedState):
 
             derived["bf16_packed"] = pack_conv_bf16_weight(self.weight)
         return derived["bf16_packed"]
+
+    def winograd_bf16_weight(self) -> torch.Tensor:
+        """The weight transformed for the bf16 Winograd conv, in its pair layout, packed once."""
+        derived = self.derived()
+        if "winograd_bf16_packed" not in derived:
+            from ..ops.conv_winograd_bf16 import pack_conv_winograd_bf16_weight
+
+            derived["winograd_bf16_packed"] = pack_conv_winograd_bf16_weight(self.weight)
+        return derived["winograd_bf16_packed"]
 
 
 class FusedLinear(DerivedState):

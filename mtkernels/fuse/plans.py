@@ -58,9 +58,11 @@ class ChainStep:
 
     With ``bf16`` the convs run the direct bfloat16 kernel (``mtkernels.ops.conv_bf16``):
     the input is rounded into a zero-bordered bfloat16 buffer, each conv writes the interior
-    of the next one's, and the last conv writes float32 for the (float32) layers after it."""
+    of the next one's, and the last conv writes float32 for the (float32) layers after it.
+    With ``winograd`` too, the convs that the bf16 Winograd kernel takes run it instead
+    (``mtkernels.ops.conv_winograd_bf16``: fewer products, for large batches)."""
 
-    def __init__(self, layers: Sequence[nn.Module], shape: torch.Size, bf16: bool = False):
+    def __init__(self, layers: Sequence[nn.Module], shape: torch.Size, bf16: bool = False, winograd: bool = False):
         from .. import _C
         from ..ops.conv_bf16 import bordered_input
 
@@ -86,7 +88,10 @@ class ChainStep:
                 else:
                     dst = self._empty(out)
                 self._buffers.append(dst)
-            layers[index].append_to_chain(self.chain, shapes[index], dst, bf16)
+            if winograd and bf16_conv[position]:
+                layers[index].append_to_chain(self.chain, shapes[index], dst, bf16, winograd=True)
+            else:
+                layers[index].append_to_chain(self.chain, shapes[index], dst, bf16)
         self.in_shape, self.out_shape = shapes[0], shapes[-1]
 
     @staticmethod

@@ -44,8 +44,16 @@ def pack_conv_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
     if kh != kw or kh not in (1, 3) or c_out % BLOCK:
         raise ValueError(f"weight must be [C_out, C_in, K, K] with K 1 or 3 and C_out a multiple of {BLOCK}, "
                          f"got {tuple(weight.shape)}")
-    w = torch.zeros((c_out, even(c_in), kh, kw), dtype=torch.bfloat16, device=weight.device)
-    w[:, :c_in] = weight.detach()
+    return pack_pairs(weight)
+
+
+def pack_pairs(taps: torch.Tensor) -> torch.Tensor:
+    """[C_out, C_in, KH, KW] float, C_out a multiple of BLOCK -> bfloat16 (rounded to nearest
+    even) [C_out / BLOCK, KH * KW, even(C_in) / 2, BLOCK, 2]: per block of output channels and
+    tap, input-channel pairs side by side, as the bf16 dot-product instruction reads them."""
+    c_out, c_in, kh, kw = taps.shape
+    w = torch.zeros((c_out, even(c_in), kh, kw), dtype=torch.bfloat16, device=taps.device)
+    w[:, :c_in] = taps.detach()
     w = w.reshape(c_out // BLOCK, BLOCK, even(c_in) // 2, 2, kh * kw)
     return w.permute(0, 4, 2, 1, 3).contiguous()
 
@@ -72,31 +80,46 @@ def conv_bf16(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor, 
     weight (3x3: padding 1; 1x1: none), ``stride`` 1 or 2, + float32 ``bias`` (+ ReLU) (+ 2x2
     max-pool), as a channels-last ``out_dtype`` (bfloat16 or float32) tensor. ``buffer``: the
     kernel's input buffer to reuse (``bordered_input``'s shape, border 1 for 3x3, 0 for 1x1)."""
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride}")
+    kernel_size = 3 if packed_weight.dim() == 5 and packed_weight.shape[1] == 9 else 1
+    check_arguments(x, packed_weight, (1, 9), "pack_conv_bf16_weight", bias, pool, out_dtype, stride, buffer,
+                    kernel_size // 2)
+    return conv_bf16_unchecked(x, packed_weight.contiguous(), bias.contiguous(), relu, pool, out_dtype, stride,
+                               buffer)
+
+
+def check_arguments(x: torch.Tensor, packed_weight: torch.Tensor, taps: tuple[int, ...], packer: str,
+                    bias: torch.Tensor, pool: bool, out_dtype: torch.dtype, stride: int,
+                    buffer: Optional[torch.Tensor], border: int) -> None:
+    """The checks of a bf16 conv's arguments (``conv_bf16``, ``conv_winograd_bf16``): ``taps``,
+    the packed weight's allowed tap counts; ``packer``, the function that packs it."""
     if x.device.type != "cpu" or not x.dtype.is_floating_point or x.dim() != 4:
         raise TypeError(f"x must be a 4-D floating CPU tensor, got {x.dim()}-D {x.dtype} on {x.device}")
     n, c_in, h, w = x.shape
-    if packed_weight.dtype != torch.bfloat16 or packed_weight.dim() != 5 or packed_weight.shape[1] not in (1, 9) \
+    if packed_weight.dtype != torch.bfloat16 or packed_weight.dim() != 5 or packed_weight.shape[1] not in taps \
             or tuple(packed_weight.shape[2:]) != (even(c_in) // 2, BLOCK, 2):
-        raise ValueError(f"packed_weight must be pack_conv_bf16_weight's layout for {c_in} input channels, "
+        raise ValueError(f"packed_weight must be {packer}'s layout for {c_in} input channels, "
                          f"got {packed_weight.dtype} {tuple(packed_weight.shape)}")
-    kernel_size = 3 if packed_weight.shape[1] == 9 else 1
     c_out = packed_weight.shape[0] * BLOCK
     if bias.dtype != torch.float32 or tuple(bias.shape) != (c_out,):
         raise ValueError(f"bias must be float32 [{c_out}], got {bias.dtype} {tuple(bias.shape)}")
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
-    if stride not in (1, 2):
-        raise ValueError(f"stride must be 1 or 2, got {stride}")
     out_h, out_w = output_size(h, stride), output_size(w, stride)
     if pool and (out_h % 2 or out_w % 2):
         raise ValueError(f"pool needs an even output height and width, got {out_h}x{out_w}")
-    border = kernel_size // 2
     if buffer is not None and (buffer.shape != (n, h + 2 * border, w + 2 * border, even(c_in))
                                or buffer.dtype != torch.bfloat16):
         raise ValueError(f"buffer must be bfloat16 {(n, h + 2 * border, w + 2 * border, even(c_in))}, "
                          f"got {buffer.dtype} {tuple(buffer.shape)}")
-    return conv_bf16_unchecked(x, packed_weight.contiguous(), bias.contiguous(), relu, pool, out_dtype, stride,
-                               buffer)
+
+
+def output_tensor(n: int, c_out: int, h: int, w: int, pool: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """A conv's output of ``h`` x ``w`` (halved by the pool) as an NCHW view of channels-last memory."""
+    if pool:
+        h, w = h // 2, w // 2
+    return torch.empty((n, h, w, c_out), dtype=out_dtype).permute(0, 3, 1, 2)
 
 
 def conv_bf16_unchecked(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor, relu: bool, pool: bool,
@@ -111,10 +134,7 @@ def conv_bf16_unchecked(x: torch.Tensor, packed_weight: torch.Tensor, bias: torc
         src = x.to(torch.bfloat16).permute(0, 2, 3, 1).contiguous()  # a channels-last bf16 x: no copy
     else:
         src = fill_bordered(bordered_input(n, h, w, c_in, kernel_size // 2) if buffer is None else buffer, x)
-    out_h, out_w = output_size(h, stride), output_size(w, stride)
-    if pool:
-        out_h, out_w = out_h // 2, out_w // 2
-    out = torch.empty((n, out_h, out_w, c_out), dtype=out_dtype).permute(0, 3, 1, 2)  # channels-last
+    out = output_tensor(n, c_out, output_size(h, stride), output_size(w, stride), pool, out_dtype)
     shape = (n, h, w)
     pixels = n * h * w
     if kernel_size == 1 and stride == 1 and not pool and pixels >= 24:

@@ -1,0 +1,31 @@
+// Winograd F(2x2, 3x3) convolution of bfloat16 NHWC activations (3x3, padding 1, stride 1) with
+// float32 accumulation, + bias (+ ReLU) (+ 2x2 max-pool): 16 products per 2x2 output tile and
+// input channel where the direct conv (conv_bf16.h) takes 36, for large batches.
+#pragma once
+#include <cstdint>
+
+#include "conv_bf16.h"
+
+namespace mtk {
+
+// The problem is conv_bf16's (ConvBf16Problem) with kernel_size 3, stride 1, an even height
+// and width, and in_channels a multiple of kBf16Block. Each 4x4 input patch d (of the
+// zero-bordered src, at even coordinates) is transformed to V = B^T d B in float32 and rounded
+// to bfloat16; the weight holds U = G g G^T rounded to bfloat16, in conv_bf16's pair layout
+// with the 16 elements of U as its taps:
+// weight[b][4 * i + j][ci / 2][c][ci % 2] = U[b * kBf16Block + c][ci][i][j].
+// Per element, the products of V and U are summed over the input channels in float32 (M), and
+// the 2x2 output tile is A^T M A + bias, in float32. The tile is the pool's 2x2 window.
+// A non-finite input makes exactly the outputs whose 3x3 windows hold it non-finite; an inf
+// there may come out as NaN (the transforms subtract it from itself).
+#define MTK_DECLARE_CONV_WINOGRAD_BF16(isa)          \
+  namespace isa {                                     \
+  void conv_winograd_bf16_nhwc(const ConvBf16Problem&); \
+  }
+MTK_DECLARE_CONV_WINOGRAD_BF16(baseline)
+MTK_DECLARE_CONV_WINOGRAD_BF16(avx2)
+MTK_DECLARE_CONV_WINOGRAD_BF16(avx512)
+MTK_DECLARE_CONV_WINOGRAD_BF16(avx512bf16)
+#undef MTK_DECLARE_CONV_WINOGRAD_BF16
+
+}  // namespace mtk
