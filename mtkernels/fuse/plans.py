@@ -245,17 +245,23 @@ class FusedMultiTaskNet(DerivedState):
           every layer has a kernel (the heads in float32: the chain's linear kernel streams each
           weight row once per batch); at larger ones (bf16 nets only: int8 convs are faster
           there) the convs, the heads staying oneDNN GEMMs.
+        * ``bf16_winograd_chain``: the same chain, its convs that mtkernels' bf16 Winograd conv
+          takes running that (BKNet's convs after the first: 1.25x the direct chain at batch 1,
+          1.4x from 8 on, here).
         * ``float32_chain`` (batches 1-15): the whole network as a float32 C++ chain, the more
           exact, where every layer has a kernel.
 
         At batch 1 a chain saves the per-call set-up of oneDNN and of Python between layers."""
         small = bucket in CHAIN_BUCKETS
         builders = {}
-        length = self._chain_length(probe.shape, bf16=True, whole=small)
+        length = len(self._chain_shapes(probe.shape, bf16=True, whole=small))
         if length >= 2 and (small or self.precision == "bf16"):
-            builders["bf16_chain"] = lambda shape: [ChainStep(self._layers[:length], shape, bf16=True),
-                                                    *steps[length:]]
-        if small and self._chain_length(probe.shape, bf16=False, whole=True) == len(self._layers):
+            builders["bf16_chain"] = functools.partial(self._bf16_chain_plan, steps, length, False)
+            shapes = self._chain_shapes(probe.shape, bf16=True, whole=small)
+            if any(isinstance(layer, FusedConv2d) and layer._winograd_bf16_ok(shape)
+                   for layer, shape in zip(self._layers, shapes)):
+                builders["bf16_winograd_chain"] = functools.partial(self._bf16_chain_plan, steps, length, True)
+        if small and len(self._chain_shapes(probe.shape, bf16=False, whole=True)) == len(self._layers):
             builders["float32_chain"] = lambda shape: [ChainStep(self._layers, shape)]
         if not builders:
             return steps
@@ -270,16 +276,21 @@ class FusedMultiTaskNet(DerivedState):
                                probe, heuristic="bf16_chain" if "bf16_chain" in builders and every_conv else "reduced")
         return steps if choice == "reduced" else builders[choice](torch.Size((batch, *probe.shape[1:])))
 
-    def _chain_length(self, shape: torch.Size, bf16: bool, whole: bool) -> int:
-        """How many leading layers a ``ChainStep`` (in bfloat16 with ``bf16``) can run for input
-        of ``shape``: up to the first without a kernel, or (``whole`` False) the first linear
-        layer."""
-        for index, layer in enumerate(self._layers):
+    def _bf16_chain_plan(self, steps: list, length: int, winograd: bool, shape: torch.Size) -> list:
+        return [ChainStep(self._layers[:length], shape, bf16=True, winograd=winograd), *steps[length:]]
+
+    def _chain_shapes(self, shape: torch.Size, bf16: bool, whole: bool) -> list[torch.Size]:
+        """The input shapes of the leading layers a ``ChainStep`` (in bfloat16 with ``bf16``) can
+        run for input of ``shape``: up to the first without a kernel, or (``whole`` False) the
+        first linear layer."""
+        shapes = []
+        for layer in self._layers:
             out = None if isinstance(layer, FusedLinear) and not whole else chain_output_shape(layer, shape, bf16)
             if out is None:
-                return index
+                break
+            shapes.append(shape)
             shape = torch.Size(out)
-        return len(self._layers)
+        return shapes
 
     @staticmethod
     def _chained(steps: list, chainable: list, batch: int) -> Optional[list]:

@@ -1,0 +1,238 @@
+"""The bfloat16 Winograd F(2x2, 3x3) conv (mtkernels.ops.conv_winograd_bf16) per ISA variant,
+against two float64 references:
+
+* the conv of the bfloat16-rounded input and the float32 weight, within a worst-case bound
+  derived from the transforms' bfloat16 roundings (it holds whatever the kernel does inside,
+  and is loose: each rounding counted at its largest);
+* the same Winograd algorithm computed here, its transformed input and weight rounded to
+  bfloat16 where the kernel rounds them, within the float32 accumulation's bound (tight: it
+  catches sums kept in bfloat16)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtkernels import _C
+from mtkernels.ops.conv_bf16 import BLOCK, bordered_input, pack_conv_bf16_weight
+from mtkernels.ops.conv_winograd_bf16 import conv_winograd_bf16, pack_conv_winograd_bf16_weight
+
+EPS_FP32 = 2.0 ** -24
+U_BF16 = 2.0 ** -8
+
+# The F(2x2, 3x3) matrices (Lavin & Gray 2016), written out here, independent of the module's.
+INPUT_T = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
+WEIGHT = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+OUTPUT_T = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
+
+# (batch, C_in, C_out, H, W, pool): one tile (a block of 12 mostly empty), 30 tiles (a partial
+# last block), BKNet's layers, an odd number of output blocks (48 channels: single blocks),
+# batch 1 on a 6x6 map (9 tiles: the threads share the output channels), a non-square map.
+SHAPES = [
+    (1, 16, 16, 2, 2, False),
+    (5, 16, 32, 4, 6, False),
+    (2, 32, 32, 48, 48, True),
+    (3, 64, 48, 10, 14, True),
+    (1, 128, 64, 12, 12, False),
+    (1, 256, 256, 6, 6, True),
+    (2, 32, 64, 8, 4, True),
+]
+
+
+def gamma(k: int) -> float:
+    return k * EPS_FP32 / (1 - k * EPS_FP32)
+
+
+def tiles_to_map(tiles: torch.Tensor) -> torch.Tensor:
+    """[N, C, H/2, W/2, 2, 2] output tiles -> [N, C, H, W]."""
+    n, c, th, tw = tiles.shape[:4]
+    return tiles.permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * th, 2 * tw)
+
+
+def patches(x: torch.Tensor) -> torch.Tensor:
+    """The 4x4 input patches of the 2x2 output tiles (padding 1): [N, C, H/2, W/2, 4, 4]."""
+    return F.pad(x, (1, 1, 1, 1)).unfold(2, 4, 2).unfold(3, 4, 2)
+
+
+def epilogue(y: torch.Tensor, bound: torch.Tensor, relu: bool, pool: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLU and max-pool are 1-Lipschitz: the window's largest bound covers its maximum."""
+    if relu:
+        y = y.relu()
+    if pool:
+        y, bound = F.max_pool2d(y, 2), F.max_pool2d(bound, 2)
+    return y, bound
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool,
+              pool: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 conv of the bfloat16-rounded x with the float32 weight, through ReLU and pool;
+    and the error bound of a Winograd conv of them in the kernel's arithmetic:
+
+    * V = B^T d B in float32 (two additions: gamma_2 of |B^T||d||B| = Va), rounded to bfloat16
+      (u): |V' - V| <= alpha Va, alpha = gamma_2 + u (1 + gamma_2);
+    * U = G g G^T in float64, rounded to bfloat16: |U' - U| <= beta Ua, Ua = |G||g||G^T|;
+    * M = the sum over C_in of V' U' (exact products) in float32: gamma_{C_in} of the sum of
+      |V'||U'|, so |M' - M| <= delta S with S the sum of Va Ua and
+      delta = (1 + gamma_{C_in})(1 + alpha)(1 + beta) - 1;
+    * Y = A^T M A + b in float32 (two additions per stage, one for the bias): gamma_5 of
+      |A^T||M'||A| + |b|, with |M'| <= (1 + delta) S.
+
+    So |Y' - Y| <= (delta + gamma_5 (1 + delta)) |A^T| S |A| + gamma_5 |b|."""
+    c_in = x.shape[1]
+    x64, w64 = x.bfloat16().double(), weight.double()
+    exact = F.conv2d(x64, w64, bias.double(), padding=1)
+    v_abs = torch.einsum("ij,nctwjk,lk->nctwil", INPUT_T.abs(), patches(x64.abs()), INPUT_T.abs())
+    u_abs = torch.einsum("ij,ocjk,lk->ocil", WEIGHT.abs(), w64.abs(), WEIGHT.abs())
+    s = torch.einsum("nctwij,ocij->notwij", v_abs, u_abs)
+    magnitude = tiles_to_map(torch.einsum("pi,notwij,qj->notwpq", OUTPUT_T.abs(), s, OUTPUT_T.abs()))
+    alpha, beta = gamma(2) + U_BF16 * (1 + gamma(2)), U_BF16 + 1e-12
+    delta = (1 + gamma(c_in)) * (1 + alpha) * (1 + beta) - 1
+    bound = (delta + gamma(5) * (1 + delta)) * magnitude + gamma(5) * bias.double().abs().view(1, -1, 1, 1)
+    return epilogue(exact, bound, relu, pool)
+
+
+def transformed_input(x: torch.Tensor) -> torch.Tensor:
+    """V = B^T d B of every patch in float32, in the kernel's order (the rows' differences and
+    sums first, then the columns'), rounded to bfloat16: [N, C, H/2, W/2, 4, 4] float64."""
+    d = patches(x.bfloat16().float())
+
+    def stage(t: torch.Tensor, axis: int) -> torch.Tensor:
+        r = [t.select(axis, k) for k in range(4)]
+        return torch.stack([r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]], dim=axis)
+
+    return stage(stage(d, -2), -1).bfloat16().double()
+
+
+def winograd_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool,
+                       pool: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Winograd conv in float64 from the kernel's bfloat16 V and U (U = G g G^T in float64,
+    rounded), and the bound of what remains in the kernel: the float32 sums over C_in of exact
+    products (gamma_{C_in} of the sum of |V||U|, S) and the output transform + bias (gamma_5 of
+    |A^T| (S (1 + gamma_{C_in})) |A| + |b|)."""
+    c_in = x.shape[1]
+    v = transformed_input(x)
+    u = torch.einsum("ij,ocjk,lk->ocil", WEIGHT, weight.double(), WEIGHT).bfloat16().double()
+    m = torch.einsum("nctwij,ocij->notwij", v, u)
+    y = tiles_to_map(torch.einsum("pi,notwij,qj->notwpq", OUTPUT_T, m, OUTPUT_T)) + bias.double().view(1, -1, 1, 1)
+    s = torch.einsum("nctwij,ocij->notwij", v.abs(), u.abs())
+    magnitude = tiles_to_map(torch.einsum("pi,notwij,qj->notwpq", OUTPUT_T.abs(), s, OUTPUT_T.abs()))
+    k = gamma(c_in)
+    bound = (k + gamma(5) * (1 + k)) * magnitude + gamma(5) * bias.double().abs().view(1, -1, 1, 1)
+    return epilogue(y, bound, relu, pool)
+
+
+@pytest.mark.parametrize("batch,c_in,c_out,height,width,pool", SHAPES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_matches_float64_within_the_derived_bound(isa, batch, c_in, c_out, height, width, pool, relu):
+    torch.manual_seed(c_in * 1000 + c_out + height)
+    x = torch.randn(batch, c_in, height, width)
+    weight = torch.randn(c_out, c_in, 3, 3) / math.sqrt(9 * c_in)
+    bias = torch.randn(c_out)
+    exact, bound = reference(x, weight, bias, relu, pool)
+    packed = pack_conv_winograd_bf16_weight(weight)
+
+    out32 = conv_winograd_bf16(x, packed, bias, relu, pool, out_dtype=torch.float32)
+    assert out32.dtype == torch.float32 and out32.shape == exact.shape
+    excess = (out32.double() - exact).abs() - bound
+    assert float(excess.max()) <= 0, f"float32 output exceeds the bound by {float(excess.max()):.3g}"
+
+    # A bfloat16 output adds one rounding to nearest: u of the computed value.
+    out16 = conv_winograd_bf16(x, packed, bias, relu, pool)
+    assert out16.dtype == torch.bfloat16 and out16.is_contiguous(memory_format=torch.channels_last)
+    excess = (out16.double() - exact).abs() - (U_BF16 * (exact.abs() + bound) + bound)
+    assert float(excess.max()) <= 0, f"bfloat16 output exceeds the bound by {float(excess.max()):.3g}"
+    assert torch.equal(out16, out32.bfloat16()), "the bfloat16 output is not the float32 one rounded to nearest"
+
+    same_roundings, tight = winograd_reference(x, weight, bias, relu, pool)
+    excess = (out32.double() - same_roundings).abs() - tight
+    assert float(excess.max()) <= 0, f"float32 output exceeds the accumulation bound by {float(excess.max()):.3g}"
+
+
+def test_the_bound_catches_a_bfloat16_accumulation():
+    """The accumulation bound fails a Winograd conv whose sums over the input channels are
+    rounded to bfloat16 at every step (the typical reduced-precision kernel bug), while the
+    kernel passes it."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(1, 64, 6, 6), torch.randn(64, 64, 3, 3) / 24, torch.randn(64)
+    same_roundings, bound = winograd_reference(x, weight, bias, relu=False, pool=False)
+    v = transformed_input(x).float()
+    u = torch.einsum("ij,ocjk,lk->ocil", WEIGHT, weight.double(), WEIGHT).bfloat16().float()
+    m = torch.zeros(1, 64, 3, 3, 4, 4)
+    for c in range(64):
+        m = (m + v[:, c].unsqueeze(1) * u[:, c].view(1, 64, 1, 1, 4, 4)).bfloat16().float()
+    bf16_accumulated = (tiles_to_map(torch.einsum("pi,notwij,qj->notwpq", OUTPUT_T.float(), m, OUTPUT_T.float()))
+                        + bias.view(1, -1, 1, 1))
+    assert float(((bf16_accumulated.double() - same_roundings).abs() - bound).max()) > 0
+    out = conv_winograd_bf16(x, pack_conv_winograd_bf16_weight(weight), bias, out_dtype=torch.float32)
+    assert float(((out.double() - same_roundings).abs() - bound).max()) <= 0
+
+
+def test_non_finite_input_reaches_exactly_its_windows(isa):
+    """Before ReLU and pool, the outputs whose 3x3 windows hold a NaN or inf input are
+    non-finite, as in eager PyTorch, and no other output is (an inf may come out as NaN: the
+    transforms subtract it from itself). After ReLU and pool, outputs whose windows hold no
+    non-finite input stay finite."""
+    torch.manual_seed(1)
+    x, weight, bias = torch.randn(2, 16, 8, 8), torch.randn(32, 16, 3, 3), torch.randn(32)
+    x[0, 1, 2, 3] = math.nan
+    x[1, 2, 6, 6] = math.inf
+    x[1, 0, 0, 0] = -math.inf
+    exact, _ = reference(x, weight, bias, relu=False, pool=False)
+    packed = pack_conv_winograd_bf16_weight(weight)
+    out = conv_winograd_bf16(x, packed, bias, out_dtype=torch.float32)
+    assert not torch.isfinite(exact).all()
+    assert torch.equal(torch.isfinite(out), torch.isfinite(exact))
+    pooled = conv_winograd_bf16(x, packed, bias, relu=True, pool=True, out_dtype=torch.float32)
+    clean = F.max_pool2d((~torch.isfinite(exact)).any(dim=1, keepdim=True).float(), 2) == 0
+    assert torch.isfinite(pooled[clean.expand_as(pooled)]).all()
+
+
+def test_packing_is_the_transformed_pair_layout():
+    """weight[b][4 i + j][ci / 2][c][ci % 2] = (G g G^T)[b * BLOCK + c][ci][i][j] in bfloat16,
+    checked element by element against the transform written out here."""
+    torch.manual_seed(3)
+    weight = torch.randn(2 * BLOCK, 32, 3, 3)
+    packed = pack_conv_winograd_bf16_weight(weight)
+    assert packed.shape == (2, 16, 16, BLOCK, 2) and packed.dtype == torch.bfloat16
+    for b, i, j, ci, c in [(0, 0, 0, 0, 0), (1, 2, 3, 7, 5), (1, 3, 1, 31, 15), (0, 1, 2, 16, 9)]:
+        u = WEIGHT @ weight[b * BLOCK + c, ci].double() @ WEIGHT.T
+        assert packed[b, 4 * i + j, ci // 2, c, ci % 2] == u[i, j].to(torch.bfloat16)
+
+
+def test_the_border_is_left_alone():
+    """dst_pad = 1 writes the interior of a bordered buffer: its border stays as it was."""
+    torch.manual_seed(2)
+    src = bordered_input(1, 6, 6, 16)
+    src[:, 1:-1, 1:-1].normal_()
+    weight, bias = pack_conv_winograd_bf16_weight(torch.randn(32, 16, 3, 3)), torch.randn(32)
+    dst = torch.full((1, 5, 5, 32), 7.0, dtype=torch.bfloat16)  # 3x3 pooled output, border 1
+    _C.conv_winograd_bf16_nhwc(src.data_ptr(), weight.data_ptr(), bias.data_ptr(), dst.data_ptr(), 1, 6, 6, 16, 32,
+                               1, True, True, 1, 1)
+    border = torch.ones(5, 5, dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    assert torch.all(dst[0][border] == 7.0) and not torch.all(dst[0, 1:-1, 1:-1] == 7.0)
+
+
+def test_bad_arguments_are_refused():
+    x, weight, bias = torch.randn(1, 16, 6, 6), pack_conv_winograd_bf16_weight(torch.randn(16, 16, 3, 3)), torch.zeros(16)
+    with pytest.raises(ValueError, match="C_in and C_out multiples"):
+        pack_conv_winograd_bf16_weight(torch.randn(16, 8, 3, 3))
+    with pytest.raises(ValueError, match=r"\[C_out, C_in, 3, 3\]"):
+        pack_conv_winograd_bf16_weight(torch.randn(16, 16, 1, 1))
+    with pytest.raises(ValueError, match="packed_weight must be pack_conv_winograd_bf16_weight's layout"):
+        conv_winograd_bf16(x, pack_conv_bf16_weight(torch.randn(16, 16, 3, 3)), bias)
+    with pytest.raises(ValueError, match="height and width must be even, got 5x6"):
+        conv_winograd_bf16(torch.randn(1, 16, 5, 6), weight, bias)
+    with pytest.raises(ValueError, match=r"bias must be float32 \[16\]"):
+        conv_winograd_bf16(x, weight, torch.zeros(8))
+    with pytest.raises(ValueError, match="out_dtype must be"):
+        conv_winograd_bf16(x, weight, bias, out_dtype=torch.float16)
+    with pytest.raises(TypeError, match="x must be a 4-D floating CPU tensor"):
+        conv_winograd_bf16(x[0], weight, bias)
+    with pytest.raises(ValueError, match="height and width must be even"):
+        _C.conv_winograd_bf16_nhwc(0, 0, 0, 0, 1, 6, 5, 16, 16, 0, False, False, 1, 1)
+    with pytest.raises(ValueError, match="in_channels must be a multiple"):
+        _C.conv_winograd_bf16_nhwc(0, 0, 0, 0, 1, 6, 6, 8, 16, 0, False, False, 1, 1)
