@@ -217,7 +217,8 @@ def test_the_border_is_left_alone():
 
 
 def test_bad_arguments_are_refused():
-    x, weight, bias = torch.randn(1, 16, 6, 6), pack_conv_winograd_bf16_weight(torch.randn(16, 16, 3, 3)), torch.zeros(16)
+    x, bias = torch.randn(1, 16, 6, 6), torch.zeros(16)
+    weight = pack_conv_winograd_bf16_weight(torch.randn(16, 16, 3, 3))
     with pytest.raises(ValueError, match="C_in and C_out multiples"):
         pack_conv_winograd_bf16_weight(torch.randn(16, 8, 3, 3))
     with pytest.raises(ValueError, match=r"\[C_out, C_in, 3, 3\]"):
