@@ -19,6 +19,15 @@ bfloat16's unit roundoff; ``K`` a dot product's length; ``eps = 2^-24``):
   independently, so a dot product gets the sum of their squares; the float32 accumulation is
   off by ``K eps`` of the sum of magnitudes (counted worst-case); the bias by ``u |b|``, the
   output by ``u |y|``.
+* conv, bf16, where mtkernels' Winograd F(2x2, 3x3) may run it (3x3, stride 1, whole blocks of
+  channels, even maps; tests/test_conv_winograd_bf16.py): the products are of the transformed
+  input V = B^T d B and weight U = G g G^T, each rounded to bfloat16, so each is off by
+  ``(2u + u^2 + 4 eps) |V||U|`` and output (p, q) of a tile sums them with weights
+  ``A[p, i] A[q, j]`` (0 or +-1). |U| is known; |V| is at most the exact input's transform's
+  plus the transform of its standard deviation through ``|B^T|``, ``|B|`` (the transform of
+  magnitudes, 4x the input, would give a vacuous bound: a smooth map's differences are
+  small). The variance taken is the larger of this and the direct conv's: the
+  bound holds whichever kernel the plan timed fastest.
 * conv, int8: the input is quantized with step ``s`` (``s / 2``, plus whatever exceeds the
   calibrated range and is clipped), each weight with its channel's step ``s_w`` (``s_w / 2``
   times |x|, independent per weight); the int32 accumulation is exact; the output is rounded
@@ -40,9 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from test_conv_winograd_bf16 import INPUT_T, OUTPUT_T, WEIGHT, patches, tiles_to_map
+
 from models.resnet import FusedPreActBottleneck
 from mtkernels.fuse import AffineReLU, FusedConv2d, FusedLinear
 from mtkernels.fuse.plans import FusedMultiTaskNet
+from mtkernels.ops import conv_winograd_bf16
 
 U_BF16 = 2.0 ** -8
 EPS_FP32 = 2.0 ** -24
@@ -71,6 +83,24 @@ def _product_variance(linear_map, a: torch.Tensor, v: torch.Tensor, w: torch.Ten
     return linear_map(v, w * w) + products + accumulation
 
 
+def _winograd_product_variance(a: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The products' and sums' variance of a bf16 Winograd F(2x2, 3x3) conv of an input ``a``
+    of variance ``v`` with weight ``w``: the products' local errors independent, the float32
+    sums over C_in and the output transform worst-case."""
+    u_abs = torch.einsum("ij,ocjk,lk->ocil", WEIGHT, w, WEIGHT).abs()
+    local = (2 * U_BF16 + U_BF16 ** 2 + 4 * EPS_FP32) ** 2
+    parts = []
+    for exact, variance in zip(a.split(8), v.split(8)):  # the patches of 8 images at a time
+        v_abs = (torch.einsum("ij,nctwjk,lk->nctwil", INPUT_T, patches(exact), INPUT_T).abs()
+                 + torch.einsum("ij,nctwjk,lk->nctwil", INPUT_T.abs(), patches(variance.sqrt()), INPUT_T.abs()))
+        squares = torch.einsum("nctwij,ocij->notwij", v_abs * v_abs, u_abs * u_abs)
+        sums = torch.einsum("nctwij,ocij->notwij", v_abs, u_abs)
+        products = tiles_to_map(torch.einsum("pi,notwij,qj->notwpq", OUTPUT_T ** 2, squares, OUTPUT_T ** 2))
+        accumulation = tiles_to_map(torch.einsum("pi,notwij,qj->notwpq", OUTPUT_T.abs(), sums, OUTPUT_T.abs()))
+        parts.append(local * products + ((w.shape[1] + 5) * EPS_FP32 * 1.01 * accumulation) ** 2)
+    return torch.cat(parts)
+
+
 def _relu(a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ReLU of the exact value and its variance: where the exact pre-activation is below
     -LAMBDA standard deviations, the computed one is negative too and both outputs are 0."""
@@ -95,7 +125,13 @@ def _conv_bound(layer: FusedConv2d, int8_layer: FusedConv2d | None):
         y = conv(a, weight, bias)
         spec = None if int8_layer is None else int8_layer.int8
         if spec is None:
-            v_y = _product_variance(conv, a, v, weight, length) + (U_BF16 * bias.abs().view(1, -1, 1, 1)) ** 2
+            v_y = _product_variance(conv, a, v, weight, length)
+            if layer.winograd_ok and conv_winograd_bf16.supports(weight.shape, layer.stride[0], layer.padding[0],
+                                                                  a.shape[2], a.shape[3]):
+                exact_part = conv(v, weight * weight)
+                v_y = exact_part + torch.maximum(v_y - exact_part,
+                                                 _winograd_product_variance(a, v, weight))
+            v_y = v_y + (U_BF16 * bias.abs().view(1, -1, 1, 1)) ** 2
             v_y = _plus_bf16_rounding(y, v_y)
         else:
             s, zp = spec.input.scale, spec.input.zero_point
