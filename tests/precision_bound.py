@@ -47,9 +47,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from test_conv_winograd_bf16 import INPUT_T, OUTPUT_T, WEIGHT, patches, tiles_to_map
+from torch import nn
 
 from models.resnet import FusedPreActBottleneck
 from mtkernels.fuse import AffineReLU, FusedConv2d, FusedLinear
