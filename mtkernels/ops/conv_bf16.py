@@ -59,9 +59,16 @@ def pack_pairs(taps: torch.Tensor) -> torch.Tensor:
 
 
 def bordered_input(n: int, h: int, w: int, channels: int, border: int = 1) -> torch.Tensor:
-    """A zero [N, H + 2 border, W + 2 border, even(C)] bfloat16 buffer: a conv_bf16 input whose
-    border (and padding channel) stay zero while its interior is written."""
-    return torch.zeros((n, h + 2 * border, w + 2 * border, even(channels)), dtype=torch.bfloat16)
+    """A [N, H + 2 border, W + 2 border, even(C)] bfloat16 buffer whose border (and padding
+    channel) are zero and stay zero while its interior is written; the interior is left
+    uninitialised (a training step's buffers are new each call: zeroing all of them cost as
+    much as a small conv)."""
+    buffer = torch.empty((n, h + 2 * border, w + 2 * border, even(channels)), dtype=torch.bfloat16)
+    if border:
+        for side in (buffer[:, :border], buffer[:, -border:], buffer[:, :, :border], buffer[:, :, -border:]):
+            side.zero_()
+    buffer[..., channels:].zero_()
+    return buffer
 
 
 def fill_bordered(buffer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
