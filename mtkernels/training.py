@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import batchnorm_relu as _op  # noqa: F401  (registers torch.ops.mtkernels.batchnorm_relu)
+from .ops import conv_winograd_bf16 as _winograd_bf16
 from .ops.batchnorm_relu import ACTIVATION_DTYPES
-from .ops.conv_training import conv_output_size, gemm_conv2d, winograd_conv3x3
+from .ops.conv_training import conv_output_size, conv_winograd_bf16, gemm_conv2d, winograd_conv3x3
 
 TRAINING_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -104,6 +105,10 @@ def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_TIMED_MIN_CHANNELS = 32
 GEMM_MAX_OUTPUT_PIXELS = 16
+# A first layer's few columns (C_in KH KW; one or three channels), in bfloat16: oneDNN's
+# bfloat16 weight gradient of BKNet's one-channel first conv ran at 11 GFLOP/s here (19 ms a
+# step against the GEMM's 7 ms).
+GEMM_MAX_COLUMNS = 27
 
 
 class ComputeDtype:
@@ -123,8 +128,9 @@ class ComputeDtype:
 
 class TrainingConv2d(ComputeDtype, nn.Conv2d):
     """``nn.Conv2d`` that, on channels-last CPU input, runs ``mtkernels::winograd_conv3x3``
-    (float32) or ``mtkernels::gemm_conv2d`` where the layer's shape makes them faster than
-    PyTorch's own (oneDNN) convolution (:meth:`algorithm`), in its ``compute_dtype``."""
+    (float32), ``mtkernels::conv_winograd_bf16`` (bfloat16) or ``mtkernels::gemm_conv2d``
+    where the layer's shape makes them faster than PyTorch's own (oneDNN) convolution
+    (:meth:`algorithm`), in its ``compute_dtype``."""
 
     def candidates(self, x: torch.Tensor) -> list[str]:
         """The algorithms that can run this layer on input ``x`` (already in
@@ -139,12 +145,16 @@ class TrainingConv2d(ComputeDtype, nn.Conv2d):
         out_h = conv_output_size(x.shape[2], kh, stride, padding)
         out_w = conv_output_size(x.shape[3], kw, stride, padding)
         names = ["torch"]
-        if out_h > 0 and out_w > 0 and out_h * out_w <= GEMM_MAX_OUTPUT_PIXELS:
+        few_columns = x.dtype == torch.bfloat16 and self.in_channels * kh * kw <= GEMM_MAX_COLUMNS
+        if out_h > 0 and out_w > 0 and (out_h * out_w <= GEMM_MAX_OUTPUT_PIXELS or few_columns):
             names.append("gemm")
         channels = min(self.in_channels, self.out_channels)
-        if self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) \
-                and x.dtype == torch.float32 and channels >= WINOGRAD_TIMED_MIN_CHANNELS:
+        plain_3x3 = self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+        if plain_3x3 and x.dtype == torch.float32 and channels >= WINOGRAD_TIMED_MIN_CHANNELS:
             names.append("winograd")
+        if plain_3x3 and x.dtype == torch.bfloat16 and _winograd_bf16.supports(self.weight.shape, 1, 1, x.shape[2],
+                                                                                x.shape[3]):
+            names.append("winograd_bf16")
         return names
 
     def heuristic(self, names: list[str]) -> str:
@@ -192,6 +202,8 @@ class TrainingConv2d(ComputeDtype, nn.Conv2d):
     def _run(self, algorithm: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if algorithm == "winograd":
             return winograd_conv3x3(x, weight, bias)
+        if algorithm == "winograd_bf16":
+            return conv_winograd_bf16(x, weight, bias)
         if algorithm == "gemm":
             return gemm_conv2d(x, weight, bias, self.stride[0], self.padding[0])
         return self._conv_forward(x, weight, bias)

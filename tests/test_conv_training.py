@@ -1,15 +1,22 @@
-"""mtkernels::winograd_conv3x3 and mtkernels::gemm_conv2d (mtkernels.ops.conv_training) and
-the TrainingConv2d that picks between them, against float64 PyTorch convolutions."""
+"""mtkernels::winograd_conv3x3, mtkernels::conv_winograd_bf16 and mtkernels::gemm_conv2d
+(mtkernels.ops.conv_training) and the TrainingConv2d that picks between them, against float64
+PyTorch convolutions."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_conv import WINOGRAD_RELATIVE_BOUND
+from test_conv_winograd_bf16 import winograd_error_bound
 
 import models
 import mtkernels
 from mtkernels.fuse import tuning
-from mtkernels.ops.conv_training import gemm_conv2d, winograd_conv3x3, winograd_conv3x3_weight_grad
+from mtkernels.ops.conv_training import (
+    conv_winograd_bf16,
+    gemm_conv2d,
+    winograd_conv3x3,
+    winograd_conv3x3_weight_grad,
+)
 from mtkernels.training import TrainingConv2d, as_training_conv
 
 # A direct convolution's float32 error relative to sum |w| |x| (a GEMM's accumulation order)
@@ -86,6 +93,45 @@ def test_opcheck():
     grad_y = torch.randn(2, 3, 5, 5).requires_grad_()
     torch.library.opcheck(torch.ops.mtkernels.winograd_conv3x3_input_grad, (grad_y, weight))
     torch.library.opcheck(torch.ops.mtkernels.winograd_conv3x3_weight_grad, (x.clone().requires_grad_(), grad_y))
+
+
+def test_conv_winograd_bf16_ops():
+    """The bf16 Winograd training ops: opcheck (schema, fake tensors, autograd registration);
+    the forward and the input gradient against float64 within the kernel's derived bound
+    (tests/test_conv_winograd_bf16.py), the weight gradient equal to oneDNN's bf16 one."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 4, 6).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = (torch.randn(32, 16, 3, 3) / 12).bfloat16().requires_grad_()
+    bias = torch.randn(32).bfloat16().requires_grad_()
+    torch.library.opcheck(torch.ops.mtkernels.conv_winograd_bf16, (x, weight, bias))
+    grad_y = torch.randn(2, 32, 4, 6).bfloat16().contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.mtkernels.conv_winograd_bf16_input_grad, (grad_y, weight.detach()))
+
+    y = conv_winograd_bf16(x, weight, None)
+    dx, dw = torch.autograd.grad(y, (x, weight), grad_y)
+    x64, w64, dy64 = x.detach().double(), weight.detach().double(), grad_y.double()
+    y64 = F.conv2d(x64, w64, padding=1)
+    bound = winograd_error_bound(x64.abs(), w64.abs(), 2.0 ** -8 + 1e-12)
+    assert bool(((y.double() - y64).abs() <= bound + 2.0 ** -8 * (y64.abs() + bound)).all())
+    dx64 = F.conv_transpose2d(dy64, w64, padding=1)
+    bound = winograd_error_bound(dy64.abs(), w64.abs().transpose(0, 1).flip(2, 3), 2.0 ** -8 + 1e-12)
+    assert bool(((dx.double() - dx64).abs() <= bound + 2.0 ** -8 * (dx64.abs() + bound)).all())
+    _, onednn_dw, _ = torch.ops.aten.convolution_backward(grad_y, x.detach(), weight.detach(), None, [1, 1], [1, 1],
+                                                          [1, 1], False, [0, 0], 1, [False, True, False])
+    assert torch.equal(dw, onednn_dw)
+
+
+def test_conv_winograd_bf16_bad_inputs_are_named():
+    x, weight = torch.randn(1, 16, 4, 4).bfloat16(), torch.randn(16, 16, 3, 3).bfloat16()
+    with pytest.raises(TypeError, match="x must be a bfloat16 CPU tensor"):
+        conv_winograd_bf16(x.float(), weight, None)
+    with pytest.raises(ValueError, match=r"must have C_in and C_out multiples of 16 and an even H and W, got "
+                                         r"\(1, 16, 5, 4\)"):
+        conv_winograd_bf16(torch.randn(1, 16, 5, 4).bfloat16(), weight, None)
+    with pytest.raises(ValueError, match="must have C_in and C_out multiples of 16"):
+        conv_winograd_bf16(x[:, :8], weight[:, :8], None)
+    with pytest.raises(ValueError, match=r"bias must be None or a bfloat16 tensor of shape \(16,\)"):
+        conv_winograd_bf16(x, weight, torch.zeros(16))
 
 
 def test_bad_inputs_are_named():

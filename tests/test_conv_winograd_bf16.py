@@ -81,17 +81,24 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: b
       |A^T||M'||A| + |b|, with |M'| <= (1 + delta) S.
 
     So |Y' - Y| <= (delta + gamma_5 (1 + delta)) |A^T| S |A| + gamma_5 |b|."""
-    c_in = x.shape[1]
     x64, w64 = x.bfloat16().double(), weight.double()
     exact = F.conv2d(x64, w64, bias.double(), padding=1)
-    v_abs = torch.einsum("ij,nctwjk,lk->nctwil", INPUT_T.abs(), patches(x64.abs()), INPUT_T.abs())
-    u_abs = torch.einsum("ij,ocjk,lk->ocil", WEIGHT.abs(), w64.abs(), WEIGHT.abs())
+    bound = winograd_error_bound(x64.abs(), w64.abs(), U_BF16 + 1e-12)
+    bound = bound + gamma(5) * bias.double().abs().view(1, -1, 1, 1)
+    return epilogue(exact, bound, relu, pool)
+
+
+def winograd_error_bound(x_abs: torch.Tensor, w_abs: torch.Tensor, beta: float) -> torch.Tensor:
+    """(delta + gamma_5 (1 + delta)) |A^T| S |A| of :func:`reference` for input magnitudes
+    ``x_abs`` (bfloat16 values) and weight magnitudes ``w_abs``, the transformed weight's
+    relative error being at most ``beta``; bias not included. float64 [N, C_out, H, W]."""
+    v_abs = torch.einsum("ij,nctwjk,lk->nctwil", INPUT_T.abs(), patches(x_abs), INPUT_T.abs())
+    u_abs = torch.einsum("ij,ocjk,lk->ocil", WEIGHT.abs(), w_abs, WEIGHT.abs())
     s = torch.einsum("nctwij,ocij->notwij", v_abs, u_abs)
     magnitude = tiles_to_map(torch.einsum("pi,notwij,qj->notwpq", OUTPUT_T.abs(), s, OUTPUT_T.abs()))
-    alpha, beta = gamma(2) + U_BF16 * (1 + gamma(2)), U_BF16 + 1e-12
-    delta = (1 + gamma(c_in)) * (1 + alpha) * (1 + beta) - 1
-    bound = (delta + gamma(5) * (1 + delta)) * magnitude + gamma(5) * bias.double().abs().view(1, -1, 1, 1)
-    return epilogue(exact, bound, relu, pool)
+    alpha = gamma(2) + U_BF16 * (1 + gamma(2))
+    delta = (1 + gamma(x_abs.shape[1])) * (1 + alpha) * (1 + beta) - 1
+    return (delta + gamma(5) * (1 + delta)) * magnitude
 
 
 def transformed_input(x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,10 @@ K being the length of the dot products: C_in KH KW for the forward, C_out KH KW 
 input gradient, N OH OW for the weight gradient. out_64 is the float64 layer on the
 same x and dy and the float32 w. The incoming gradient dy is what the bfloat16 run
 produced, so each layer is checked on its own, in the network, at its real shapes.
+
+A conv run by mtkernels' bf16 Winograd kernel (forward and input gradient) rounds its
+transformed operands instead: tests/test_conv_winograd_bf16.py derives that bound, here with
+the weight rounded twice (to bfloat16, then its transform: 2u + u^2) and the output once more.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from test_conv_winograd_bf16 import winograd_error_bound
 
 import models
 import mtkernels
@@ -63,6 +68,14 @@ def assert_within(name: str, got: torch.Tensor, reference: torch.Tensor, bound: 
     return float((err / bound.clamp_min(1e-300)).max().detach())
 
 
+def winograd_bound(x_abs: torch.Tensor, w_abs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The bound of a bf16 Winograd conv (no bias) of bfloat16 input magnitudes ``x_abs`` with
+    the float32 weight's ``w_abs``, rounded to bfloat16: the weight is rounded to bfloat16 and
+    its transform again (2u + u^2 of the transform of |w|), the output once more (u)."""
+    before_rounding = winograd_error_bound(x_abs, w_abs, 2 * U + U * U + 1e-12)
+    return before_rounding + U * (reference.abs() + before_rounding)
+
+
 def check_conv(name, conv: TrainingConv2d, x, y, dy, dx):
     x64, w64 = x.double().requires_grad_(), conv.weight.detach().double().requires_grad_()
     geometry = dict(stride=conv.stride, padding=conv.padding)
@@ -70,13 +83,19 @@ def check_conv(name, conv: TrainingConv2d, x, y, dy, dx):
     dx64, dw64 = torch.autograd.grad(y64, (x64, w64), dy.double())
     ax, aw, ady = x64.detach().abs(), w64.detach().abs(), dy.double().abs()
     c_out, c_in, kh, kw = conv.weight.shape
-    assert_within(f"{name} forward", y, y64, product_bound(F.conv2d(ax, aw, None, **geometry), y64, c_in * kh * kw))
+    winograd = "winograd_bf16" in conv.__dict__.get("_chosen_algorithms", {}).values()
+    forward_bound = (winograd_bound(ax, aw, y64) if winograd
+                     else product_bound(F.conv2d(ax, aw, None, **geometry), y64, c_in * kh * kw))
+    assert_within(f"{name} forward", y, y64, forward_bound)
     weight_magnitude = torch.nn.grad.conv2d_weight(ax, conv.weight.shape, ady, **geometry)
     assert_within(f"{name} weight gradient", conv.weight.grad, dw64,
                   product_bound(weight_magnitude, dw64, dy[:, 0].numel()))
     if dx is not None:
-        input_magnitude = torch.nn.grad.conv2d_input(x.shape, aw, ady, **geometry)
-        assert_within(f"{name} input gradient", dx, dx64, product_bound(input_magnitude, dx64, c_out * kh * kw))
+        input_bound = (winograd_bound(ady, aw.transpose(0, 1).flip(2, 3), dx64) if winograd
+                       else product_bound(torch.nn.grad.conv2d_input(x.shape, aw, ady, **geometry), dx64,
+                                          c_out * kh * kw))
+        assert_within(f"{name} input gradient", dx, dx64, input_bound)
+    return winograd
 
 
 def check_linear(name, linear: TrainingLinear, x, y, dy, dx):
@@ -185,9 +204,21 @@ def face_batch(model, n: int, seed: int = 0):
     return x, labels
 
 
+# Winograd: every conv that the bf16 Winograd kernel takes runs it (at batch 8 the timing picks
+# it for few layers): BKNet's eight convs after the first, the ResNets' 3x3 convs on even maps.
+WINOGRAD_CONVS = {"bknet": 8, "resnet-v1": 11, "resnet-v2": 11}
+
+
 @needs_bf16
+@pytest.mark.parametrize("winograd", [False, True], ids=["timed", "winograd"])
 @pytest.mark.parametrize("name", ["bknet", "resnet-v1", "resnet-v2"])
-def test_one_step_per_layer_within_the_bf16_bound(name):
+def test_one_step_per_layer_within_the_bf16_bound(name, winograd, monkeypatch, tmp_path):
+    from mtkernels.fuse import tuning
+
+    if winograd:
+        monkeypatch.setattr(tuning, "_CACHE", tuning.TuningCache(tmp_path))
+        monkeypatch.setattr(tuning, "fastest", lambda candidates, x, **kw: "winograd_bf16"
+                            if "winograd_bf16" in candidates else next(iter(candidates)))
     model = bf16_model(name)
     x, labels = face_batch(model, 8)
     records, handles = {}, []
@@ -208,10 +239,13 @@ def test_one_step_per_layer_within_the_bf16_bound(name):
         h.remove()
     names = {module: n for n, module in model.named_modules()}
     kinds = {kind: 0 for kind in CHECKS}
+    winograd_convs = 0
     for module, r in records.items():
         assert r["y"].dtype == torch.bfloat16 and r["dy"].dtype == torch.bfloat16, names[module]
-        CHECKS[type(module)](names[module], module, r["x"], r["y"], r["dy"], r["dx"])
+        winograd_convs += bool(CHECKS[type(module)](names[module], module, r["x"], r["y"], r["dy"], r["dx"]))
         kinds[type(module)] += 1
+    if winograd:
+        assert winograd_convs == WINOGRAD_CONVS[name]
     kinds = {kind: count for kind, count in kinds.items() if kind is not BatchNormReLUPool2d or name == "bknet"}
     assert all(kinds.values()), kinds  # convs, linear layers and BatchNorm + ReLU (+ pool) were all checked
     for p in model.parameters():

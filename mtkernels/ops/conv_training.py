@@ -9,10 +9,17 @@ slow for the papers' shapes at batch 128:
   (``mtkernels::winograd_conv3x3_input_grad``); the weight gradient is the adjoint of the
   forward, d U[k] = V[k]^T d M[k] summed over every tile of the batch, with d M the
   adjoint output transform of d y (also C++) and d weight = G^T d U G.
+- ``mtkernels::conv_winograd_bf16``: the same algorithm in bfloat16 (mixed-precision
+  training) by mtkernels' own kernel (``mtkernels.ops.conv_winograd_bf16``: transformed
+  input and weight rounded to bfloat16, float32 sums, AVX512-BF16 where the CPU has it), for
+  the forward and, with the flipped, transposed filters, the input gradient
+  (``mtkernels::conv_winograd_bf16_input_grad``); the weight gradient is oneDNN's bfloat16
+  one (PyTorch's convolution_backward).
 - ``mtkernels::gemm_conv2d``: any convolution as one GEMM over all output pixels of the
   batch (im2col in channels-last order; a 1x1 / stride 1 layer needs no copy at all).
   oneDNN blocks its work per image, which leaves layers with 3x3 output maps (the ResNets'
   last stage, 9 pixels an image) far from the GEMM rate; one GEMM with N * 9 rows is not.
+  Nor is oneDNN's bfloat16 weight gradient of a one-channel first layer (11 GFLOP/s here).
 
 Both are ``torch.library`` custom ops with fake implementations and autograd; which layer
 runs which is :class:`mtkernels.TrainingConv2d`'s choice.
@@ -26,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _C
+from . import conv_winograd_bf16 as _winograd_bf16
 from .conv import (
     WinogradBuffers,
     _check,
@@ -172,6 +180,73 @@ def _winograd_weight_grad_backward(ctx, grad):
 
 
 winograd_conv3x3_weight_grad.register_autograd(_winograd_weight_grad_backward, setup_context=_save_tensor_inputs)
+
+
+def _check_winograd_bf16(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """``x`` a bfloat16 input of ``weight`` ([C_out, C_in, 3, 3] bfloat16) that the bf16
+    Winograd kernel takes: whole blocks of channels, an even height and width."""
+    _check_conv(x, weight, None, (torch.bfloat16,))
+    if not _winograd_bf16.supports(weight.shape, 1, 1, x.shape[2], x.shape[3]):
+        raise ValueError(f"{name} [N, C, H, W] and weight [C_out, C_in, 3, 3] must have C_in and C_out multiples of "
+                         f"{_winograd_bf16.BLOCK} and an even H and W, got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+
+
+def _run_winograd_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The bf16 Winograd conv (padding 1) of ``x`` with ``weight`` (transformed here, each call:
+    it changes every step), bfloat16 channels-last output."""
+    bias = torch.zeros(weight.shape[0]) if bias is None else bias.float().contiguous()
+    packed = _winograd_bf16.pack_conv_winograd_bf16_weight(weight.detach())
+    return _winograd_bf16.conv_winograd_bf16_unchecked(x, packed, bias, False, False, torch.bfloat16, None)
+
+
+@torch.library.custom_op("mtkernels::conv_winograd_bf16", mutates_args=())
+def conv_winograd_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` of bfloat16 x and 3x3 weight by mtkernels' bf16
+    Winograd F(2x2, 3x3) kernel (float32 sums); bfloat16 channels-last output."""
+    _check_winograd_bf16("x", x, weight)
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (weight.shape[0],)):
+        raise ValueError(f"bias must be None or a bfloat16 tensor of shape ({weight.shape[0]},), got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
+    return _run_winograd_bf16(x, weight, bias)
+
+
+@conv_winograd_bf16.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("mtkernels::conv_winograd_bf16_input_grad", mutates_args=())
+def conv_winograd_bf16_input_grad(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d x of :func:`conv_winograd_bf16` given d y: the bf16 Winograd conv of ``grad_y`` with
+    the flipped, transposed filters (``F.conv_transpose2d(grad_y, weight, padding=1)``)."""
+    flipped = weight.transpose(0, 1).flip(2, 3)
+    _check_winograd_bf16("grad_y", grad_y, flipped)
+    return _run_winograd_bf16(grad_y, flipped, None)
+
+
+@conv_winograd_bf16_input_grad.register_fake
+def _(grad_y, weight):
+    return grad_y.new_empty((grad_y.shape[0], weight.shape[1], *grad_y.shape[2:])).contiguous(
+        memory_format=torch.channels_last)
+
+
+def _winograd_bf16_backward(ctx, grad_y):
+    """The input gradient by the bf16 Winograd kernel; the weight and bias gradients by
+    oneDNN's bfloat16 convolution backward (float32 sums)."""
+    x, weight = ctx.saved_tensors
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    grad_x = conv_winograd_bf16_input_grad(grad_y, weight) if ctx.needs_input_grad[0] else None
+    grad_weight = grad_bias = None
+    if ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]:
+        _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_y, x.contiguous(memory_format=torch.channels_last), weight,
+            [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+    return grad_x, grad_weight, grad_bias
+
+
+conv_winograd_bf16.register_autograd(_winograd_bf16_backward, setup_context=_save_inputs)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
