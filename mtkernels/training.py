@@ -170,13 +170,15 @@ class TrainingConv2d(ComputeDtype, nn.Conv2d):
         fastest for a training step of this layer on this machine, timed on the first such
         input and remembered (:mod:`mtkernels.fuse.tuning`)."""
         names = self.candidates(x)
-        if len(names) == 1 or torch.compiler.is_compiling():
-            return self.heuristic(names)
+        if len(names) == 1:
+            return names[0]
         from .fuse import tuning
         from .fuse.layers import layer_signature
 
         bucket = tuning.batch_bucket(x.shape[0])
         kind = (bucket, x.dtype, tuple(x.shape[1:]), x.requires_grad)
+        if torch.compiler.is_compiling():  # no timing in a trace: what eager timed, else the fixed rule
+            return self.__dict__.get("_chosen_algorithms", {}).get(kind, self.heuristic(names))
         chosen = self.__dict__.setdefault("_chosen_algorithms", {})
         if kind not in chosen:
             key = (f"training_conv:{layer_signature(self)}:in{'x'.join(map(str, x.shape[1:]))}:{x.dtype}"
