@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "conv_bf16.h"
 #include "element.h"
@@ -98,6 +99,19 @@ struct Unit {
   }
 };
 #endif
+
+// kernel(pool, out) with the problem's pool flag as a std::bool_constant and a value of its
+// output element's type (float or uint16_t for bfloat16): the kernels' run-time choices made
+// compile-time template arguments in one place.
+template <typename Kernel>
+void with_pool_and_output(const ConvBf16Problem& p, Kernel&& kernel) {
+  if (p.dst_element == Element::float32) {
+    if (p.pool) return kernel(std::true_type{}, float{});
+    return kernel(std::false_type{}, float{});
+  }
+  if (p.pool) return kernel(std::true_type{}, uint16_t{});
+  kernel(std::false_type{}, uint16_t{});
+}
 
 }  // namespace MTK_ISA
 }  // namespace mtk

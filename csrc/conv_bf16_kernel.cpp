@@ -189,28 +189,20 @@ void conv(const ConvBf16Problem& p) {
   }
 }
 
-template <int NB, typename Out>
-void conv_pool_or_not(const ConvBf16Problem& p) {
-  if (p.pool) return conv<NB, true, Out>(p);
-  conv<NB, false, Out>(p);
-}
+}  // namespace
 
 // Two channel blocks a tile (2 x 6 pixels); four where the map is narrower than 6 columns,
 // whose few pixels would leave tiles of 2 to 8 accumulators waiting on the dot product's
 // latency (ResNet's 3x3 maps).
-template <typename Out>
-void conv_blocks(const ConvBf16Problem& p) {
-  const int64_t out_w = (p.width - 1) / p.stride + 1;
-  if (out_w < kTileColumns && p.out_channels % (4 * kBf16Block) == 0) return conv_pool_or_not<4, Out>(p);
-  if (p.out_channels % (2 * kBf16Block) == 0) return conv_pool_or_not<2, Out>(p);
-  conv_pool_or_not<1, Out>(p);
-}
-
-}  // namespace
-
 void conv_bf16_nhwc(const ConvBf16Problem& p) {
-  if (p.dst_element == Element::float32) return conv_blocks<float>(p);
-  conv_blocks<uint16_t>(p);
+  const int64_t out_w = (p.width - 1) / p.stride + 1;
+  with_pool_and_output(p, [&](auto pool, auto out) {
+    constexpr bool kPool = decltype(pool)::value;
+    using Out = decltype(out);
+    if (out_w < kTileColumns && p.out_channels % (4 * kBf16Block) == 0) return conv<4, kPool, Out>(p);
+    if (p.out_channels % (2 * kBf16Block) == 0) return conv<2, kPool, Out>(p);
+    conv<1, kPool, Out>(p);
+  });
 }
 
 }  // namespace MTK_ISA

@@ -167,23 +167,15 @@ void conv(const ConvBf16Problem& p) {
   }
 }
 
-template <int NB, typename Out>
-void conv_pool_or_not(const ConvBf16Problem& p) {
-  if (p.pool) return conv<NB, true, Out>(p);
-  conv<NB, false, Out>(p);
-}
-
-template <typename Out>
-void conv_blocks(const ConvBf16Problem& p) {
-  if (p.out_channels % (2 * kBf16Block) == 0) return conv_pool_or_not<2, Out>(p);
-  conv_pool_or_not<1, Out>(p);
-}
-
 }  // namespace
 
 void conv_winograd_bf16_nhwc(const ConvBf16Problem& p) {
-  if (p.dst_element == Element::float32) return conv_blocks<float>(p);
-  conv_blocks<uint16_t>(p);
+  with_pool_and_output(p, [&](auto pool, auto out) {
+    constexpr bool kPool = decltype(pool)::value;
+    using Out = decltype(out);
+    if (p.out_channels % (2 * kBf16Block) == 0) return conv<2, kPool, Out>(p);
+    conv<1, kPool, Out>(p);
+  });
 }
 
 }  // namespace MTK_ISA

@@ -134,18 +134,24 @@ def test_packing_is_the_pair_layout():
     assert torch.all(packed[:, :, 1, :, 1] == 0)  # the padding channel
 
 
-def test_the_border_is_left_alone():
-    """dst_pad = 1 writes the interior of a bordered buffer: its border stays as it was."""
+def assert_the_border_is_left_alone(conv) -> None:
+    """``conv(src, bias, dst)`` (a bf16 conv of a bordered 6x6x16 src to 32 channels, ReLU and
+    pool, dst_pad = 1) writes the interior of the bordered dst: its border stays as it was."""
     torch.manual_seed(2)
     src = bordered_input(1, 6, 6, 16)
     src[:, 1:-1, 1:-1].normal_()
-    weight, bias = pack_conv_bf16_weight(torch.randn(32, 16, 3, 3)), torch.randn(32)
+    bias = torch.randn(32)
     dst = torch.full((1, 5, 5, 32), 7.0, dtype=torch.bfloat16)  # 3x3 pooled output, border 1
-    _C.conv_bf16_nhwc(src.data_ptr(), weight.data_ptr(), bias.data_ptr(), dst.data_ptr(), 1, 6, 6, 16, 32, 3, 1, 1,
-                      True, True, 1, 1)
+    conv(src, bias, dst)
     border = torch.ones(5, 5, dtype=torch.bool)
     border[1:-1, 1:-1] = False
     assert torch.all(dst[0][border] == 7.0) and not torch.all(dst[0, 1:-1, 1:-1] == 7.0)
+
+
+def test_the_border_is_left_alone():
+    weight = pack_conv_bf16_weight(torch.randn(32, 16, 3, 3))
+    assert_the_border_is_left_alone(lambda src, bias, dst: _C.conv_bf16_nhwc(
+        src.data_ptr(), weight.data_ptr(), bias.data_ptr(), dst.data_ptr(), 1, 6, 6, 16, 32, 3, 1, 1, True, True, 1, 1))
 
 
 def test_bad_arguments_are_refused():
