@@ -414,7 +414,7 @@ def test_per_layer_bound_under_each_onednn_isa(cap):
     if cap == "AVX512_CORE_AMX" and not mtkernels._C.cpu_features().get("amx-permitted"):
         pytest.skip("AVX512_CORE_AMX: this CPU (or its OS) offers no AMX tiles")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap}
-    test = f"{__file__}::test_one_step_per_layer_within_the_bf16_bound[bknet]"
+    test = f"{__file__}::test_one_step_per_layer_within_the_bf16_bound[bknet-timed]"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
