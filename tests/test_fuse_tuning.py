@@ -1,4 +1,5 @@
-"""mtkernels.fuse.tuning: batch buckets, the on-disk decision cache, MTKERNELS_TUNE=off."""
+"""mtkernels.fuse.tuning: batch buckets, the on-disk decision cache, MTKERNELS_TUNE=off and
+retime."""
 
 import json
 import multiprocessing
@@ -50,8 +51,29 @@ def test_tuning_off_times_nothing(tmp_path):
 
 def test_a_bad_tune_setting_is_named(monkeypatch):
     monkeypatch.setenv("MTKERNELS_TUNE", "sometimes")
-    with pytest.raises(ValueError, match="MTKERNELS_TUNE must be 'on' or 'off', got 'sometimes'"):
+    with pytest.raises(ValueError, match="MTKERNELS_TUNE must be 'on', 'off' or 'retime', got 'sometimes'"):
         tuning.tuning_enabled()
+
+
+def test_retime_times_each_stored_decision_again_once_per_process(tmp_path, monkeypatch):
+    """A decision stored by an earlier (busy) process is timed again, once, and replaced;
+    later calls in the same process reuse the new one."""
+    monkeypatch.setattr(tuning, "_CACHE", tuning.TuningCache(tmp_path))
+    tuning.tuning_cache().store("conv:a", "slow among slow,fast")
+    times = []
+
+    def fastest(candidates, x, **kw):
+        times.append(sorted(candidates))
+        return "fast"
+
+    monkeypatch.setattr(tuning, "fastest", fastest)
+    x = torch.zeros(1)
+    assert tuning.choose("conv:a", ["slow", "fast"], lambda name: None, x, "slow") == "slow"  # "on": stored
+    monkeypatch.setenv("MTKERNELS_TUNE", "retime")
+    for _ in range(3):
+        assert tuning.choose("conv:a", ["slow", "fast"], lambda name: None, x, "slow") == "fast"
+    assert times == [["fast", "slow"]]
+    assert tuning.TuningCache(tmp_path).lookup("conv:a") == "fast among slow,fast"  # on disk for later processes
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "decisions": []}),

@@ -12,6 +12,8 @@ Files are replaced atomically (write a temporary file, then rename) under an exc
 ``flock``, merging what other processes wrote meanwhile. A corrupt or foreign file is
 ignored with one warning and rewritten. ``MTKERNELS_TUNE=off`` never times anything: it
 uses stored decisions where there are some and the heuristic choice elsewhere.
+``MTKERNELS_TUNE=retime`` times every decision again, once per process, and replaces the
+stored one: a decision timed while the machine was busy otherwise stays.
 """
 
 from __future__ import annotations
@@ -57,14 +59,22 @@ def batch_bucket(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def tuning_enabled() -> bool:
-    """False when ``MTKERNELS_TUNE`` is ``off`` (or ``0`` / ``false`` / ``no``)."""
+def tune_mode() -> str:
+    """``MTKERNELS_TUNE``: "on" (the default; also 1 / true / yes), "off" (0 / false / no) or
+    "retime"."""
     value = os.environ.get(TUNE_ENV, "on").strip().lower()
     if value in ("on", "1", "true", "yes", ""):
-        return True
+        return "on"
     if value in ("off", "0", "false", "no"):
-        return False
-    raise ValueError(f"{TUNE_ENV} must be 'on' or 'off', got {os.environ[TUNE_ENV]!r}")
+        return "off"
+    if value == "retime":
+        return value
+    raise ValueError(f"{TUNE_ENV} must be 'on', 'off' or 'retime', got {os.environ[TUNE_ENV]!r}")
+
+
+def tuning_enabled() -> bool:
+    """False when ``MTKERNELS_TUNE`` is ``off``."""
+    return tune_mode() != "off"
 
 
 def cache_dir() -> Path:
@@ -137,6 +147,7 @@ class TuningCache:
         self._files: dict[Path, dict[str, str]] = {}
         self._warned: set[Path] = set()
         self.timed = 0  # candidate sets timed by this process (a warm cache times none)
+        self.retimed: set[str] = set()  # keys timed by this process (MTKERNELS_TUNE=retime: once each)
 
     def path(self) -> tuple[Path, dict]:
         context = machine_context()
@@ -223,11 +234,13 @@ def choose(key: str, names: Sequence[str], build: Callable[[str], Callable[[torc
         return names[0]
     offered = ",".join(names)
     stored = (_CACHE.lookup(key) or "").partition(" among ")
-    if stored[0] in names and stored[2] == offered:
+    retime = tune_mode() == "retime" and key not in _CACHE.retimed
+    if stored[0] in names and stored[2] == offered and not retime:
         return stored[0]
     if not tuning_enabled():
         return heuristic
     _CACHE.timed += 1
+    _CACHE.retimed.add(key)
     choice = fastest({name: build(name) for name in names}, x)
     _CACHE.store(key, f"{choice} among {offered}")
     return choice
