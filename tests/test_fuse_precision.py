@@ -289,6 +289,27 @@ def test_non_finite_input_gives_nan_logits_for_that_image_only(precision):
     with torch.no_grad():
         eager = model(x)
         out = (bf16 if precision == "bf16" else int8)(x)
+    assert_non_finite_as_eager(eager, out)
+
+
+@pytest.mark.parametrize("plan", ["bf16_chain", "bf16_winograd_chain"])
+def test_non_finite_input_through_the_bf16_chains(plan, monkeypatch, tmp_path):
+    """The chains' kernels pass NaN on (the Winograd transforms may turn an inf into NaN); the
+    network flags the image either way."""
+    model = networks("bknet")[0]
+    x = faces(model.input_size)[:4].clone()
+    x[1, 0, 5, 5] = math.nan
+    x[2, 0, 40, 40] = math.inf
+    with torch.no_grad():
+        eager = model(x)
+    fused = mtkernels.fuse_for_inference(model, "bf16")
+    out = _run_with_plan(fused, x, plan, monkeypatch, tmp_path)
+    assert _is_bf16_chain(_plan_steps(fused)[0])
+    assert_non_finite_as_eager(eager, out)
+
+
+def assert_non_finite_as_eager(eager: torch.Tensor, out: torch.Tensor) -> None:
+    """Images 1 and 2 hold a NaN and an inf pixel: NaN logits for them, finite ones for 0 and 3."""
     assert torch.isnan(eager[1]).all() and torch.isnan(out[1]).all()
     assert torch.equal(torch.isfinite(out), torch.isfinite(eager)), "non-finite logits differ from eager float32"
     assert torch.isfinite(out[[0, 3]]).all()
