@@ -107,15 +107,22 @@ def test_the_bound_catches_a_bfloat16_accumulation():
     assert float(((out.double() - exact).abs() - bound).max()) <= 0
 
 
+def non_finite_inputs(channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x [2, channels, 8, 8] with a NaN, an inf and a -inf pixel, a 3x3 weight to 32
+    channels, a bias)."""
+    torch.manual_seed(1)
+    x, weight, bias = torch.randn(2, channels, 8, 8), torch.randn(32, channels, 3, 3), torch.randn(32)
+    x[0, 1, 2, 3] = math.nan
+    x[1, 2, 6, 6] = math.inf
+    x[1, 0, 0, 0] = -math.inf
+    return x, weight, bias
+
+
 @pytest.mark.parametrize("pool", [True, False])
 def test_nan_and_inf_propagate_as_in_pytorch(isa, pool):
     """A NaN or inf input reaches exactly the outputs whose window holds it, through the ReLU
     and the pool, as in eager PyTorch (the kernel's max and ReLU keep NaN)."""
-    torch.manual_seed(1)
-    x, weight, bias = torch.randn(2, 4, 8, 8), torch.randn(32, 4, 3, 3), torch.randn(32)
-    x[0, 1, 2, 3] = math.nan
-    x[1, 2, 6, 6] = math.inf
-    x[1, 0, 0, 0] = -math.inf
+    x, weight, bias = non_finite_inputs(4)
     exact, _ = reference(x, weight, bias, relu=True, pool=pool)
     out = conv_bf16(x, pack_conv_bf16_weight(weight), bias, relu=True, pool=pool, out_dtype=torch.float32)
     assert torch.isnan(exact).any() and torch.isinf(exact).any()

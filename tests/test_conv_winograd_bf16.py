@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_conv_bf16 import assert_the_border_is_left_alone
+from test_conv_bf16 import assert_the_border_is_left_alone, non_finite_inputs
 
 from mtkernels import _C
 from mtkernels.ops.conv_bf16 import BLOCK, pack_conv_bf16_weight
@@ -183,11 +183,7 @@ def test_non_finite_input_reaches_exactly_its_windows(isa):
     non-finite, as in eager PyTorch, and no other output is (an inf may come out as NaN: the
     transforms subtract it from itself). After ReLU and pool, outputs whose windows hold no
     non-finite input stay finite."""
-    torch.manual_seed(1)
-    x, weight, bias = torch.randn(2, 16, 8, 8), torch.randn(32, 16, 3, 3), torch.randn(32)
-    x[0, 1, 2, 3] = math.nan
-    x[1, 2, 6, 6] = math.inf
-    x[1, 0, 0, 0] = -math.inf
+    x, weight, bias = non_finite_inputs(16)
     exact, _ = reference(x, weight, bias, relu=False, pool=False)
     packed = pack_conv_winograd_bf16_weight(weight)
     out = conv_winograd_bf16(x, packed, bias, out_dtype=torch.float32)

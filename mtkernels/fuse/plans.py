@@ -254,10 +254,10 @@ class FusedMultiTaskNet(DerivedState):
         At batch 1 a chain saves the per-call set-up of oneDNN and of Python between layers."""
         small = bucket in CHAIN_BUCKETS
         builders = {}
-        length = len(self._chain_shapes(probe.shape, bf16=True, whole=small))
+        shapes = self._chain_shapes(probe.shape, bf16=True, whole=small)
+        length = len(shapes)
         if length >= 2 and (small or self.precision == "bf16"):
             builders["bf16_chain"] = functools.partial(self._bf16_chain_plan, steps, length, False)
-            shapes = self._chain_shapes(probe.shape, bf16=True, whole=small)
             if any(isinstance(layer, FusedConv2d) and layer._winograd_bf16_ok(shape)
                    for layer, shape in zip(self._layers, shapes)):
                 builders["bf16_winograd_chain"] = functools.partial(self._bf16_chain_plan, steps, length, True)
