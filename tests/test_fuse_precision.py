@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from bf16_storage import bf16_storage_logits
 from precision_bound import reduced_precision_bound
 from skimage import data
 from test_fuse import randomise_batchnorm
@@ -79,7 +80,8 @@ def test_error_within_derived_bound(name, batch, precision):
 
 # Measured here (2-thread AMD EPYC, oneDNN on AVX512-BF16 / VNNI): these stay under the issue's
 # bar, or on it. BKNet bf16: 98.5% on smile, the 3 flipped faces having float32 margins of
-# 0.0007-0.01 where the logits' bf16 error is up to 0.024 (the random net leaves near-ties).
+# 0.0007-0.01 where the logits' bf16 error is up to 0.024 (the random net leaves near-ties);
+# bf16 storage with exact sums flips as many (test_bf16_storage_alone_misses_the_bar_on_bknet).
 # int8: BKNet 95% / 95% / 97.5%, ResNet ver1 93.5-97.5% (emotion), ver2 92.5% (gender); a
 # per-layer search found no single conv to blame (each alone adds 1.4-2x the bf16 error).
 # ResNet ver2 bf16 (gender) 98.0-99.5%. The spread comes from which kernel each layer was
@@ -123,6 +125,26 @@ def test_below_the_bar_is_still_near_it(name, precision):
     residual branches' last convs once read the previous conv's uint8 codes as values, and
     ResNet ver1 int8 agreed on 10% of faces)."""
     assert_agreement_at_least(name, precision, NEEDED_AGREEMENT[precision] - 0.07)
+
+
+def test_bf16_storage_alone_misses_the_bar_on_bknet():
+    """Why BKNet bf16 stays under the 99% bar: with its weights and activations stored in
+    bfloat16, as the issue asks, and every sum exact, the network already flips 3 of 200 faces
+    on smile and on emotion (measured 98.5% / 98.5% / 100%; the random network leaves 13-20
+    faces per task with float32 margins under 0.02, where bf16 storage alone moves the logits
+    by up to 0.024). The fused network stays within 3 points of that (measured 97% / 96.5% /
+    100%, its logit error 1.6x storage's, with the Winograd chain)."""
+    model, fused32, fused64, bf16, _ = networks("bknet")
+    images = faces(model.input_size)
+    with torch.no_grad():
+        reference = model.split(fused32(images))
+        storage = model.split(bf16_storage_logits(fused64, images))
+        fused = model.split(bf16(images))
+    for task, ref, stored, out in zip(model.task_names, reference, storage, fused):
+        storage_agreement = float((ref.argmax(1) == stored.argmax(1)).float().mean())
+        agreement = float((ref.argmax(1) == out.argmax(1)).float().mean())
+        assert agreement >= storage_agreement - 0.03, f"bf16 {task}: {agreement:.1%} against {storage_agreement:.1%}"
+    assert min(float((r.argmax(1) == s.argmax(1)).float().mean()) for r, s in zip(reference, storage)) < 0.99
 
 
 @pytest.mark.parametrize("name", ["resnet-v1", "resnet-v2"])
