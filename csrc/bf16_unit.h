@@ -46,6 +46,12 @@ struct Unit {
   static void store(uint16_t* p, Acc a) {  // round to nearest even; NaN stays NaN
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(a));
   }
+  // p[2 * j + slot] = a[j] rounded: one slot of 16 bfloat16 pairs, the other left alone.
+  static void store_slot(uint16_t* p, Acc a, int slot) {
+    const __m512i wide = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(a));
+    if (slot) return _mm512_mask_storeu_epi16(p, 0xAAAAAAAAu, _mm512_slli_epi32(wide, 16));
+    _mm512_mask_storeu_epi16(p, 0x55555555u, wide);
+  }
 };
 #else
 // The same arithmetic through float32: a product of two bfloat16 values is exact in float32.
@@ -96,6 +102,9 @@ struct Unit {
   static void store(float* p, const Acc& a) { std::memcpy(p, a.v, sizeof a.v); }
   static void store(uint16_t* p, const Acc& a) {
     for (int j = 0; j < kBf16Block; ++j) narrow(p + j, a.v[j]);
+  }
+  static void store_slot(uint16_t* p, const Acc& a, int slot) {
+    for (int j = 0; j < kBf16Block; ++j) narrow(p + 2 * j + slot, a.v[j]);
   }
 };
 #endif

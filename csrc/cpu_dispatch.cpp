@@ -156,6 +156,7 @@ const KernelTable& kernels() {
     KernelTable table = MTK_TABLE(avx512);
     table.conv_bf16_nhwc = avx512bf16::conv_bf16_nhwc;
     table.conv_winograd_bf16_nhwc = avx512bf16::conv_winograd_bf16_nhwc;
+    table.conv_winograd_bf16_weight_grad_nhwc = avx512bf16::conv_winograd_bf16_weight_grad_nhwc;
     return table;
   }();
   if (current() == Isa::avx512bf16) return avx512bf16_table;

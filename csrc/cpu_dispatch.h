@@ -37,6 +37,7 @@ void set_active_isa(Isa isa);  // throws std::invalid_argument if unsupported he
   X(grouped_linear, GroupedLinearFn)                             \
   X(conv_bf16_nhwc, ConvBf16Fn)                                  \
   X(conv_winograd_bf16_nhwc, ConvBf16Fn)                         \
+  X(conv_winograd_bf16_weight_grad_nhwc, ConvWinogradBf16WeightGradFn) \
   X(bn_stats, BnStatsFn)                                         \
   X(bn_relu_forward, BnReluForwardFn)                            \
   X(bn_relu_backward_reduce, BnReluBackwardReduceFn)             \

@@ -228,6 +228,25 @@ mtk::ConvBf16Problem conv_winograd_bf16_problem(uintptr_t src, uintptr_t weight,
                            relu, pool, dst_element, num_threads);
 }
 
+void conv_winograd_bf16_weight_grad_nhwc(uintptr_t src, uintptr_t grad, uintptr_t grad_u, int64_t batch,
+                                         int64_t height, int64_t width, int64_t in_channels, int64_t out_channels,
+                                         int num_threads) {
+  if (batch < 0 || height < 0 || width < 0) throw std::invalid_argument("negative size");
+  if (height % 2 || width % 2) throw std::invalid_argument("height and width must be even (whole 2x2 tiles)");
+  if (in_channels <= 0 || out_channels <= 0 || in_channels % mtk::kBf16Block || out_channels % mtk::kBf16Block)
+    throw std::invalid_argument("in_channels and out_channels must be positive multiples of " +
+                                std::to_string(mtk::kBf16Block));
+  const mtk::ConvWinogradBf16WeightGradProblem problem{
+      as_ptr<const uint16_t>(src), as_ptr<const uint16_t>(grad), as_ptr<float>(grad_u), batch, height, width,
+      in_channels, out_channels, std::max(1, num_threads)};
+  py::gil_scoped_release release;
+  if (batch * height * width == 0) {
+    std::fill_n(problem.grad_u, 16 * in_channels * out_channels, 0.0f);
+    return;
+  }
+  mtk::kernels().conv_winograd_bf16_weight_grad_nhwc(problem);
+}
+
 void conv_winograd_bf16_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch,
                              int64_t height, int64_t width, int64_t in_channels, int64_t out_channels, int64_t dst_pad,
                              bool relu, bool pool, int dst_element, int num_threads) {
@@ -476,6 +495,13 @@ PYBIND11_MODULE(_C, m) {
         "Winograd F(2x2,3x3) conv (padding 1, stride 1, even height and width) of a zero-bordered NHWC bfloat16 "
         "input [N, H + 2, W + 2, C_in] (C_in a multiple of bf16_block_channels) with the transformed, pair-packed "
         "bfloat16 weight, float32 accumulation, + bias (+ ReLU) (+ 2x2 max-pool); dst as conv_bf16_nhwc's.");
+  m.def("conv_winograd_bf16_weight_grad_nhwc", &conv_winograd_bf16_weight_grad_nhwc, py::arg("src"),
+        py::arg("grad"), py::arg("grad_u"), py::arg("batch"), py::arg("height"), py::arg("width"),
+        py::arg("in_channels"), py::arg("out_channels"), py::arg("num_threads"),
+        "Weight gradient of conv_winograd_bf16_nhwc in the Winograd domain: grad_u [16, C_in, C_out] float32 = the "
+        "sum over the 2x2 tiles of V (of the NHWC bfloat16 input, no border) times A dy A^T (of the NHWC bfloat16 "
+        "output gradient), both rounded to bfloat16, float32 sums; H and W even, channels multiples of "
+        "bf16_block_channels.");
   m.def("grouped_linear", &grouped_linear, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
         py::arg("batch"), py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
         py::arg("num_threads"),

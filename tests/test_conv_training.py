@@ -12,7 +12,9 @@ import models
 import mtkernels
 from mtkernels.fuse import tuning
 from mtkernels.ops.conv_training import (
+    WINOGRAD_BF16_WEIGHT_GRAD_MIN_CHANNELS,
     conv_winograd_bf16,
+    conv_winograd_bf16_weight_grad,
     gemm_conv2d,
     winograd_conv3x3,
     winograd_conv3x3_weight_grad,
@@ -98,7 +100,10 @@ def test_opcheck():
 def test_conv_winograd_bf16_ops():
     """The bf16 Winograd training ops: opcheck (schema, fake tensors, autograd registration);
     the forward and the input gradient against float64 within the kernel's derived bound
-    (tests/test_conv_winograd_bf16.py), the weight gradient equal to oneDNN's bf16 one."""
+    (tests/test_conv_winograd_bf16.py); the weight gradient equal to oneDNN's bf16 one below
+    WINOGRAD_BF16_WEIGHT_GRAD_MIN_CHANNELS input channels, and to the bf16 Winograd weight
+    gradient's (tests/test_conv_winograd_bf16.py) from there on, with the bias gradient the sum
+    of d y."""
     torch.manual_seed(0)
     x = torch.randn(2, 16, 4, 6).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
     weight = (torch.randn(32, 16, 3, 3) / 12).bfloat16().requires_grad_()
@@ -119,6 +124,13 @@ def test_conv_winograd_bf16_ops():
     _, onednn_dw, _ = torch.ops.aten.convolution_backward(grad_y, x.detach(), weight.detach(), None, [1, 1], [1, 1],
                                                           [1, 1], False, [0, 0], 1, [False, True, False])
     assert torch.equal(dw, onednn_dw)
+
+    x = torch.randn(2, WINOGRAD_BF16_WEIGHT_GRAD_MIN_CHANNELS, 4, 6).bfloat16().requires_grad_()
+    weight = (torch.randn(32, x.shape[1], 3, 3) / 24).bfloat16().requires_grad_()
+    torch.library.opcheck(torch.ops.mtkernels.conv_winograd_bf16, (x, weight, bias))
+    dw, db = torch.autograd.grad(conv_winograd_bf16(x, weight, bias), (weight, bias), grad_y)
+    assert torch.equal(dw, conv_winograd_bf16_weight_grad(x.detach(), grad_y).bfloat16())
+    assert torch.equal(db, grad_y.double().sum((0, 2, 3)).float().bfloat16())
 
 
 def test_conv_winograd_bf16_bad_inputs_are_named():

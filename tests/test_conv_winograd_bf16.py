@@ -19,6 +19,7 @@ from test_conv_bf16 import assert_the_border_is_left_alone, non_finite_inputs
 
 from mtkernels import _C
 from mtkernels.ops.conv_bf16 import BLOCK, pack_conv_bf16_weight
+from mtkernels.ops.conv_training import conv_winograd_bf16_weight_grad
 from mtkernels.ops.conv_winograd_bf16 import conv_winograd_bf16, pack_conv_winograd_bf16_weight
 
 EPS_FP32 = 2.0 ** -24
@@ -233,3 +234,86 @@ def test_bad_arguments_are_refused():
         _C.conv_winograd_bf16_nhwc(0, 0, 0, 0, 1, 6, 5, 16, 16, 0, False, False, 1, 1)
     with pytest.raises(ValueError, match="in_channels must be a multiple"):
         _C.conv_winograd_bf16_nhwc(0, 0, 0, 0, 1, 6, 6, 8, 16, 0, False, False, 1, 1)
+
+
+# The weight gradient (mtkernels::conv_winograd_bf16_weight_grad). (batch, C_in, C_out, H, W):
+# one tile; 9 tiles (an odd count: the last pair's partner is zero); 192 tiles (two blocks of
+# 128, the threads' sums added); 48 output channels (single blocks); a non-square map.
+WEIGHT_GRAD_SHAPES = [(1, 16, 16, 2, 2), (1, 16, 32, 6, 6), (3, 32, 32, 16, 16), (2, 64, 48, 4, 10),
+                      (2, 16, 64, 8, 4)]
+
+
+def grad_tiles(grad_y: torch.Tensor) -> torch.Tensor:
+    """The 2x2 blocks of d y, one per tile: [N, C, H/2, W/2, 2, 2]."""
+    return grad_y.unfold(2, 2, 2).unfold(3, 2, 2)
+
+
+def transformed_grad(grad_y: torch.Tensor) -> torch.Tensor:
+    """d M = A d y A^T of every tile in float32, in the kernel's order (the columns' sums and
+    differences first, then the rows'), rounded to bfloat16: [N, C, H/2, W/2, 4, 4] float64."""
+    g = grad_tiles(grad_y.bfloat16().float())
+
+    def stage(t: torch.Tensor, axis: int) -> torch.Tensor:
+        r0, r1 = t.select(axis, 0), t.select(axis, 1)
+        return torch.stack([r0, r0 + r1, r0 - r1, -r1], dim=axis)
+
+    return stage(stage(g, -1), -2).bfloat16().double()
+
+
+def filter_gradient(du: torch.Tensor) -> torch.Tensor:
+    """G^T d U G: [C_in, C_out, 4, 4] -> [C_out, C_in, 3, 3]."""
+    return torch.einsum("ik,coij,jl->ockl", WEIGHT, du, WEIGHT)
+
+
+@pytest.mark.parametrize("batch,c_in,c_out,height,width", WEIGHT_GRAD_SHAPES)
+def test_weight_grad_within_the_derived_bounds(isa, batch, c_in, c_out, height, width):
+    """d weight against two float64 references:
+
+    * the exact gradient of the conv of the bfloat16 x and d y, within the worst case of the
+      kernel's roundings: V as the forward's (alpha of |B^T||d||B|), d M = A d y A^T in float32
+      (two additions, gamma_2 of |A||dy||A^T|) rounded to bfloat16 (alpha again), the products
+      exact, their sum over the T tiles in float32 (each thread's, then the threads' sums:
+      gamma_{T + 1}), and G^T d U G in float32 (16 terms: gamma_16); so
+      |error| <= ((1 + alpha)^2 (1 + gamma_{T + 1}) (1 + gamma_16) - 1) G^T (sum |V||dM|) G in
+      magnitudes;
+    * the same algorithm with V and d M rounded where the kernel rounds them, within the float32
+      sums' bound alone (a sum kept in bfloat16 fails it)."""
+    g = torch.Generator().manual_seed(batch * 1000 + c_in + c_out)
+    x = torch.randn(batch, c_in, height, width, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(batch, c_out, height, width, generator=g).bfloat16()
+    got = conv_winograd_bf16_weight_grad(x, grad_y)
+    assert got.dtype == torch.float32 and got.shape == (c_out, c_in, 3, 3)
+
+    x64, dy64 = x.double(), grad_y.double()
+    w64 = torch.zeros(c_out, c_in, 3, 3, dtype=torch.float64, requires_grad=True)
+    (exact,) = torch.autograd.grad(F.conv2d(x64, w64, padding=1), w64, dy64)
+    v_abs = torch.einsum("ij,nctwjk,lk->nctwil", INPUT_T.abs(), patches(x64.abs()), INPUT_T.abs())
+    m_abs = torch.einsum("ai,notwab,bj->notwij", OUTPUT_T.abs(), grad_tiles(dy64.abs()), OUTPUT_T.abs())
+    magnitude = torch.einsum("ik,coij,jl->ockl", WEIGHT.abs(), torch.einsum("nctwij,notwij->coij", v_abs, m_abs),
+                             WEIGHT.abs())
+    tiles = batch * (height // 2) * (width // 2)
+    alpha = gamma(2) + U_BF16 * (1 + gamma(2))
+    sums = (1 + gamma(tiles + 1)) * (1 + gamma(16)) - 1
+    assert ((got.double() - exact).abs() <= ((1 + alpha) ** 2 * (1 + sums) - 1) * magnitude).all()
+
+    v, m = transformed_input(x), transformed_grad(grad_y)
+    same_roundings = filter_gradient(torch.einsum("nctwij,notwij->coij", v, m))
+    rounded_magnitude = torch.einsum("ik,coij,jl->ockl", WEIGHT.abs(),
+                                     torch.einsum("nctwij,notwij->coij", v.abs(), m.abs()), WEIGHT.abs())
+    assert ((got.double() - same_roundings).abs() <= sums * rounded_magnitude + 1e-300).all()
+
+
+def test_weight_grad_opcheck_and_bad_arguments_are_named():
+    x = torch.randn(2, 16, 4, 6).bfloat16().contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(2, 32, 4, 6).bfloat16()
+    torch.library.opcheck(torch.ops.mtkernels.conv_winograd_bf16_weight_grad, (x, grad_y))
+    with pytest.raises(TypeError, match="x must be a bfloat16"):
+        conv_winograd_bf16_weight_grad(x.float(), grad_y)
+    with pytest.raises(ValueError, match="even H and W"):
+        conv_winograd_bf16_weight_grad(x[:, :, :3], grad_y[:, :, :3])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        conv_winograd_bf16_weight_grad(x[:, :8], grad_y)
+    with pytest.raises(ValueError, match="grad_y must be a bfloat16"):
+        conv_winograd_bf16_weight_grad(x, grad_y[:1])
+    with pytest.raises(ValueError, match="grad_y must be a 4-D"):
+        conv_winograd_bf16_weight_grad(x, grad_y[0])
