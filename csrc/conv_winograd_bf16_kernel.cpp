@@ -16,7 +16,6 @@
 #include "bf16_unit.h"
 #include "conv_winograd_bf16.h"
 #include "isa_variant.h"
-#include "winograd_bf16_tiles.h"
 
 namespace mtk {
 namespace MTK_ISA {
@@ -61,10 +60,23 @@ void transform_input(const ConvBf16Problem& p, const Geometry& g, int64_t first,
     const int64_t ty = in_image / g.tiles_w, tx = in_image % g.tiles_w;
     const uint16_t* patch = p.src + n * g.in_image + 2 * ty * g.in_row + 2 * tx * g.channels;
     for (int64_t c = 0; c < g.channels; c += kBf16Block) {
-      typename Unit::Acc transformed[kElements];
-      input_transform([&](int r, int col) { return Unit::load(patch + r * g.in_row + col * g.channels + c); },
-                      transformed);
-      for (int e = 0; e < kElements; ++e) Unit::store(v + e * e_stride + t * g.channels + c, transformed[e]);
+      typename Unit::Acc rows[4][4];  // B^T d
+      for (int j = 0; j < 4; ++j) {
+        const uint16_t* column = patch + j * g.channels + c;
+        const auto d0 = Unit::load(column), d1 = Unit::load(column + g.in_row);
+        const auto d2 = Unit::load(column + 2 * g.in_row), d3 = Unit::load(column + 3 * g.in_row);
+        rows[0][j] = Unit::sub(d0, d2);
+        rows[1][j] = Unit::add(d1, d2);
+        rows[2][j] = Unit::sub(d2, d1);
+        rows[3][j] = Unit::sub(d1, d3);
+      }
+      for (int i = 0; i < 4; ++i) {  // (B^T d) B
+        uint16_t* out = v + 4 * i * e_stride + t * g.channels + c;
+        Unit::store(out, Unit::sub(rows[i][0], rows[i][2]));
+        Unit::store(out + e_stride, Unit::add(rows[i][1], rows[i][2]));
+        Unit::store(out + 2 * e_stride, Unit::sub(rows[i][2], rows[i][1]));
+        Unit::store(out + 3 * e_stride, Unit::sub(rows[i][1], rows[i][3]));
+      }
     }
   }
 }
