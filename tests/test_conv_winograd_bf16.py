@@ -265,6 +265,27 @@ def filter_gradient(du: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ik,coij,jl->ockl", WEIGHT, du, WEIGHT)
 
 
+def weight_grad_sums_bound(tiles: int) -> float:
+    """The weight gradient's float32 sums: over the tiles (each thread's, then the threads'
+    sums: gamma_{T + 1}), then G^T d U G (16 terms: gamma_16)."""
+    return (1 + gamma(tiles + 1)) * (1 + gamma(16)) - 1
+
+
+def winograd_weight_grad_bound(x_abs: torch.Tensor, dy_abs: torch.Tensor) -> torch.Tensor:
+    """The worst-case error of the bf16 Winograd weight gradient for bfloat16 input and output
+    gradient magnitudes (float64 [N, C, H, W]): V = B^T d B as the forward's (alpha of
+    |B^T||d||B|), d M = A d y A^T in float32 (two additions, gamma_2 of |A||dy||A^T|) rounded
+    to bfloat16 (alpha again), exact products, then the float32 sums; so
+    ((1 + alpha)^2 (1 + sums) - 1) G^T (sum |V||dM|) G in magnitudes. [C_out, C_in, 3, 3]."""
+    v_abs = torch.einsum("ij,nctwjk,lk->nctwil", INPUT_T.abs(), patches(x_abs), INPUT_T.abs())
+    m_abs = torch.einsum("ai,notwab,bj->notwij", OUTPUT_T.abs(), grad_tiles(dy_abs), OUTPUT_T.abs())
+    magnitude = torch.einsum("ik,coij,jl->ockl", WEIGHT.abs(), torch.einsum("nctwij,notwij->coij", v_abs, m_abs),
+                             WEIGHT.abs())
+    alpha = gamma(2) + U_BF16 * (1 + gamma(2))
+    sums = weight_grad_sums_bound(x_abs.shape[0] * (x_abs.shape[2] // 2) * (x_abs.shape[3] // 2))
+    return ((1 + alpha) ** 2 * (1 + sums) - 1) * magnitude
+
+
 @pytest.mark.parametrize("batch,c_in,c_out,height,width", WEIGHT_GRAD_SHAPES)
 def test_weight_grad_within_the_derived_bounds(isa, batch, c_in, c_out, height, width):
     """d weight against two float64 references:
@@ -272,10 +293,8 @@ def test_weight_grad_within_the_derived_bounds(isa, batch, c_in, c_out, height, 
     * the exact gradient of the conv of the bfloat16 x and d y, within the worst case of the
       kernel's roundings: V as the forward's (alpha of |B^T||d||B|), d M = A d y A^T in float32
       (two additions, gamma_2 of |A||dy||A^T|) rounded to bfloat16 (alpha again), the products
-      exact, their sum over the T tiles in float32 (each thread's, then the threads' sums:
-      gamma_{T + 1}), and G^T d U G in float32 (16 terms: gamma_16); so
-      |error| <= ((1 + alpha)^2 (1 + gamma_{T + 1}) (1 + gamma_16) - 1) G^T (sum |V||dM|) G in
-      magnitudes;
+      exact, their sum over the T tiles in float32 and G^T d U G
+      (winograd_weight_grad_bound);
     * the same algorithm with V and d M rounded where the kernel rounds them, within the float32
       sums' bound alone (a sum kept in bfloat16 fails it)."""
     g = torch.Generator().manual_seed(batch * 1000 + c_in + c_out)
@@ -287,15 +306,9 @@ def test_weight_grad_within_the_derived_bounds(isa, batch, c_in, c_out, height, 
     x64, dy64 = x.double(), grad_y.double()
     w64 = torch.zeros(c_out, c_in, 3, 3, dtype=torch.float64, requires_grad=True)
     (exact,) = torch.autograd.grad(F.conv2d(x64, w64, padding=1), w64, dy64)
-    v_abs = torch.einsum("ij,nctwjk,lk->nctwil", INPUT_T.abs(), patches(x64.abs()), INPUT_T.abs())
-    m_abs = torch.einsum("ai,notwab,bj->notwij", OUTPUT_T.abs(), grad_tiles(dy64.abs()), OUTPUT_T.abs())
-    magnitude = torch.einsum("ik,coij,jl->ockl", WEIGHT.abs(), torch.einsum("nctwij,notwij->coij", v_abs, m_abs),
-                             WEIGHT.abs())
-    tiles = batch * (height // 2) * (width // 2)
-    alpha = gamma(2) + U_BF16 * (1 + gamma(2))
-    sums = (1 + gamma(tiles + 1)) * (1 + gamma(16)) - 1
-    assert ((got.double() - exact).abs() <= ((1 + alpha) ** 2 * (1 + sums) - 1) * magnitude).all()
+    assert ((got.double() - exact).abs() <= winograd_weight_grad_bound(x64.abs(), dy64.abs())).all()
 
+    sums = weight_grad_sums_bound(batch * (height // 2) * (width // 2))
     v, m = transformed_input(x), transformed_grad(grad_y)
     same_roundings = filter_gradient(torch.einsum("nctwij,notwij->coij", v, m))
     rounded_magnitude = torch.einsum("ik,coij,jl->ockl", WEIGHT.abs(),
