@@ -52,8 +52,11 @@ def pack_pairs(taps: torch.Tensor) -> torch.Tensor:
     even) [C_out / BLOCK, KH * KW, even(C_in) / 2, BLOCK, 2]: per block of output channels and
     tap, input-channel pairs side by side, as the bf16 dot-product instruction reads them."""
     c_out, c_in, kh, kw = taps.shape
-    w = torch.zeros((c_out, even(c_in), kh, kw), dtype=torch.bfloat16, device=taps.device)
-    w[:, :c_in] = taps.detach()
+    if c_in % 2:
+        w = torch.zeros((c_out, even(c_in), kh, kw), dtype=torch.bfloat16, device=taps.device)
+        w[:, :c_in] = taps.detach()
+    else:
+        w = taps.detach().to(torch.bfloat16)
     w = w.reshape(c_out // BLOCK, BLOCK, even(c_in) // 2, 2, kh * kw)
     return w.permute(0, 4, 2, 1, 3).contiguous()
 

@@ -36,16 +36,20 @@ def supports(weight_shape: torch.Size, stride: int, padding: int, height: int, w
 
 
 def pack_conv_winograd_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[C_out, C_in, 3, 3] float -> U = G g G^T, computed in float64 and rounded to bfloat16, in
-    the pair layout [C_out / BLOCK, 16, C_in / 2, BLOCK, 2] (C_in, C_out multiples of BLOCK)."""
+    """[C_out, C_in, 3, 3] float -> U = G g G^T rounded to bfloat16, in the pair layout
+    [C_out / BLOCK, 16, C_in / 2, BLOCK, 2] (C_in, C_out multiples of BLOCK). U is computed in
+    float64, or in float32 for a bfloat16 weight (training packs every step: each product of a
+    bfloat16 tap with G's entries is exact in float32, the sums of up to 9 round, at most
+    gamma_8 of |G||g||G^T|; float64 made the packing 3x slower)."""
     c_out, c_in, kh, kw = weight.shape
     if (kh, kw) != (3, 3) or c_out % BLOCK or c_in % BLOCK:
         raise ValueError(f"weight must be [C_out, C_in, 3, 3] with C_in and C_out multiples of {BLOCK}, "
                          f"got {tuple(weight.shape)}")
     # vec(G g G^T) = (G kron G) vec(g): one GEMM for all filters (batched per-filter 4x3
     # products took twice as long).
-    transform = torch.kron(G, G).to(weight.device)
-    return pack_pairs((weight.detach().reshape(-1, 9).double() @ transform.T).reshape(c_out, c_in, 4, 4))
+    compute = torch.float32 if weight.dtype == torch.bfloat16 else torch.float64
+    transform = torch.kron(G, G).to(weight.device, compute)
+    return pack_pairs((weight.detach().reshape(-1, 9).to(compute) @ transform.T).reshape(c_out, c_in, 4, 4))
 
 
 def conv_winograd_bf16(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor, relu: bool = False,
