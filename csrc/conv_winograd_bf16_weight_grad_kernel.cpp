@@ -21,10 +21,13 @@ namespace MTK_ISA {
 namespace {
 
 constexpr int kElements = 16;
-// Tiles per transform block: d U is read and written once per block, so a block's 128 tiles
-// make that traffic 1/32 of the block's multiply-adds; a block's transforms of one element
-// (128 tiles x 256 channels, 64 KB each) stay in the level-2 cache.
-constexpr int64_t kBlockTiles = 128;
+// Tiles per transform block. From 32 to 128 tiles made little difference (BKNet's layers at
+// batch 128) once the groups below were padded; d U is read and written once per block.
+constexpr int64_t kBlockTiles = 96;
+// Each group of 16 channels' pairs is padded by one cache line: at power-of-two strides (64
+// tiles) the streams fell into the same level-1 cache sets and the 32- and 64-channel layers
+// ran 1.3-1.5x slower.
+constexpr int64_t kGroupPad = 32;
 constexpr int kRows = 8;  // input channels per register block (x NB blocks of 16 output channels)
 constexpr int64_t kParallelMacs = int64_t(1) << 20;
 
@@ -56,10 +59,10 @@ struct Tiles {
       : tiles_w(p.width / 2), per_image((p.height / 2) * (p.width / 2)), count(p.batch * per_image) {}
 };
 
-// Tile `tile`'s 16 transforms of channels c .. c + 15 stored in slot tile % 2 of v's pairs
-// (v[e * e_stride + c * 2]): V of x's patch (rows and columns outside the image are zero).
+// Tile `tile`'s 16 transforms, channels c .. c + 15 stored in slot tile % 2 of the pair at
+// v + e * e_stride + (c / 16) * group_stride: V of x's patch (zero outside the image).
 void transform_input(const ConvWinogradBf16WeightGradProblem& p, const Tiles& g, int64_t tile, uint16_t* v,
-                     int64_t e_stride) {
+                     int64_t e_stride, int64_t group_stride) {
   const int64_t n = tile / g.per_image, ty = tile % g.per_image / g.tiles_w, tx = tile % g.tiles_w;
   const int64_t row = p.width * p.in_channels, y0 = 2 * ty - 1, x0 = 2 * tx - 1;
   const uint16_t* image = p.src + n * p.height * row;
@@ -70,14 +73,16 @@ void transform_input(const ConvWinogradBf16WeightGradProblem& p, const Tiles& g,
           return (y < 0 || y >= p.height || x < 0 || x >= p.width) ? Unit::zero()
                                                                  : Unit::load(image + y * row + x * p.in_channels + c);
         },
-        [&](int e, const auto& value) { Unit::store_slot(v + e * e_stride + 2 * c, value, tile % 2); });
+        [&](int e, const auto& value) {
+          Unit::store_slot(v + e * e_stride + c / kBf16Block * group_stride, value, tile % 2);
+        });
   }
 }
 
 // The same for d M = A d y A^T of the tile's 2x2 block of the output gradient, with
 // A = [[1, 0], [1, 1], [1, -1], [0, -1]].
 void transform_grad(const ConvWinogradBf16WeightGradProblem& p, const Tiles& g, int64_t tile, uint16_t* m,
-                    int64_t e_stride) {
+                    int64_t e_stride, int64_t group_stride) {
   const int64_t n = tile / g.per_image, ty = tile % g.per_image / g.tiles_w, tx = tile % g.tiles_w;
   const int64_t row = p.width * p.out_channels;
   const uint16_t* block = p.grad + n * p.height * row + 2 * ty * row + 2 * tx * p.out_channels;
@@ -90,7 +95,7 @@ void transform_grad(const ConvWinogradBf16WeightGradProblem& p, const Tiles& g, 
       t[a][2] = Unit::sub(g0, g1);
       t[a][3] = Unit::sub(Unit::zero(), g1);
     }
-    uint16_t* out = m + 2 * c;
+    uint16_t* out = m + c / kBf16Block * group_stride;
     for (int j = 0; j < 4; ++j) {  // A (d y A^T)
       Unit::store_slot(out + j * e_stride, t[0][j], tile % 2);
       Unit::store_slot(out + (4 + j) * e_stride, Unit::add(t[0][j], t[1][j]), tile % 2);
@@ -100,20 +105,25 @@ void transform_grad(const ConvWinogradBf16WeightGradProblem& p, const Tiles& g, 
   }
 }
 
-// du[ci][co] += sum over the pairs of v[pair][ci][.] . m[pair][co][.] for one element.
+// du[ci][co] += sum over the pairs of v[pair][ci][.] . m[pair][co][.] for one element. v and
+// m hold each group of 16 channels' pairs one after the other (group_stride apart), so a
+// register block reads both as two contiguous streams.
 template <int NB>
-void accumulate(const uint16_t* v, const uint16_t* m, int64_t pairs, int64_t c_in, int64_t c_out, float* du) {
+void accumulate(const uint16_t* v, const uint16_t* m, int64_t pairs, int64_t group_stride, int64_t c_in,
+                int64_t c_out, float* du) {
   for (int64_t ci = 0; ci < c_in; ci += kRows)
     for (int64_t co = 0; co < c_out; co += NB * kBf16Block) {
       typename Unit::Acc acc[kRows][NB];
       for (int r = 0; r < kRows; ++r)
         for (int b = 0; b < NB; ++b) acc[r][b] = Unit::load(du + (ci + r) * c_out + co + b * kBf16Block);
+      const uint16_t* x = v + ci / kBf16Block * group_stride + 2 * (ci % kBf16Block);
+      const uint16_t* w = m + co / kBf16Block * group_stride;
       for (int64_t pair = 0; pair < pairs; ++pair) {
-        typename Unit::Weights w[NB];
-        for (int b = 0; b < NB; ++b) w[b] = Unit::load_weights(m + 2 * (pair * c_out + co + b * kBf16Block));
-        const uint16_t* x = v + 2 * (pair * c_in + ci);
+        typename Unit::Weights wv[NB];
+        for (int b = 0; b < NB; ++b) wv[b] = Unit::load_weights(w + b * group_stride + 2 * kBf16Block * pair);
+        const uint16_t* row = x + 2 * kBf16Block * pair;
         for (int r = 0; r < kRows; ++r)
-          for (int b = 0; b < NB; ++b) Unit::dot(acc[r][b], x + 2 * r, w[b]);
+          for (int b = 0; b < NB; ++b) Unit::dot(acc[r][b], row + 2 * r, wv[b]);
       }
       for (int r = 0; r < kRows; ++r)
         for (int b = 0; b < NB; ++b) Unit::store(du + (ci + r) * c_out + co + b * kBf16Block, acc[r][b]);
@@ -125,7 +135,9 @@ void weight_grad(const ConvWinogradBf16WeightGradProblem& p) {
   const Tiles g(p);
   const int64_t c_in = p.in_channels, c_out = p.out_channels, u_size = kElements * c_in * c_out;
   const int64_t blocks = (g.count + kBlockTiles - 1) / kBlockTiles, pairs_max = kBlockTiles / 2;
-  const int64_t v_stride = pairs_max * c_in * 2, m_stride = pairs_max * c_out * 2;
+  // Per element: each group of 16 channels' pairs, [pair][channel][slot], one after the other.
+  const int64_t group_stride = pairs_max * 2 * kBf16Block + kGroupPad;
+  const int64_t v_stride = c_in / kBf16Block * group_stride, m_stride = c_out / kBf16Block * group_stride;
   const bool parallel = p.num_threads > 1 && g.count * kElements * c_in * c_out >= kParallelMacs;
   const int threads = parallel ? p.num_threads : 1;
   std::vector<float> partial(static_cast<size_t>(threads - 1) * u_size);
@@ -140,18 +152,19 @@ void weight_grad(const ConvWinogradBf16WeightGradProblem& p) {
       const int64_t first = block * kBlockTiles, count = std::min(kBlockTiles, g.count - first);
       const int64_t pairs = (count + 1) / 2;
       for (int64_t t = 0; t < count; ++t) {
-        transform_input(p, g, first + t, v.data() + t / 2 * c_in * 2, v_stride);
-        transform_grad(p, g, first + t, m.data() + t / 2 * c_out * 2, m_stride);
+        transform_input(p, g, first + t, v.data() + t / 2 * 2 * kBf16Block, v_stride, group_stride);
+        transform_grad(p, g, first + t, m.data() + t / 2 * 2 * kBf16Block, m_stride, group_stride);
       }
-      if (count % 2)  // the odd tile's partner: zero products
-        for (int e = 0; e < kElements; ++e) {
-          uint16_t* vp = v.data() + e * v_stride + (pairs - 1) * c_in * 2;
-          uint16_t* mp = m.data() + e * m_stride + (pairs - 1) * c_out * 2;
-          for (int64_t c = 0; c < c_in; ++c) vp[2 * c + 1] = 0;
-          for (int64_t c = 0; c < c_out; ++c) mp[2 * c + 1] = 0;
-        }
+      if (count % 2) {  // the odd tile's partner: zero products
+        const auto zero_partner = [&](uint16_t* buffer, int64_t groups) {
+          for (int64_t group = 0; group < kElements * groups; ++group)  // e_stride = groups x group_stride
+            for (int j = 0; j < kBf16Block; ++j) buffer[group * group_stride + (pairs - 1) * 2 * kBf16Block + 2 * j + 1] = 0;
+        };
+        zero_partner(v.data(), c_in / kBf16Block);
+        zero_partner(m.data(), c_out / kBf16Block);
+      }
       for (int e = 0; e < kElements; ++e)
-        accumulate<NB>(v.data() + e * v_stride, m.data() + e * m_stride, pairs, c_in, c_out,
+        accumulate<NB>(v.data() + e * v_stride, m.data() + e * m_stride, pairs, group_stride, c_in, c_out,
                        du + e * c_in * c_out);
     }
   }

