@@ -140,11 +140,10 @@ void weight_grad(const ConvWinogradBf16WeightGradProblem& p) {
   const int64_t v_stride = c_in / kBf16Block * group_stride, m_stride = c_out / kBf16Block * group_stride;
   const bool parallel = p.num_threads > 1 && g.count * kElements * c_in * c_out >= kParallelMacs;
   const int threads = parallel ? p.num_threads : 1;
-  std::vector<float> partial(static_cast<size_t>(threads - 1) * u_size);
+  std::vector<float> partial(static_cast<size_t>(threads) * u_size);  // each thread's d U[e][ci][co]
 #pragma omp parallel num_threads(threads) if (parallel)
   {
-    const int thread = omp_get_thread_num();
-    float* du = thread == 0 ? p.grad_u : partial.data() + (thread - 1) * u_size;
+    float* du = partial.data() + omp_get_thread_num() * u_size;
     std::fill_n(du, u_size, 0.0f);
     std::vector<uint16_t> v(kElements * v_stride), m(kElements * m_stride);
 #pragma omp for schedule(static)
@@ -168,10 +167,22 @@ void weight_grad(const ConvWinogradBf16WeightGradProblem& p) {
                        du + e * c_in * c_out);
     }
   }
-  for (int t = 1; t < threads; ++t) {
-    const float* other = partial.data() + (t - 1) * u_size;
+  // grad_u[co][ci][e] = the threads' sum: with e innermost, d weight = d U G (one GEMM, its
+  // output already [C_out, C_in, 3, 3]); the layout of the sums put a strided copy of every
+  // weight gradient after it.
 #pragma omp parallel for num_threads(p.num_threads) if (parallel) schedule(static)
-    for (int64_t i = 0; i < u_size; ++i) p.grad_u[i] += other[i];
+  for (int64_t ci = 0; ci < c_in; ++ci) {
+    float block[kElements][kBf16Block];
+    for (int64_t co = 0; co < c_out; co += kBf16Block) {
+      for (int e = 0; e < kElements; ++e) {
+        const float* first = partial.data() + (e * c_in + ci) * c_out + co;
+        for (int j = 0; j < kBf16Block; ++j) block[e][j] = first[j];
+        for (int t = 1; t < threads; ++t)
+          for (int j = 0; j < kBf16Block; ++j) block[e][j] += first[t * u_size + j];
+      }
+      for (int j = 0; j < kBf16Block; ++j)
+        for (int e = 0; e < kElements; ++e) p.grad_u[((co + j) * c_in + ci) * kElements + e] = block[e][j];
+    }
   }
 }
 

@@ -498,7 +498,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv_winograd_bf16_weight_grad_nhwc", &conv_winograd_bf16_weight_grad_nhwc, py::arg("src"),
         py::arg("grad"), py::arg("grad_u"), py::arg("batch"), py::arg("height"), py::arg("width"),
         py::arg("in_channels"), py::arg("out_channels"), py::arg("num_threads"),
-        "Weight gradient of conv_winograd_bf16_nhwc in the Winograd domain: grad_u [16, C_in, C_out] float32 = the "
+        "Weight gradient of conv_winograd_bf16_nhwc in the Winograd domain: grad_u [C_out, C_in, 16] float32 = the "
         "sum over the 2x2 tiles of V (of the NHWC bfloat16 input, no border) times A dy A^T (of the NHWC bfloat16 "
         "output gradient), both rounded to bfloat16, float32 sums; H and W even, channels multiples of "
         "bf16_block_channels.");

@@ -207,6 +207,21 @@ def test_packing_is_the_transformed_pair_layout():
         assert packed[b, 4 * i + j, ci // 2, c, ci % 2] == u[i, j].to(torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flipped_transposed_packing_is_that_of_the_flipped_transposed_filters(dtype):
+    """The input gradient's filters (each flipped, C_in and C_out swapped), packed from the
+    weight's own U, equal the packing of those filters: element by element against the
+    transform written out here."""
+    torch.manual_seed(4)
+    weight = torch.randn(2 * BLOCK, 3 * BLOCK, 3, 3).to(dtype)
+    packed = pack_conv_winograd_bf16_weight(weight, flipped_transposed=True)
+    assert packed.shape == (3, 16, BLOCK, BLOCK, 2)
+    filters = weight.transpose(0, 1).flip(2, 3)
+    for b, i, j, ci, c in [(0, 0, 0, 0, 0), (2, 2, 3, 7, 5), (1, 3, 0, 31, 15), (2, 1, 2, 16, 9)]:
+        u = WEIGHT @ filters[b * BLOCK + c, ci].double() @ WEIGHT.T
+        assert packed[b, 4 * i + j, ci // 2, c, ci % 2] == u[i, j].to(torch.bfloat16)
+
+
 def test_the_border_is_left_alone():
     weight = pack_conv_winograd_bf16_weight(torch.randn(32, 16, 3, 3))
     assert_the_border_is_left_alone(lambda src, bias, dst: _C.conv_winograd_bf16_nhwc(

@@ -38,6 +38,7 @@ from .. import _C
 from ..lru import LruCache
 from . import conv_winograd_bf16 as _winograd_bf16
 from .conv import (
+    _WINOGRAD_GG,
     WinogradBuffers,
     _check,
     winograd_conv3x3_bias_act_unchecked,
@@ -210,11 +211,14 @@ def _bordered_scratch(x: torch.Tensor) -> torch.Tensor:
     return buffer
 
 
-def _run_winograd_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _run_winograd_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       flipped_transposed: bool = False) -> torch.Tensor:
     """The bf16 Winograd conv (padding 1) of ``x`` with ``weight`` (transformed here, each call:
-    it changes every step), bfloat16 channels-last output."""
-    bias = torch.zeros(weight.shape[0]) if bias is None else bias.float().contiguous()
-    packed = _winograd_bf16.pack_conv_winograd_bf16_weight(weight.detach())
+    it changes every step), or with its flipped, transposed filters, bfloat16 channels-last
+    output."""
+    c_out = weight.shape[1] if flipped_transposed else weight.shape[0]
+    bias = torch.zeros(c_out) if bias is None else bias.float().contiguous()
+    packed = _winograd_bf16.pack_conv_winograd_bf16_weight(weight.detach(), flipped_transposed)
     return _winograd_bf16.conv_winograd_bf16_unchecked(x, packed, bias, False, False, torch.bfloat16,
                                                        _bordered_scratch(x))
 
@@ -239,9 +243,8 @@ def _(x, weight, bias):
 def conv_winograd_bf16_input_grad(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """d x of :func:`conv_winograd_bf16` given d y: the bf16 Winograd conv of ``grad_y`` with
     the flipped, transposed filters (``F.conv_transpose2d(grad_y, weight, padding=1)``)."""
-    flipped = weight.transpose(0, 1).flip(2, 3)
-    _check_winograd_bf16("grad_y", grad_y, flipped)
-    return _run_winograd_bf16(grad_y, flipped, None)
+    _check_winograd_bf16("grad_y", grad_y, weight.transpose(0, 1))
+    return _run_winograd_bf16(grad_y, weight, None, flipped_transposed=True)
 
 
 @conv_winograd_bf16_input_grad.register_fake
@@ -268,10 +271,11 @@ def conv_winograd_bf16_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> tor
     grad_y = grad_y.contiguous(memory_format=torch.channels_last)
     n, c_in, h, w = x.shape
     c_out = grad_y.shape[1]
-    grad_u = torch.empty(16, c_in, c_out)
+    grad_u = torch.empty(c_out, c_in, 16)
     _C.conv_winograd_bf16_weight_grad_nhwc(x.data_ptr(), grad_y.data_ptr(), grad_u.data_ptr(), n, h, w, c_in, c_out,
                                            torch.get_num_threads())
-    return winograd_filter_gradient(grad_u)
+    # G^T d U G per filter: vec(d g) = (G kron G)^T vec(d U), with d U's 16 elements innermost
+    return (grad_u.view(c_out * c_in, 16) @ _WINOGRAD_GG.to(torch.float32)).view(c_out, c_in, 3, 3)
 
 
 @conv_winograd_bf16_weight_grad.register_fake

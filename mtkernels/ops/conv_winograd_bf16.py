@@ -24,6 +24,8 @@ from .conv_bf16 import BLOCK, bordered_input, check_arguments, fill_bordered, ou
 B_T = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
 G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
 A_T = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
+# Element 4 i + j of the flipped filter's U is element 4 P(i) + P(j) of U (P swaps 0 and 3).
+_FLIPPED_ELEMENTS = torch.tensor([4 * p + q for p in (3, 1, 2, 0) for q in (3, 1, 2, 0)])
 
 
 def supports(weight_shape: torch.Size, stride: int, padding: int, height: int, width: int) -> bool:
@@ -35,21 +37,28 @@ def supports(weight_shape: torch.Size, stride: int, padding: int, height: int, w
             and height % 2 == 0 and width % 2 == 0)
 
 
-def pack_conv_winograd_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
+def pack_conv_winograd_bf16_weight(weight: torch.Tensor, flipped_transposed: bool = False) -> torch.Tensor:
     """[C_out, C_in, 3, 3] float -> U = G g G^T rounded to bfloat16, in the pair layout
     [C_out / BLOCK, 16, C_in / 2, BLOCK, 2] (C_in, C_out multiples of BLOCK). U is computed in
     float64, or in float32 for a bfloat16 weight (training packs every step: each product of a
     bfloat16 tap with G's entries is exact in float32, the sums of up to 9 round, at most
-    gamma_8 of |G||g||G^T|; float64 made the packing 3x slower)."""
+    gamma_8 of |G||g||G^T|; float64 made the packing 3x slower). ``flipped_transposed``: the
+    filters the input gradient is convolved with (each flipped, C_in and C_out swapped:
+    [C_in / BLOCK, 16, C_out / 2, BLOCK, 2]), from the same U."""
     c_out, c_in, kh, kw = weight.shape
     if (kh, kw) != (3, 3) or c_out % BLOCK or c_in % BLOCK:
         raise ValueError(f"weight must be [C_out, C_in, 3, 3] with C_in and C_out multiples of {BLOCK}, "
                          f"got {tuple(weight.shape)}")
+    compute = torch.float32 if weight.dtype == torch.bfloat16 else torch.float64
     # vec(G g G^T) = (G kron G) vec(g): one GEMM for all filters (batched per-filter 4x3
     # products took twice as long).
-    compute = torch.float32 if weight.dtype == torch.bfloat16 else torch.float64
     transform = torch.kron(G, G).to(weight.device, compute)
-    return pack_pairs((weight.detach().reshape(-1, 9).to(compute) @ transform.T).reshape(c_out, c_in, 4, 4))
+    u = weight.detach().reshape(-1, 9).to(compute) @ transform.T
+    if flipped_transposed:
+        # G flip(g) = P G g, P swapping rows 0 and 3: the flipped filter's U is P U P.
+        u = u.view(c_out, c_in, 16)[:, :, _FLIPPED_ELEMENTS].transpose(0, 1)
+        c_out, c_in = c_in, c_out
+    return pack_pairs(u.reshape(c_out, c_in, 4, 4))
 
 
 def conv_winograd_bf16(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor, relu: bool = False,
