@@ -52,11 +52,12 @@ def pack_conv_winograd_bf16_weight(weight: torch.Tensor, flipped_transposed: boo
     compute = torch.float32 if weight.dtype == torch.bfloat16 else torch.float64
     # vec(G g G^T) = (G kron G) vec(g): one GEMM for all filters (batched per-filter 4x3
     # products took twice as long).
-    transform = torch.kron(G, G).to(weight.device, compute)
-    u = weight.detach().reshape(-1, 9).to(compute) @ transform.T
+    transform = torch.kron(G, G)
+    if flipped_transposed:  # G flip(g) = P G g, P swapping rows 0 and 3: the flipped filter's U is P U P
+        transform = transform[_FLIPPED_ELEMENTS]
+    u = weight.detach().reshape(-1, 9).to(compute) @ transform.to(weight.device, compute).T
     if flipped_transposed:
-        # G flip(g) = P G g, P swapping rows 0 and 3: the flipped filter's U is P U P.
-        u = u.view(c_out, c_in, 16)[:, :, _FLIPPED_ELEMENTS].transpose(0, 1)
+        u = u.view(c_out, c_in, 16).transpose(0, 1)
         c_out, c_in = c_in, c_out
     return pack_pairs(u.reshape(c_out, c_in, 4, 4))
 
