@@ -34,6 +34,9 @@ struct ConvBf16Problem {
   bool relu, pool;
   Element dst_element;  // float32 or bfloat16
   int num_threads;
+  // The Winograd kernel only (conv_winograd_bf16.h): src is [N, H, W, C_in] without the border,
+  // and the tiles at the image's edges read outside it as zero.
+  bool src_unbordered = false;
 };
 
 using ConvBf16Fn = void (*)(const ConvBf16Problem&);

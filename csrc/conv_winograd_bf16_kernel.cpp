@@ -32,8 +32,9 @@ struct Geometry {
   int64_t dst_row, dst_image, dst_origin;
   explicit Geometry(const ConvBf16Problem& p) {
     channels = p.in_channels;
-    in_row = (p.width + 2) * channels;
-    in_image = (p.height + 2) * in_row;
+    const int64_t border = p.src_unbordered ? 0 : 1;
+    in_row = (p.width + 2 * border) * channels;
+    in_image = (p.height + 2 * border) * in_row;
     pairs = channels / 2;
     element_stride = pairs * 2 * kBf16Block;
     block_stride = kElements * element_stride;
@@ -47,8 +48,38 @@ struct Geometry {
   }
 };
 
-// v[e][t][c] = (B^T d B)[e] of tile first + t's 4x4 input patch d, channel c, in float32 then
-// rounded to bfloat16; the block's tiles from count on are zero (computed, never stored).
+// v[e][c] (e_stride apart) = (B^T d B)[e] of the 4x4 patch d whose top-left element is row y0,
+// column x0 of `image`, channel c, in float32 then rounded to bfloat16. CHECKED: rows and
+// columns outside the image read as zero (the edge tiles of an input without a border).
+template <bool CHECKED>
+void transform_patch(const ConvBf16Problem& p, const Geometry& g, const uint16_t* image, int64_t y0, int64_t x0,
+                     uint16_t* v, int64_t e_stride) {
+  const auto inside = [&](int64_t y, int64_t x) { return y >= 0 && y < p.height && x >= 0 && x < p.width; };
+  for (int64_t c = 0; c < g.channels; c += kBf16Block) {
+    typename Unit::Acc rows[4][4];  // B^T d
+    for (int j = 0; j < 4; ++j) {
+      const auto d = [&](int r) {
+        const int64_t y = y0 + r, x = x0 + j;
+        return CHECKED && !inside(y, x) ? Unit::zero() : Unit::load(image + y * g.in_row + x * g.channels + c);
+      };
+      const auto d0 = d(0), d1 = d(1), d2 = d(2), d3 = d(3);
+      rows[0][j] = Unit::sub(d0, d2);
+      rows[1][j] = Unit::add(d1, d2);
+      rows[2][j] = Unit::sub(d2, d1);
+      rows[3][j] = Unit::sub(d1, d3);
+    }
+    for (int i = 0; i < 4; ++i) {  // (B^T d) B
+      uint16_t* out = v + 4 * i * e_stride + c;
+      Unit::store(out, Unit::sub(rows[i][0], rows[i][2]));
+      Unit::store(out + e_stride, Unit::add(rows[i][1], rows[i][2]));
+      Unit::store(out + 2 * e_stride, Unit::sub(rows[i][2], rows[i][1]));
+      Unit::store(out + 3 * e_stride, Unit::sub(rows[i][1], rows[i][3]));
+    }
+  }
+}
+
+// v[e][t][c] = (B^T d B)[e] of tile first + t's 4x4 input patch d, channel c; the block's tiles
+// from count on are zero (computed, never stored).
 void transform_input(const ConvBf16Problem& p, const Geometry& g, int64_t first, int64_t count, uint16_t* v) {
   const int64_t e_stride = kTiles * g.channels;
   for (int64_t t = 0; t < kTiles; ++t) {
@@ -58,25 +89,14 @@ void transform_input(const ConvBf16Problem& p, const Geometry& g, int64_t first,
     }
     const int64_t tile = first + t, n = tile / g.tiles_per_image, in_image = tile % g.tiles_per_image;
     const int64_t ty = in_image / g.tiles_w, tx = in_image % g.tiles_w;
-    const uint16_t* patch = p.src + n * g.in_image + 2 * ty * g.in_row + 2 * tx * g.channels;
-    for (int64_t c = 0; c < g.channels; c += kBf16Block) {
-      typename Unit::Acc rows[4][4];  // B^T d
-      for (int j = 0; j < 4; ++j) {
-        const uint16_t* column = patch + j * g.channels + c;
-        const auto d0 = Unit::load(column), d1 = Unit::load(column + g.in_row);
-        const auto d2 = Unit::load(column + 2 * g.in_row), d3 = Unit::load(column + 3 * g.in_row);
-        rows[0][j] = Unit::sub(d0, d2);
-        rows[1][j] = Unit::add(d1, d2);
-        rows[2][j] = Unit::sub(d2, d1);
-        rows[3][j] = Unit::sub(d1, d3);
-      }
-      for (int i = 0; i < 4; ++i) {  // (B^T d) B
-        uint16_t* out = v + 4 * i * e_stride + t * g.channels + c;
-        Unit::store(out, Unit::sub(rows[i][0], rows[i][2]));
-        Unit::store(out + e_stride, Unit::add(rows[i][1], rows[i][2]));
-        Unit::store(out + 2 * e_stride, Unit::sub(rows[i][2], rows[i][1]));
-        Unit::store(out + 3 * e_stride, Unit::sub(rows[i][1], rows[i][3]));
-      }
+    const uint16_t* image = p.src + n * g.in_image;
+    uint16_t* out = v + t * g.channels;
+    if (!p.src_unbordered) {  // the zero border stands in for the padding
+      transform_patch<false>(p, g, image, 2 * ty, 2 * tx, out, e_stride);
+    } else if (ty == 0 || tx == 0 || 2 * ty + 2 == p.height || 2 * tx + 2 == p.width) {
+      transform_patch<true>(p, g, image, 2 * ty - 1, 2 * tx - 1, out, e_stride);
+    } else {
+      transform_patch<false>(p, g, image, 2 * ty - 1, 2 * tx - 1, out, e_stride);
     }
   }
 }

@@ -249,9 +249,10 @@ void conv_winograd_bf16_weight_grad_nhwc(uintptr_t src, uintptr_t grad, uintptr_
 
 void conv_winograd_bf16_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch,
                              int64_t height, int64_t width, int64_t in_channels, int64_t out_channels, int64_t dst_pad,
-                             bool relu, bool pool, int dst_element, int num_threads) {
-  const auto problem = conv_winograd_bf16_problem(src, weight, bias, dst, batch, height, width, in_channels,
-                                                  out_channels, dst_pad, relu, pool, dst_element, num_threads);
+                             bool relu, bool pool, int dst_element, int num_threads, bool src_bordered) {
+  auto problem = conv_winograd_bf16_problem(src, weight, bias, dst, batch, height, width, in_channels, out_channels,
+                                            dst_pad, relu, pool, dst_element, num_threads);
+  problem.src_unbordered = !src_bordered;
   if (batch * height * width * in_channels * out_channels == 0) return;
   py::gil_scoped_release release;
   mtk::kernels().conv_winograd_bf16_nhwc(problem);
@@ -491,10 +492,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv_winograd_bf16_nhwc", &conv_winograd_bf16_nhwc, py::arg("src"), py::arg("weight"), py::arg("bias"),
         py::arg("dst"), py::arg("batch"), py::arg("height"), py::arg("width"), py::arg("in_channels"),
         py::arg("out_channels"), py::arg("dst_pad"), py::arg("relu"), py::arg("pool"), py::arg("dst_element"),
-        py::arg("num_threads"),
+        py::arg("num_threads"), py::arg("src_bordered") = true,
         "Winograd F(2x2,3x3) conv (padding 1, stride 1, even height and width) of a zero-bordered NHWC bfloat16 "
-        "input [N, H + 2, W + 2, C_in] (C_in a multiple of bf16_block_channels) with the transformed, pair-packed "
-        "bfloat16 weight, float32 accumulation, + bias (+ ReLU) (+ 2x2 max-pool); dst as conv_bf16_nhwc's.");
+        "input [N, H + 2, W + 2, C_in] (or, src_bordered false, [N, H, W, C_in]; C_in a multiple of "
+        "bf16_block_channels) with the transformed, pair-packed bfloat16 weight, float32 accumulation, + bias "
+        "(+ ReLU) (+ 2x2 max-pool); dst as conv_bf16_nhwc's.");
   m.def("conv_winograd_bf16_weight_grad_nhwc", &conv_winograd_bf16_weight_grad_nhwc, py::arg("src"),
         py::arg("grad"), py::arg("grad_u"), py::arg("batch"), py::arg("height"), py::arg("width"),
         py::arg("in_channels"), py::arg("out_channels"), py::arg("num_threads"),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from test_conv_bf16 import assert_the_border_is_left_alone, non_finite_inputs
 
 from mtkernels import _C
-from mtkernels.ops.conv_bf16 import BLOCK, pack_conv_bf16_weight
+from mtkernels.ops.conv_bf16 import BLOCK, bordered_input, pack_conv_bf16_weight
 from mtkernels.ops.conv_training import conv_winograd_bf16_weight_grad
 from mtkernels.ops.conv_winograd_bf16 import conv_winograd_bf16, pack_conv_winograd_bf16_weight
 
@@ -158,6 +158,19 @@ def test_matches_float64_within_the_derived_bound(isa, batch, c_in, c_out, heigh
     same_roundings, tight = winograd_reference(x, weight, bias, relu, pool)
     excess = (out32.double() - same_roundings).abs() - tight
     assert float(excess.max()) <= 0, f"float32 output exceeds the accumulation bound by {float(excess.max()):.3g}"
+
+
+@pytest.mark.parametrize("batch,c_in,c_out,height,width,pool", SHAPES)
+def test_reading_the_input_in_place_equals_the_bordered_copy(isa, batch, c_in, c_out, height, width, pool):
+    """A bfloat16 channels-last input read where it is (its edge tiles check their rows and
+    columns; a 2x2 map is all edge) gives exactly what its zero-bordered copy gives."""
+    g = torch.Generator().manual_seed(batch + c_in + height)
+    x = torch.randn(batch, c_in, height, width, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    packed = pack_conv_winograd_bf16_weight(torch.randn(c_out, c_in, 3, 3, generator=g) / (3 * math.sqrt(c_in)))
+    bias = torch.randn(c_out, generator=g)
+    in_place = conv_winograd_bf16(x, packed, bias, True, pool)
+    copied = conv_winograd_bf16(x, packed, bias, True, pool, buffer=bordered_input(batch, height, width, c_in))
+    assert torch.equal(in_place, copied)
 
 
 def test_the_bound_catches_a_bfloat16_accumulation():

@@ -232,11 +232,12 @@ class FusedConv2d(DerivedState):
                                    self.stride[0], buffer)
 
     def _winograd_bf16(self, x: torch.Tensor) -> torch.Tensor:
-        """mtkernels' bf16 Winograd conv, bias, ReLU and pool in one pass."""
+        """mtkernels' bf16 Winograd conv, bias, ReLU and pool in one pass, reading the
+        channels-last bfloat16 ``x`` where it is."""
         from ..ops.conv_winograd_bf16 import conv_winograd_bf16_unchecked
 
         return conv_winograd_bf16_unchecked(x, self.winograd_bf16_weight(), self.bias, self.relu, self.pool,
-                                            torch.bfloat16, self._bordered_buffer(x))
+                                            torch.bfloat16, None)
 
     def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """oneDNN's packed int8 weight (symmetric, per output channel), its scales and zero points."""

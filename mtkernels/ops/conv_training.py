@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import _C
-from ..lru import LruCache
 from . import conv_winograd_bf16 as _winograd_bf16
 from .conv import (
     _WINOGRAD_GG,
@@ -45,7 +44,6 @@ from .conv import (
     winograd_filter_gradient,
     winograd_filter_transform,
 )
-from .conv_bf16 import bordered_input
 
 _scratch = threading.local()
 
@@ -197,20 +195,6 @@ def _check_winograd_bf16(name: str, x: torch.Tensor, weight: torch.Tensor) -> No
                          f"{tuple(weight.shape)}")
 
 
-def _bordered_scratch(x: torch.Tensor) -> torch.Tensor:
-    """Per thread: the bf16 Winograd kernel's zero-bordered input buffer for ``x``'s shape, kept
-    between steps (its border stays zero; the interior is rewritten by every call). Zeroing a
-    new buffer's border, strided writes, took 4.4 ms of BKNet's 270 ms bf16 step. At most 16
-    shapes and 256 MB are kept, least recently used dropped."""
-    if not hasattr(_scratch, "bordered"):
-        _scratch.bordered = LruCache(16, 256 << 20)
-    n, c, h, w = x.shape
-    buffer = _scratch.bordered.get((n, c, h, w))
-    if buffer is None:
-        buffer = _scratch.bordered[(n, c, h, w)] = bordered_input(n, h, w, c)
-    return buffer
-
-
 def _run_winograd_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        flipped_transposed: bool = False) -> torch.Tensor:
     """The bf16 Winograd conv (padding 1) of ``x`` with ``weight`` (transformed here, each call:
@@ -219,8 +203,8 @@ def _run_winograd_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     c_out = weight.shape[1] if flipped_transposed else weight.shape[0]
     bias = torch.zeros(c_out) if bias is None else bias.float().contiguous()
     packed = _winograd_bf16.pack_conv_winograd_bf16_weight(weight.detach(), flipped_transposed)
-    return _winograd_bf16.conv_winograd_bf16_unchecked(x, packed, bias, False, False, torch.bfloat16,
-                                                       _bordered_scratch(x))
+    return _winograd_bf16.conv_winograd_bf16_unchecked(x.contiguous(memory_format=torch.channels_last), packed, bias,
+                                                       False, False, torch.bfloat16, None)
 
 
 @torch.library.custom_op("mtkernels::conv_winograd_bf16", mutates_args=())

@@ -7,7 +7,8 @@ the weight ``g`` becomes ``G g G^T`` (computed here in float64), both rounded to
 the dot-product instruction; the products are summed in float32 and the tile is
 ``A^T M A``. The transforms add to bfloat16's rounding error (the products are of transformed
 values, up to 4x the magnitude of the inputs): tests/test_conv_winograd_bf16.py derives the
-bound. The input is ``conv_bf16``'s zero-bordered buffer, so a layer chain can mix the two.
+bound. The input is ``conv_bf16``'s zero-bordered buffer, so a layer chain can mix the two,
+or a bfloat16 channels-last tensor read where it is.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def conv_winograd_bf16(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch
     """3x3 conv (padding 1, stride 1) of ``x`` ([N, C_in, H, W], H and W even, rounded to
     bfloat16) with a ``pack_conv_winograd_bf16_weight`` weight, + float32 ``bias`` (+ ReLU)
     (+ 2x2 max-pool), as a channels-last ``out_dtype`` (bfloat16 or float32) tensor.
-    ``buffer``: the kernel's zero-bordered input buffer to reuse (``bordered_input``'s shape)."""
+    ``buffer``: a zero-bordered input buffer (``bordered_input``'s shape) to copy ``x`` into and
+    reuse; without one, a bfloat16 channels-last ``x`` is read where it is (the tiles at its
+    edges check their rows and columns) and any other ``x`` is copied into a new buffer."""
     check_arguments(x, packed_weight, (16,), "pack_conv_winograd_bf16_weight", bias, pool, out_dtype, 1, buffer, 1)
     if x.shape[2] % 2 or x.shape[3] % 2:
         raise ValueError(f"x's height and width must be even, got {x.shape[2]}x{x.shape[3]}")
@@ -81,9 +84,11 @@ def conv_winograd_bf16_unchecked(x: torch.Tensor, packed_weight: torch.Tensor, b
     """:func:`conv_winograd_bf16` without the argument checks (contiguous weight and bias), for
     a fused layer whose arguments were checked when it was built."""
     n, c_in, h, w = x.shape
-    src = fill_bordered(bordered_input(n, h, w, c_in) if buffer is None else buffer, x)
+    in_place = buffer is None and x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
+    src = x if in_place else fill_bordered(bordered_input(n, h, w, c_in) if buffer is None else buffer, x)
     c_out = packed_weight.shape[0] * BLOCK
     out = output_tensor(n, c_out, h, w, pool, out_dtype)
     _C.conv_winograd_bf16_nhwc(src.data_ptr(), packed_weight.data_ptr(), bias.data_ptr(), out.data_ptr(), n, h, w,
-                               c_in, c_out, 0, relu, pool, ELEMENTS[out_dtype], torch.get_num_threads())
+                               c_in, c_out, 0, relu, pool, ELEMENTS[out_dtype], torch.get_num_threads(),
+                               src_bordered=not in_place)
     return out
