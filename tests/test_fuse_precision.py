@@ -373,6 +373,36 @@ def test_bad_arguments_name_the_argument():
         mtkernels.fuse_for_inference(model, precision="int8", calibration=[images[:40]])
     with pytest.raises(ValueError, match="input has 3 channels"):
         mtkernels.fuse_for_inference(model, precision="bf16")(torch.zeros(2, 3, 48, 48))
+    with pytest.raises(TypeError, match="winograd must be True or False, got 'no'"):
+        mtkernels.fuse_for_inference(model, precision="bf16", winograd="no")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_winograd_false_offers_the_timing_no_winograd_algorithm(precision, monkeypatch, tmp_path):
+    """fuse_for_inference(..., winograd=False): no layer and no plan is offered a Winograd
+    candidate (with winograd=True the same inputs are offered some), at the batches where the
+    chains and the per-layer candidates are timed; the outputs stay within the bound."""
+    from mtkernels.fuse import tuning
+
+    offered: list[str] = []
+    choose = tuning.choose
+    monkeypatch.setattr(tuning, "_CACHE", tuning.TuningCache(tmp_path))
+    monkeypatch.setattr(tuning, "fastest", lambda candidates, x, **kw: next(iter(candidates)))
+    monkeypatch.setattr(tuning, "choose", lambda key, names, *args, **kwargs: offered.extend(names)
+                        or choose(key, names, *args, **kwargs))
+    model, fused32, fused64, _, _ = networks("bknet")
+    images = faces(model.input_size)
+    for winograd in (True, False):
+        offered.clear()
+        fused = mtkernels.fuse_for_inference(model, precision=precision, winograd=winograd)
+        with torch.no_grad():
+            outputs = [fused(images[:batch]) for batch in (1, 64)]
+        assert any("winograd" in name for name in offered) == winograd, sorted(set(offered))
+    if precision == "bf16":
+        exact, bound = reduced_precision_bound(fused64, images[:64])
+        assert ((outputs[1].double() - exact).abs() <= bound).all()
+    else:
+        torch.testing.assert_close(outputs[1], fused32(images[:64]), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])

@@ -154,6 +154,8 @@ class FusedConv2d(DerivedState):
                      and self.dilation == [1, 1] and self.groups == 1)
         self.single_channel_3x3 = plain_3x3 and weight.shape[1] == 1
         self.winograd_ok = plain_3x3 and weight.shape[1] > 1
+        # fuse_for_inference(..., winograd=False) turns every Winograd algorithm off.
+        self.allow_winograd = True
         # Set by fuse_for_inference(precision=...): the dtype activations are computed in, and
         # the uint8 encodings of an int8 conv (mtkernels.fuse.precision).
         self.compute_dtype = torch.float32
@@ -207,7 +209,7 @@ class FusedConv2d(DerivedState):
         """Whether mtkernels' bf16 Winograd conv runs this layer on input of ``shape``."""
         from ..ops.conv_winograd_bf16 import supports
 
-        return (self.winograd_ok and self.weight.dtype == torch.float32
+        return (self.winograd_ok and self.allow_winograd and self.weight.dtype == torch.float32
                 and supports(self.weight.shape, self.stride[0], self.padding[0], shape[2], shape[3]))
 
     def _bordered_buffer(self, x: torch.Tensor) -> torch.Tensor:
@@ -344,7 +346,7 @@ class FusedConv2d(DerivedState):
             return names
         if self.single_channel_3x3:
             names.append("single_channel")
-        if self.winograd_ok and not (self.pool and (x.shape[2] % 2 or x.shape[3] % 2)):
+        if self.winograd_ok and self.allow_winograd and not (self.pool and (x.shape[2] % 2 or x.shape[3] % 2)):
             names += ["winograd", "winograd_one_pass"]
         return names
 
@@ -433,7 +435,7 @@ class FusedConv2d(DerivedState):
             return out if plain_3x3 and self._direct_bf16_ok(shape) else None
         if self.single_channel_3x3 and not self.pool:
             return out
-        return out if self.winograd_ok else None
+        return out if self.winograd_ok and self.allow_winograd else None
 
     def append_to_chain(self, chain, shape: torch.Size, dst: Optional[torch.Tensor], bf16: bool = False,
                         winograd: bool = False) -> None:
