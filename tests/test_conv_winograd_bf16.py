@@ -344,6 +344,24 @@ def test_weight_grad_within_the_derived_bounds(isa, batch, c_in, c_out, height, 
     assert ((got.double() - same_roundings).abs() <= sums * rounded_magnitude + 1e-300).all()
 
 
+@pytest.mark.parametrize("tensor,where,value", [("x", (0, 3, 0, 0), math.nan), ("x", (1, 5, 2, 3), math.inf),
+                                                 ("grad_y", (1, 7, 5, 0), -math.inf)])
+def test_weight_grad_non_finite_as_eager(tensor, where, value):
+    """A NaN or inf in x or d y makes non-finite (and NaN) exactly the weight gradient's
+    entries that eager bfloat16 PyTorch (torch.autocast's conv) makes so: a corner pixel meets
+    4 of each filter's 9 taps, where Winograd's transforms spread it to all 9."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 6, 8, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(2, 32, 6, 8, generator=g).bfloat16()
+    (x if tensor == "x" else grad_y)[where] = value
+    got = conv_winograd_bf16_weight_grad(x, grad_y)
+    weight = torch.zeros(32, 16, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    (eager,) = torch.autograd.grad(F.conv2d(x, weight, padding=1), weight, grad_y)
+    assert not bool(torch.isfinite(eager).all())
+    assert torch.equal(torch.isfinite(got), torch.isfinite(eager))
+    assert torch.equal(torch.isnan(got), torch.isnan(eager))
+
+
 def test_weight_grad_opcheck_and_bad_arguments_are_named():
     x = torch.randn(2, 16, 4, 6).bfloat16().contiguous(memory_format=torch.channels_last)
     grad_y = torch.randn(2, 32, 4, 6).bfloat16()

@@ -259,7 +259,16 @@ def conv_winograd_bf16_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> tor
     _C.conv_winograd_bf16_weight_grad_nhwc(x.data_ptr(), grad_y.data_ptr(), grad_u.data_ptr(), n, h, w, c_in, c_out,
                                            torch.get_num_threads())
     # G^T d U G per filter: vec(d g) = (G kron G)^T vec(d U), with d U's 16 elements innermost
-    return (grad_u.view(c_out * c_in, 16) @ _WINOGRAD_GG.to(torch.float32)).view(c_out, c_in, 3, 3)
+    grad = (grad_u.view(c_out * c_in, 16) @ _WINOGRAD_GG.to(torch.float32)).view(c_out, c_in, 3, 3)
+    if bool(torch.isfinite(grad).all()):
+        return grad
+    # A NaN or inf in x or d y: the transforms spread it over every tap of the filters it meets,
+    # where eager's direct sums leave finite the taps that never meet it (a corner pixel meets
+    # 4 of 9). oneDNN's bf16 weight gradient, eager's own, gives its pattern.
+    _, grad, _ = torch.ops.aten.convolution_backward(
+        grad_y, x, x.new_empty((c_out, c_in, 3, 3)), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+        [False, True, False])
+    return grad.float()
 
 
 @conv_winograd_bf16_weight_grad.register_fake
