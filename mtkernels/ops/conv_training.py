@@ -15,7 +15,7 @@ slow for the papers' shapes at batch 128:
   the forward and, with the flipped, transposed filters, the input gradient
   (``mtkernels::conv_winograd_bf16_input_grad``). The weight gradient is Winograd's too
   (``mtkernels::conv_winograd_bf16_weight_grad``: V and d M rounded to bfloat16, products
-  summed over the batch's tiles in float32), 1.2-1.6x oneDNN's bfloat16 one on BKNet's
+  summed over the batch's tiles in float32), 1.1-1.8x oneDNN's bfloat16 one on BKNet's
   layers here.
 - ``mtkernels::gemm_conv2d``: any convolution as one GEMM over all output pixels of the
   batch (im2col in channels-last order; a 1x1 / stride 1 layer needs no copy at all).
