@@ -18,16 +18,16 @@ namespace mtk {
 // the 2x2 output tile is A^T M A + bias, in float32. The tile is the pool's 2x2 window.
 // A non-finite input makes exactly the outputs whose 3x3 windows hold it non-finite; an inf
 // there may come out as NaN (the transforms subtract it from itself).
-// The weight gradient of that conv, in the Winograd domain: d U[co][ci][e] = the sum over
-// every 2x2 tile of the batch of V[e][ci] d M[e][co], V = B^T d B of the tile's 4x4 input patch
-// (of src, zero outside it) and d M = A d y A^T of its 2x2 block of the output gradient, each
-// computed in float32 and rounded to bfloat16 like the forward's V; the products are summed in
-// float32. d weight = G^T d U G per filter (one GEMM over all of them, in
-// mtkernels.ops.conv_training), d bias the plain sum of d y.
+// The weight gradient of that conv by Winograd: d U[e][ci][co] = the sum over every 2x2 tile
+// of the batch of V[e][ci] d M[e][co], V = B^T d B of the tile's 4x4 input patch (of src, zero
+// outside it) and d M = A d y A^T of its 2x2 block of the output gradient, each computed in
+// float32 and rounded to bfloat16 like the forward's V; the products are summed in float32,
+// and d weight = G^T d U G per filter in float32 (two stages of at most 3 additions). d bias
+// is the plain sum of d y (not computed here).
 struct ConvWinogradBf16WeightGradProblem {
   const uint16_t* src;   // x: [N, H, W, C_in] bfloat16, no border
   const uint16_t* grad;  // d y: [N, H, W, C_out] bfloat16
-  float* grad_u;         // [C_out, C_in, 16], overwritten
+  float* grad_weight;    // [C_out, C_in, 3, 3], overwritten
   int64_t batch, height, width, in_channels, out_channels;  // H, W even; channels multiples of kBf16Block
   int num_threads;
 };

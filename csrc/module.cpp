@@ -228,7 +228,7 @@ mtk::ConvBf16Problem conv_winograd_bf16_problem(uintptr_t src, uintptr_t weight,
                            relu, pool, dst_element, num_threads);
 }
 
-void conv_winograd_bf16_weight_grad_nhwc(uintptr_t src, uintptr_t grad, uintptr_t grad_u, int64_t batch,
+void conv_winograd_bf16_weight_grad_nhwc(uintptr_t src, uintptr_t grad, uintptr_t grad_weight, int64_t batch,
                                          int64_t height, int64_t width, int64_t in_channels, int64_t out_channels,
                                          int num_threads) {
   if (batch < 0 || height < 0 || width < 0) throw std::invalid_argument("negative size");
@@ -237,11 +237,11 @@ void conv_winograd_bf16_weight_grad_nhwc(uintptr_t src, uintptr_t grad, uintptr_
     throw std::invalid_argument("in_channels and out_channels must be positive multiples of " +
                                 std::to_string(mtk::kBf16Block));
   const mtk::ConvWinogradBf16WeightGradProblem problem{
-      as_ptr<const uint16_t>(src), as_ptr<const uint16_t>(grad), as_ptr<float>(grad_u), batch, height, width,
+      as_ptr<const uint16_t>(src), as_ptr<const uint16_t>(grad), as_ptr<float>(grad_weight), batch, height, width,
       in_channels, out_channels, std::max(1, num_threads)};
   py::gil_scoped_release release;
   if (batch * height * width == 0) {
-    std::fill_n(problem.grad_u, 16 * in_channels * out_channels, 0.0f);
+    std::fill_n(problem.grad_weight, 9 * in_channels * out_channels, 0.0f);
     return;
   }
   mtk::kernels().conv_winograd_bf16_weight_grad_nhwc(problem);
@@ -498,11 +498,11 @@ PYBIND11_MODULE(_C, m) {
         "bf16_block_channels) with the transformed, pair-packed bfloat16 weight, float32 accumulation, + bias "
         "(+ ReLU) (+ 2x2 max-pool); dst as conv_bf16_nhwc's.");
   m.def("conv_winograd_bf16_weight_grad_nhwc", &conv_winograd_bf16_weight_grad_nhwc, py::arg("src"),
-        py::arg("grad"), py::arg("grad_u"), py::arg("batch"), py::arg("height"), py::arg("width"),
+        py::arg("grad"), py::arg("grad_weight"), py::arg("batch"), py::arg("height"), py::arg("width"),
         py::arg("in_channels"), py::arg("out_channels"), py::arg("num_threads"),
-        "Weight gradient of conv_winograd_bf16_nhwc in the Winograd domain: grad_u [C_out, C_in, 16] float32 = the "
-        "sum over the 2x2 tiles of V (of the NHWC bfloat16 input, no border) times A dy A^T (of the NHWC bfloat16 "
-        "output gradient), both rounded to bfloat16, float32 sums; H and W even, channels multiples of "
+        "Weight gradient of conv_winograd_bf16_nhwc by Winograd: grad_weight [C_out, C_in, 3, 3] float32 = G^T dU G, "
+        "dU the sum over the 2x2 tiles of V (of the NHWC bfloat16 input, no border) times A dy A^T (of the NHWC "
+        "bfloat16 output gradient), both rounded to bfloat16, float32 sums; H and W even, channels multiples of "
         "bf16_block_channels.");
   m.def("grouped_linear", &grouped_linear, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
         py::arg("batch"), py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),

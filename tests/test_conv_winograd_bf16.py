@@ -295,8 +295,9 @@ def filter_gradient(du: torch.Tensor) -> torch.Tensor:
 
 def weight_grad_sums_bound(tiles: int) -> float:
     """The weight gradient's float32 sums: over the tiles (each thread's, then the threads'
-    sums: gamma_{T + 1}), then G^T d U G (16 terms: gamma_16)."""
-    return (1 + gamma(tiles + 1)) * (1 + gamma(16)) - 1
+    sums: gamma_{T + 1}), then G^T d U G in two stages, each output of a stage at most two
+    additions (gamma_2 twice: gamma_4)."""
+    return (1 + gamma(tiles + 1)) * (1 + gamma(4)) - 1
 
 
 def winograd_weight_grad_bound(x_abs: torch.Tensor, dy_abs: torch.Tensor) -> torch.Tensor:

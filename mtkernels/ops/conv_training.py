@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from .. import _C
 from . import conv_winograd_bf16 as _winograd_bf16
 from .conv import (
-    _WINOGRAD_GG,
     WinogradBuffers,
     _check,
     winograd_conv3x3_bias_act_unchecked,
@@ -241,7 +240,7 @@ def _(grad_y, weight):
 def conv_winograd_bf16_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     """d weight [C_out, C_in, 3, 3] (float32) of :func:`conv_winograd_bf16` given its bfloat16
     input and d y, by mtkernels' bf16 Winograd weight-gradient kernel: d U = the sum over the
-    tiles of V d M (each rounded to bfloat16, float32 sums), d weight = G^T d U G."""
+    tiles of V d M (each rounded to bfloat16, float32 sums), d weight = G^T d U G (float32)."""
     if not isinstance(grad_y, torch.Tensor) or grad_y.dim() != 4:
         raise ValueError(f"grad_y must be a 4-D [N, C_out, H, W] tensor, got "
                          f"{tuple(grad_y.shape) if isinstance(grad_y, torch.Tensor) else type(grad_y).__name__}")
@@ -255,11 +254,9 @@ def conv_winograd_bf16_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> tor
     grad_y = grad_y.contiguous(memory_format=torch.channels_last)
     n, c_in, h, w = x.shape
     c_out = grad_y.shape[1]
-    grad_u = torch.empty(c_out, c_in, 16)
-    _C.conv_winograd_bf16_weight_grad_nhwc(x.data_ptr(), grad_y.data_ptr(), grad_u.data_ptr(), n, h, w, c_in, c_out,
+    grad = torch.empty(c_out, c_in, 3, 3)
+    _C.conv_winograd_bf16_weight_grad_nhwc(x.data_ptr(), grad_y.data_ptr(), grad.data_ptr(), n, h, w, c_in, c_out,
                                            torch.get_num_threads())
-    # G^T d U G per filter: vec(d g) = (G kron G)^T vec(d U), with d U's 16 elements innermost
-    grad = (grad_u.view(c_out * c_in, 16) @ _WINOGRAD_GG.to(torch.float32)).view(c_out, c_in, 3, 3)
     if bool(torch.isfinite(grad).all()):
         return grad
     # A NaN or inf in x or d y: the transforms spread it over every tap of the filters it meets,
