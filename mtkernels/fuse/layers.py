@@ -161,6 +161,11 @@ class FusedConv2d(DerivedState):
         self.compute_dtype = torch.float32
         self.int8 = None
 
+    @property
+    def winograd_allowed(self) -> bool:
+        """Whether a Winograd algorithm (float32's or bf16's) may run this layer's geometry."""
+        return self.winograd_ok and self.allow_winograd
+
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}, "
                 f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, dilation={tuple(self.dilation)}, "
@@ -209,7 +214,7 @@ class FusedConv2d(DerivedState):
         """Whether mtkernels' bf16 Winograd conv runs this layer on input of ``shape``."""
         from ..ops.conv_winograd_bf16 import supports
 
-        return (self.winograd_ok and self.allow_winograd and self.weight.dtype == torch.float32
+        return (self.winograd_allowed and self.weight.dtype == torch.float32
                 and supports(self.weight.shape, self.stride[0], self.padding[0], shape[2], shape[3]))
 
     def _bordered_buffer(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,7 +351,7 @@ class FusedConv2d(DerivedState):
             return names
         if self.single_channel_3x3:
             names.append("single_channel")
-        if self.winograd_ok and self.allow_winograd and not (self.pool and (x.shape[2] % 2 or x.shape[3] % 2)):
+        if self.winograd_allowed and not (self.pool and (x.shape[2] % 2 or x.shape[3] % 2)):
             names += ["winograd", "winograd_one_pass"]
         return names
 
@@ -435,7 +440,7 @@ class FusedConv2d(DerivedState):
             return out if plain_3x3 and self._direct_bf16_ok(shape) else None
         if self.single_channel_3x3 and not self.pool:
             return out
-        return out if self.winograd_ok and self.allow_winograd else None
+        return out if self.winograd_allowed else None
 
     def append_to_chain(self, chain, shape: torch.Size, dst: Optional[torch.Tensor], bf16: bool = False,
                         winograd: bool = False) -> None:
