@@ -31,12 +31,27 @@ struct ConvWinogradBf16WeightGradProblem {
   int64_t batch, height, width, in_channels, out_channels;  // H, W even; channels multiples of kBf16Block
   int num_threads;
 };
-using ConvWinogradBf16WeightGradFn = void (*)(const ConvWinogradBf16WeightGradProblem&);
+// The kernel returns whether every d weight it wrote is finite.
+using ConvWinogradBf16WeightGradFn = bool (*)(const ConvWinogradBf16WeightGradProblem&);
+
+// The weight of the conv above from a bfloat16 weight g [C_out, C_in, 3, 3]: U = G g G^T in
+// float32 (each sum of at most three terms, in two stages), rounded to bfloat16, in the pair
+// layout. flipped_transposed: the weight of the input gradient's conv instead, whose filter
+// (i, o) is g's filter (o, i) flipped ([C_in / kBf16Block, 16, C_out / 2, kBf16Block, 2]).
+struct ConvWinogradBf16WeightPackProblem {
+  const uint16_t* src;  // g: [C_out, C_in, 3, 3] bfloat16, contiguous
+  uint16_t* dst;        // the packed weight, overwritten
+  int64_t out_channels, in_channels;  // multiples of kBf16Block
+  bool flipped_transposed;
+  int num_threads;
+};
+using ConvWinogradBf16WeightPackFn = void (*)(const ConvWinogradBf16WeightPackProblem&);
 
 #define MTK_DECLARE_CONV_WINOGRAD_BF16(isa)          \
   namespace isa {                                     \
   void conv_winograd_bf16_nhwc(const ConvBf16Problem&); \
-  void conv_winograd_bf16_weight_grad_nhwc(const ConvWinogradBf16WeightGradProblem&); \
+  bool conv_winograd_bf16_weight_grad_nhwc(const ConvWinogradBf16WeightGradProblem&); \
+  void conv_winograd_bf16_weight_pack(const ConvWinogradBf16WeightPackProblem&); \
   }
 MTK_DECLARE_CONV_WINOGRAD_BF16(baseline)
 MTK_DECLARE_CONV_WINOGRAD_BF16(avx2)

@@ -131,7 +131,7 @@ void accumulate(const uint16_t* v, const uint16_t* m, int64_t pairs, int64_t gro
 }
 
 template <int NB>
-void weight_grad(const ConvWinogradBf16WeightGradProblem& p) {
+bool weight_grad(const ConvWinogradBf16WeightGradProblem& p) {
   const Tiles g(p);
   const int64_t c_in = p.in_channels, c_out = p.out_channels, u_size = kElements * c_in * c_out;
   const int64_t blocks = (g.count + kBlockTiles - 1) / kBlockTiles, pairs_max = kBlockTiles / 2;
@@ -169,7 +169,8 @@ void weight_grad(const ConvWinogradBf16WeightGradProblem& p) {
   }
   // The threads' sums, then d weight[co][ci] = G^T d U G per filter (G's rows: [1, 0, 0],
   // [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]), 16 output channels at a time.
-#pragma omp parallel for num_threads(p.num_threads) if (parallel) schedule(static)
+  bool finite = true;
+#pragma omp parallel for num_threads(p.num_threads) if (parallel) schedule(static) reduction(&& : finite)
   for (int64_t ci = 0; ci < c_in; ++ci) {
     float du[kElements][kBf16Block], dug[4][3][kBf16Block];
     for (int64_t co = 0; co < c_out; co += kBf16Block) {
@@ -193,16 +194,20 @@ void weight_grad(const ConvWinogradBf16WeightGradProblem& p) {
           taps[b] = dug[0][b][j] + sum;
           taps[3 + b] = 0.5f * (dug[1][b][j] - dug[2][b][j]);
           taps[6 + b] = sum + dug[3][b][j];
+          // x - x is 0 for every finite x, NaN for inf and NaN
+          finite = finite && taps[b] - taps[b] == 0.0f && taps[3 + b] - taps[3 + b] == 0.0f &&
+                   taps[6 + b] - taps[6 + b] == 0.0f;
         }
     }
   }
+  return finite;
 }
 
 }  // namespace
 
-void conv_winograd_bf16_weight_grad_nhwc(const ConvWinogradBf16WeightGradProblem& p) {
+bool conv_winograd_bf16_weight_grad_nhwc(const ConvWinogradBf16WeightGradProblem& p) {
   if (p.out_channels % (2 * kBf16Block) == 0) return weight_grad<2>(p);
-  weight_grad<1>(p);
+  return weight_grad<1>(p);
 }
 
 }  // namespace MTK_ISA

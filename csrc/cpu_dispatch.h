@@ -38,6 +38,7 @@ void set_active_isa(Isa isa);  // throws std::invalid_argument if unsupported he
   X(conv_bf16_nhwc, ConvBf16Fn)                                  \
   X(conv_winograd_bf16_nhwc, ConvBf16Fn)                         \
   X(conv_winograd_bf16_weight_grad_nhwc, ConvWinogradBf16WeightGradFn) \
+  X(conv_winograd_bf16_weight_pack, ConvWinogradBf16WeightPackFn) \
   X(bn_stats, BnStatsFn)                                         \
   X(bn_relu_forward, BnReluForwardFn)                            \
   X(bn_relu_backward_reduce, BnReluBackwardReduceFn)             \

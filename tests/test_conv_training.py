@@ -114,9 +114,9 @@ def test_conv_winograd_bf16_ops():
     dx, dw, db = torch.autograd.grad(y, (x, weight, bias), grad_y)
     x64, w64, dy64 = x.detach().double(), weight.detach().double(), grad_y.double()
     y64 = F.conv2d(x64, w64, bias.detach().double(), padding=1)
-    # U of the bfloat16 weight: computed in float32 (sums of up to 9 exact products: gamma_8),
-    # rounded to bfloat16
-    beta = 2.0 ** -8 + gamma(8) * (1 + 2.0 ** -8)
+    # U of the bfloat16 weight: computed in float32 (exact products, two stages of sums of at
+    # most three terms: gamma_4), rounded to bfloat16
+    beta = 2.0 ** -8 + gamma(4) * (1 + 2.0 ** -8)
     bound = winograd_error_bound(x64.abs(), w64.abs(), beta) + gamma(5) * bias.detach().double().abs().view(1, -1, 1, 1)
     assert bool(((y.double() - y64).abs() <= bound + 2.0 ** -8 * (y64.abs() + bound)).all())
     dx64 = F.conv_transpose2d(dy64, w64, padding=1)

@@ -235,6 +235,35 @@ def test_flipped_transposed_packing_is_that_of_the_flipped_transposed_filters(dt
         assert packed[b, 4 * i + j, ci // 2, c, ci % 2] == u[i, j].to(torch.bfloat16)
 
 
+@pytest.mark.parametrize("flipped_transposed", [False, True])
+def test_bfloat16_weight_packing_within_its_bound(isa, flipped_transposed):
+    """A bfloat16 weight (here a channels-last one) is packed in C++ (training packs every step): every element of U is
+    within gamma_4 (float32, two stages of sums of at most three terms) of |G||g||G^T| of the
+    float64 transform, then rounded once to bfloat16; a NaN tap gives NaN exactly in the U
+    elements it reaches (row 0 and 2 of g reach rows 0-2 and 1-3 of U)."""
+    torch.manual_seed(5)
+    weight = (torch.randn(3 * BLOCK, 2 * BLOCK, 3, 3) * torch.logspace(-3, 3, 9).view(1, 1, 3, 3)).bfloat16()
+    weight[0, 0, 0, 0] = float("nan")
+    # a channels-last model's weight: packed from a contiguous copy
+    packed = pack_conv_winograd_bf16_weight(weight.contiguous(memory_format=torch.channels_last),
+                                            flipped_transposed).double()
+    filters = weight.double().transpose(0, 1).flip(2, 3) if flipped_transposed else weight.double()
+    outs, ins = filters.shape[:2]
+
+    def as_packed(u: torch.Tensor) -> torch.Tensor:  # [outs, ins, 4, 4] -> the pair layout
+        return u.reshape(outs // BLOCK, BLOCK, ins // 2, 2, 16).permute(0, 4, 2, 1, 3)
+
+    nan = filters.isnan()
+    clean = filters.masked_fill(nan, 0.0)
+    u64 = as_packed(WEIGHT @ clean @ WEIGHT.T)
+    bound = gamma(4) * as_packed(WEIGHT.abs() @ clean.abs() @ WEIGHT.abs().T)
+    bound = bound + U_BF16 * (u64.abs() + bound)
+    reached = as_packed(WEIGHT.abs() @ nan.double() @ WEIGHT.abs().T) > 0  # NaN times a zero of G is no term
+    assert packed.shape == u64.shape
+    assert torch.equal(packed.isnan(), reached) and int(reached.sum()) == 9
+    assert bool(((packed - u64).abs()[~reached] <= bound[~reached]).all())
+
+
 def test_the_border_is_left_alone():
     weight = pack_conv_winograd_bf16_weight(torch.randn(32, 16, 3, 3))
     assert_the_border_is_left_alone(lambda src, bias, dst: _C.conv_winograd_bf16_nhwc(

@@ -73,9 +73,10 @@ def assert_within(name: str, got: torch.Tensor, reference: torch.Tensor, bound: 
 def winograd_bound(x_abs: torch.Tensor, w_abs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """The bound of a bf16 Winograd conv (no bias) of bfloat16 input magnitudes ``x_abs`` with
     the float32 weight's ``w_abs``, rounded to bfloat16: the weight is rounded to bfloat16, its
-    transform computed in float32 (sums of up to 9 exact products: gamma_8) and rounded again
-    (2u + u^2 + gamma_8 (1 + u)^2 of the transform of |w|), the output once more (u)."""
-    before_rounding = winograd_error_bound(x_abs, w_abs, 2 * U + U * U + gamma(8) * (1 + U) ** 2)
+    transform computed in float32 (exact products, two stages of sums of at most three terms:
+    gamma_4) and rounded again (2u + u^2 + gamma_4 (1 + u)^2 of the transform of |w|), the
+    output once more (u)."""
+    before_rounding = winograd_error_bound(x_abs, w_abs, 2 * U + U * U + gamma(4) * (1 + U) ** 2)
     return before_rounding + U * (reference.abs() + before_rounding)
 
 

@@ -255,9 +255,8 @@ def conv_winograd_bf16_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> tor
     n, c_in, h, w = x.shape
     c_out = grad_y.shape[1]
     grad = torch.empty(c_out, c_in, 3, 3)
-    _C.conv_winograd_bf16_weight_grad_nhwc(x.data_ptr(), grad_y.data_ptr(), grad.data_ptr(), n, h, w, c_in, c_out,
-                                           torch.get_num_threads())
-    if bool(torch.isfinite(grad).all()):
+    if _C.conv_winograd_bf16_weight_grad_nhwc(x.data_ptr(), grad_y.data_ptr(), grad.data_ptr(), n, h, w, c_in,
+                                              c_out, torch.get_num_threads()):
         return grad
     # A NaN or inf in x or d y: the transforms spread it over every tap of the filters it meets,
     # where eager's direct sums leave finite the taps that never meet it (a corner pixel meets

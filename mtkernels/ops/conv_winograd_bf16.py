@@ -41,22 +41,29 @@ def supports(weight_shape: torch.Size, stride: int, padding: int, height: int, w
 def pack_conv_winograd_bf16_weight(weight: torch.Tensor, flipped_transposed: bool = False) -> torch.Tensor:
     """[C_out, C_in, 3, 3] float -> U = G g G^T rounded to bfloat16, in the pair layout
     [C_out / BLOCK, 16, C_in / 2, BLOCK, 2] (C_in, C_out multiples of BLOCK). U is computed in
-    float64, or in float32 for a bfloat16 weight (training packs every step: each product of a
-    bfloat16 tap with G's entries is exact in float32, the sums of up to 9 round, at most
-    gamma_8 of |G||g||G^T|; float64 made the packing 3x slower). ``flipped_transposed``: the
-    filters the input gradient is convolved with (each flipped, C_in and C_out swapped:
-    [C_in / BLOCK, 16, C_out / 2, BLOCK, 2]), from the same U."""
+    float64, or for a bfloat16 CPU weight in float32 by ``_C.conv_winograd_bf16_weight_pack``
+    (training packs every step: each product of a bfloat16 tap with G's entries is exact in
+    float32, each sum of at most three terms, in two stages, rounds: at most gamma_4 of
+    |G||g||G^T|). ``flipped_transposed``: the filters the input gradient is convolved with
+    (each flipped, C_in and C_out swapped: [C_in / BLOCK, 16, C_out / 2, BLOCK, 2]), from the
+    same U."""
     c_out, c_in, kh, kw = weight.shape
     if (kh, kw) != (3, 3) or c_out % BLOCK or c_in % BLOCK:
         raise ValueError(f"weight must be [C_out, C_in, 3, 3] with C_in and C_out multiples of {BLOCK}, "
                          f"got {tuple(weight.shape)}")
-    compute = torch.float32 if weight.dtype == torch.bfloat16 else torch.float64
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
+        outs, ins = (c_in, c_out) if flipped_transposed else (c_out, c_in)
+        packed = torch.empty((outs // BLOCK, 16, ins // 2, BLOCK, 2), dtype=torch.bfloat16)
+        taps = weight.detach().contiguous()  # held: the kernel reads it
+        _C.conv_winograd_bf16_weight_pack(taps.data_ptr(), packed.data_ptr(), c_out, c_in, flipped_transposed,
+                                          torch.get_num_threads())
+        return packed
     # vec(G g G^T) = (G kron G) vec(g): one GEMM for all filters (batched per-filter 4x3
     # products took twice as long).
     transform = torch.kron(G, G)
     if flipped_transposed:  # G flip(g) = P G g, P swapping rows 0 and 3: the flipped filter's U is P U P
         transform = transform[_FLIPPED_ELEMENTS]
-    u = weight.detach().reshape(-1, 9).to(compute) @ transform.to(weight.device, compute).T
+    u = weight.detach().reshape(-1, 9).double() @ transform.to(weight.device).T
     if flipped_transposed:
         u = u.view(c_out, c_in, 16).transpose(0, 1)
         c_out, c_in = c_in, c_out
