@@ -34,14 +34,18 @@ struct ConvWinogradBf16WeightGradProblem {
 // The kernel returns whether every d weight it wrote is finite.
 using ConvWinogradBf16WeightGradFn = bool (*)(const ConvWinogradBf16WeightGradProblem&);
 
-// The weight of the conv above from a bfloat16 weight g [C_out, C_in, 3, 3]: U = G g G^T in
-// float32 (each sum of at most three terms, in two stages), rounded to bfloat16, in the pair
-// layout. flipped_transposed: the weight of the input gradient's conv instead, whose filter
-// (i, o) is g's filter (o, i) flipped ([C_in / kBf16Block, 16, C_out / 2, kBf16Block, 2]).
+// The weight of the conv above from a float32 or bfloat16 weight g [C_out, C_in, 3, 3] (any
+// strides): each tap rounded to bfloat16 (as training computes from a bfloat16 copy of its
+// float32 weight), U = G g G^T in float32 (each sum of at most three terms, in two stages),
+// rounded to bfloat16, in the pair layout. flipped_transposed: the weight of the input
+// gradient's conv instead, whose filter (i, o) is g's filter (o, i) flipped
+// ([C_in / kBf16Block, 16, C_out / 2, kBf16Block, 2]).
 struct ConvWinogradBf16WeightPackProblem {
-  const uint16_t* src;  // g: [C_out, C_in, 3, 3] bfloat16, contiguous
-  uint16_t* dst;        // the packed weight, overwritten
+  const void* src;  // g, `element` (float32 or bfloat16)
+  int64_t stride_out, stride_in, stride_row, stride_column;  // of src, in elements
+  uint16_t* dst;    // the packed weight, overwritten
   int64_t out_channels, in_channels;  // multiples of kBf16Block
+  Element element;
   bool flipped_transposed;
   int num_threads;
 };

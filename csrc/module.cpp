@@ -247,14 +247,17 @@ bool conv_winograd_bf16_weight_grad_nhwc(uintptr_t src, uintptr_t grad, uintptr_
   return mtk::kernels().conv_winograd_bf16_weight_grad_nhwc(problem);
 }
 
-void conv_winograd_bf16_weight_pack(uintptr_t src, uintptr_t dst, int64_t out_channels, int64_t in_channels,
-                                    bool flipped_transposed, int num_threads) {
+void conv_winograd_bf16_weight_pack(uintptr_t src, const std::vector<int64_t>& strides, int element, uintptr_t dst,
+                                    int64_t out_channels, int64_t in_channels, bool flipped_transposed,
+                                    int num_threads) {
   if (out_channels <= 0 || in_channels <= 0 || out_channels % mtk::kBf16Block || in_channels % mtk::kBf16Block)
     throw std::invalid_argument("out_channels and in_channels must be positive multiples of " +
                                 std::to_string(mtk::kBf16Block));
-  const mtk::ConvWinogradBf16WeightPackProblem problem{as_ptr<const uint16_t>(src), as_ptr<uint16_t>(dst),
-                                                       out_channels, in_channels, flipped_transposed,
-                                                       std::max(1, num_threads)};
+  if (strides.size() != 4) throw std::invalid_argument("strides must be the weight's 4 strides");
+  const mtk::ConvWinogradBf16WeightPackProblem problem{
+      as_ptr<const void>(src), strides[0],   strides[1],         strides[2],        strides[3],
+      as_ptr<uint16_t>(dst),   out_channels, in_channels,        activation_element(element),
+      flipped_transposed,      std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().conv_winograd_bf16_weight_pack(problem);
 }
@@ -516,10 +519,12 @@ PYBIND11_MODULE(_C, m) {
         "dU the sum over the 2x2 tiles of V (of the NHWC bfloat16 input, no border) times A dy A^T (of the NHWC "
         "bfloat16 output gradient), both rounded to bfloat16, float32 sums; H and W even, channels multiples of "
         "bf16_block_channels. Returns whether every value of grad_weight is finite.");
-  m.def("conv_winograd_bf16_weight_pack", &conv_winograd_bf16_weight_pack, py::arg("src"), py::arg("dst"),
-        py::arg("out_channels"), py::arg("in_channels"), py::arg("flipped_transposed"), py::arg("num_threads"),
-        "conv_winograd_bf16_nhwc's weight from a bfloat16 weight [C_out, C_in, 3, 3]: U = G g G^T in float32, "
-        "rounded to bfloat16, [C_out / bf16_block_channels, 16, C_in / 2, bf16_block_channels, 2]; or, "
+  m.def("conv_winograd_bf16_weight_pack", &conv_winograd_bf16_weight_pack, py::arg("src"), py::arg("strides"),
+        py::arg("element"), py::arg("dst"), py::arg("out_channels"), py::arg("in_channels"),
+        py::arg("flipped_transposed"), py::arg("num_threads"),
+        "conv_winograd_bf16_nhwc's weight from a float32 or bfloat16 weight [C_out, C_in, 3, 3] of the given strides "
+        "(in elements): taps rounded to bfloat16, U = G g G^T in float32, rounded to bfloat16, "
+        "[C_out / bf16_block_channels, 16, C_in / 2, bf16_block_channels, 2]; or, "
         "flipped_transposed, that of the input gradient's conv (filter (i, o) = filter (o, i) flipped), "
         "[C_in / bf16_block_channels, 16, C_out / 2, bf16_block_channels, 2].");
   m.def("grouped_linear", &grouped_linear, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),

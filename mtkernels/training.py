@@ -11,8 +11,9 @@ the CPU's matrix units (float32 accumulation, inside oneDNN) from a bfloat16 cop
 weight taken in the forward, and the activations between layers, and their gradients, are
 bfloat16. Fused BatchNorm + ReLU reads and writes bfloat16 with float32 arithmetic and
 double statistics. The network's output is float32 logits; the weight gradients come back
-to the float32 parameters in float32, each rounded once to bfloat16 precision by the
-convolution / matmul that produced it."""
+to the float32 parameters in float32: the bf16 Winograd convolutions' as their kernel sums
+them (float32), the others each rounded once to bfloat16 precision by the convolution /
+matmul that produced them."""
 
 from __future__ import annotations
 
@@ -190,8 +191,7 @@ class TrainingConv2d(ComputeDtype, nn.Conv2d):
     def _training_step(self, algorithm: str, input_grad: bool):
         """What tuning times: forward and backward of this layer by ``algorithm``, on
         detached copies (the model's gradients are left alone)."""
-        weight, bias = (None if p is None else p.detach().to(self.compute_dtype).requires_grad_()
-                        for p in (self.weight, self.bias))
+        weight, bias = (None if p is None else p.detach().requires_grad_() for p in (self.weight, self.bias))
 
         def step(x: torch.Tensor) -> None:
             with torch.enable_grad():
@@ -202,17 +202,21 @@ class TrainingConv2d(ComputeDtype, nn.Conv2d):
         return step
 
     def _run(self, algorithm: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if algorithm == "winograd":
-            return winograd_conv3x3(x, weight, bias)
+        """The conv of ``x`` (in ``compute_dtype``) by ``algorithm``, from the float32 ``weight``
+        and ``bias``: the bf16 Winograd op rounds them to bfloat16 itself and gives their
+        gradients in float32; the others compute from bfloat16 copies (:meth:`cast`)."""
         if algorithm == "winograd_bf16":
             return conv_winograd_bf16(x, weight, bias)
+        _, weight, bias = self.cast(x, weight, bias)
+        if algorithm == "winograd":
+            return winograd_conv3x3(x, weight, bias)
         if algorithm == "gemm":
             return gemm_conv2d(x, weight, bias, self.stride[0], self.padding[0])
         return self._conv_forward(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, weight, bias = self.cast(x, self.weight, self.bias)
-        return self._run(self.algorithm(x), x, weight, bias)
+        (x,) = self.cast(x)
+        return self._run(self.algorithm(x), x, self.weight, self.bias)
 
 
 def as_training_conv(conv: nn.Conv2d) -> TrainingConv2d:

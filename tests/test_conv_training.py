@@ -13,6 +13,7 @@ import mtkernels
 from mtkernels.fuse import tuning
 from mtkernels.ops.conv_training import (
     conv_winograd_bf16,
+    conv_winograd_bf16_input_grad,
     conv_winograd_bf16_weight_grad,
     gemm_conv2d,
     winograd_conv3x3,
@@ -135,8 +136,30 @@ def test_conv_winograd_bf16_bad_inputs_are_named():
         conv_winograd_bf16(torch.randn(1, 16, 5, 4).bfloat16(), weight, None)
     with pytest.raises(ValueError, match="must have C_in and C_out multiples of 16"):
         conv_winograd_bf16(x[:, :8], weight[:, :8], None)
-    with pytest.raises(ValueError, match=r"bias must be None or a bfloat16 tensor of shape \(16,\)"):
-        conv_winograd_bf16(x, weight, torch.zeros(16))
+    with pytest.raises(ValueError, match=r"bias must be None or a float32 or bfloat16 tensor of shape \(16,\), got "
+                                         r"torch.float64 \(16,\)"):
+        conv_winograd_bf16(x, weight, torch.zeros(16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"weight must be a float32 or bfloat16 CPU tensor \[C_out, 16, KH, KW\]"):
+        conv_winograd_bf16(x, weight.double(), None)
+
+
+def test_conv_winograd_bf16_of_a_float32_weight_is_that_of_its_bfloat16_copy():
+    """A float32 weight and bias (training's master parameters) give the output and input
+    gradient of their bfloat16 copies bit for bit, and their gradients in float32: the weight's
+    the kernel's float32 sums, unrounded; the bias's the float32 sum of d y."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 16, 4, 6).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = (torch.randn(32, 16, 3, 3) / 12).requires_grad_()
+    bias = torch.randn(32).requires_grad_()
+    torch.library.opcheck(torch.ops.mtkernels.conv_winograd_bf16, (x, weight, bias))
+    grad_y = torch.randn(2, 32, 4, 6).bfloat16().contiguous(memory_format=torch.channels_last)
+    y = conv_winograd_bf16(x, weight, bias)
+    dx, dw, db = torch.autograd.grad(y, (x, weight, bias), grad_y)
+    copy = weight.detach().bfloat16()
+    assert torch.equal(y, conv_winograd_bf16(x.detach(), copy, bias.detach().bfloat16()))
+    assert torch.equal(dx, conv_winograd_bf16_input_grad(grad_y, copy))
+    assert dw.dtype == torch.float32 and torch.equal(dw, conv_winograd_bf16_weight_grad(x.detach(), grad_y))
+    assert db.dtype == torch.float32 and torch.equal(db, grad_y.double().sum((0, 2, 3)).float())
 
 
 def test_bad_inputs_are_named():

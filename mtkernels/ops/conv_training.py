@@ -54,19 +54,26 @@ def _winograd_buffers() -> WinogradBuffers:
     return _scratch.buffers
 
 
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
 def _check_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
-    """x 4-D on the CPU in one of ``dtypes``; weight and bias of x's dtype and shapes."""
+                dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+                weight_dtypes: tuple[torch.dtype, ...] | None = None) -> None:
+    """x 4-D on the CPU in one of ``dtypes``; weight of one of ``weight_dtypes`` (default: x's
+    dtype) and bias of x's dtype, of their shapes."""
     if x.device.type != "cpu" or x.dtype not in dtypes:
-        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise TypeError(f"x must be a {names} CPU tensor, got {x.dtype} on {x.device}")
+        raise TypeError(f"x must be a {_dtype_names(dtypes)} CPU tensor, got {x.dtype} on {x.device}")
     dtype = str(x.dtype).removeprefix("torch.")
     if x.dim() != 4:
         raise ValueError(f"x must be [N, C, H, W], got {tuple(x.shape)}")
-    if weight.dtype != x.dtype or weight.device.type != "cpu" or weight.dim() != 4 \
+    weight_dtypes = weight_dtypes or (x.dtype,)
+    if weight.dtype not in weight_dtypes or weight.device.type != "cpu" or weight.dim() != 4 \
             or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must be a {dtype} CPU tensor [C_out, {x.shape[1]}, KH, KW] (x has {x.shape[1]} "
-                         f"channels), got {weight.dtype} {tuple(weight.shape)} on {weight.device}")
+        raise ValueError(f"weight must be a {_dtype_names(weight_dtypes)} CPU tensor [C_out, {x.shape[1]}, KH, KW] "
+                         f"(x has {x.shape[1]} channels), got {weight.dtype} {tuple(weight.shape)} on "
+                         f"{weight.device}")
     if bias is not None and (bias.dtype != x.dtype or bias.shape != (weight.shape[0],)):
         raise ValueError(f"bias must be None or a {dtype} tensor of shape ({weight.shape[0]},), got "
                          f"{bias.dtype} {tuple(bias.shape)}")
@@ -142,6 +149,7 @@ def _save_inputs(ctx, inputs, output):
     x, weight, bias = inputs[:3]
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.geometry = inputs[3:]  # gemm_conv2d's stride and padding
 
 
@@ -185,9 +193,9 @@ winograd_conv3x3_weight_grad.register_autograd(_winograd_weight_grad_backward, s
 
 
 def _check_winograd_bf16(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
-    """``x`` a bfloat16 input of ``weight`` ([C_out, C_in, 3, 3] bfloat16) that the bf16
-    Winograd kernel takes: whole blocks of channels, an even height and width."""
-    _check_conv(x, weight, None, (torch.bfloat16,))
+    """``x`` a bfloat16 input of ``weight`` ([C_out, C_in, 3, 3], float32 or bfloat16) that the
+    bf16 Winograd kernel takes: whole blocks of channels, an even height and width."""
+    _check_conv(x, weight, None, (torch.bfloat16,), (torch.float32, torch.bfloat16))
     if not _winograd_bf16.supports(weight.shape, 1, 1, x.shape[2], x.shape[3]):
         raise ValueError(f"{name} [N, C, H, W] and weight [C_out, C_in, 3, 3] must have C_in and C_out multiples of "
                          f"{_winograd_bf16.BLOCK} and an even H and W, got {tuple(x.shape)} and "
@@ -196,24 +204,29 @@ def _check_winograd_bf16(name: str, x: torch.Tensor, weight: torch.Tensor) -> No
 
 def _run_winograd_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        flipped_transposed: bool = False) -> torch.Tensor:
-    """The bf16 Winograd conv (padding 1) of ``x`` with ``weight`` (transformed here, each call:
-    it changes every step), or with its flipped, transposed filters, bfloat16 channels-last
-    output."""
+    """The bf16 Winograd conv (padding 1) of ``x`` with ``weight`` rounded to bfloat16
+    (transformed here, each call: it changes every step), or with its flipped, transposed
+    filters, bfloat16 channels-last output."""
     c_out = weight.shape[1] if flipped_transposed else weight.shape[0]
     bias = torch.zeros(c_out) if bias is None else bias.float().contiguous()
-    packed = _winograd_bf16.pack_conv_winograd_bf16_weight(weight.detach(), flipped_transposed)
+    packed = _winograd_bf16.pack_bf16_taps(weight.detach(), flipped_transposed)
     return _winograd_bf16.conv_winograd_bf16_unchecked(x.contiguous(memory_format=torch.channels_last), packed, bias,
                                                        False, False, torch.bfloat16, None)
 
 
 @torch.library.custom_op("mtkernels::conv_winograd_bf16", mutates_args=())
 def conv_winograd_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=1)`` of bfloat16 x and 3x3 weight by mtkernels' bf16
-    Winograd F(2x2, 3x3) kernel (float32 sums); bfloat16 channels-last output."""
+    """``F.conv2d(x, weight, bias, padding=1)`` of bfloat16 x and 3x3 weight (float32 or
+    bfloat16; float32 weight and bias are rounded to bfloat16, as by ``.to(torch.bfloat16)``)
+    by mtkernels' bf16 Winograd F(2x2, 3x3) kernel (float32 sums); bfloat16 channels-last
+    output. The weight and bias gradients come back in the weight's and bias's dtypes: a
+    float32 master weight gets the kernel's float32 gradient, never rounded to bfloat16."""
     _check_winograd_bf16("x", x, weight)
-    if bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (weight.shape[0],)):
-        raise ValueError(f"bias must be None or a bfloat16 tensor of shape ({weight.shape[0]},), got "
+    if bias is not None and (bias.dtype not in (torch.float32, torch.bfloat16) or bias.shape != (weight.shape[0],)):
+        raise ValueError(f"bias must be None or a float32 or bfloat16 tensor of shape ({weight.shape[0]},), got "
                          f"{bias.dtype} {tuple(bias.shape)}")
+    if bias is not None:
+        bias = bias.to(torch.bfloat16)
     return _run_winograd_bf16(x, weight, bias)
 
 
@@ -225,7 +238,8 @@ def _(x, weight, bias):
 @torch.library.custom_op("mtkernels::conv_winograd_bf16_input_grad", mutates_args=())
 def conv_winograd_bf16_input_grad(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """d x of :func:`conv_winograd_bf16` given d y: the bf16 Winograd conv of ``grad_y`` with
-    the flipped, transposed filters (``F.conv_transpose2d(grad_y, weight, padding=1)``)."""
+    the flipped, transposed filters of ``weight`` rounded to bfloat16
+    (``F.conv_transpose2d(grad_y, weight, padding=1)``)."""
     _check_winograd_bf16("grad_y", grad_y, weight.transpose(0, 1))
     return _run_winograd_bf16(grad_y, weight, None, flipped_transposed=True)
 
@@ -279,7 +293,7 @@ def _winograd_bf16_backward(ctx, grad_y):
     grad_y = grad_y.contiguous(memory_format=torch.channels_last)
     grad_x = conv_winograd_bf16_input_grad(grad_y, weight) if ctx.needs_input_grad[0] else None
     grad_weight = conv_winograd_bf16_weight_grad(x, grad_y).to(weight.dtype) if ctx.needs_input_grad[1] else None
-    grad_bias = (grad_y.sum((0, 2, 3), dtype=torch.float32).to(grad_y.dtype)
+    grad_bias = (grad_y.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
                  if ctx.has_bias and ctx.needs_input_grad[2] else None)
     return grad_x, grad_weight, grad_bias
 

@@ -41,33 +41,47 @@ def supports(weight_shape: torch.Size, stride: int, padding: int, height: int, w
 def pack_conv_winograd_bf16_weight(weight: torch.Tensor, flipped_transposed: bool = False) -> torch.Tensor:
     """[C_out, C_in, 3, 3] float -> U = G g G^T rounded to bfloat16, in the pair layout
     [C_out / BLOCK, 16, C_in / 2, BLOCK, 2] (C_in, C_out multiples of BLOCK). U is computed in
-    float64, or for a bfloat16 CPU weight in float32 by ``_C.conv_winograd_bf16_weight_pack``
-    (training packs every step: each product of a bfloat16 tap with G's entries is exact in
-    float32, each sum of at most three terms, in two stages, rounds: at most gamma_4 of
-    |G||g||G^T|). ``flipped_transposed``: the filters the input gradient is convolved with
-    (each flipped, C_in and C_out swapped: [C_in / BLOCK, 16, C_out / 2, BLOCK, 2]), from the
-    same U."""
-    c_out, c_in, kh, kw = weight.shape
-    if (kh, kw) != (3, 3) or c_out % BLOCK or c_in % BLOCK:
-        raise ValueError(f"weight must be [C_out, C_in, 3, 3] with C_in and C_out multiples of {BLOCK}, "
-                         f"got {tuple(weight.shape)}")
+    float64; a bfloat16 CPU weight's by :func:`pack_bf16_taps`. ``flipped_transposed``: the
+    filters the input gradient is convolved with (each flipped, C_in and C_out swapped:
+    [C_in / BLOCK, 16, C_out / 2, BLOCK, 2]), from the same U."""
+    _check_weight(weight)
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
-        outs, ins = (c_in, c_out) if flipped_transposed else (c_out, c_in)
-        packed = torch.empty((outs // BLOCK, 16, ins // 2, BLOCK, 2), dtype=torch.bfloat16)
-        taps = weight.detach().contiguous()  # held: the kernel reads it
-        _C.conv_winograd_bf16_weight_pack(taps.data_ptr(), packed.data_ptr(), c_out, c_in, flipped_transposed,
-                                          torch.get_num_threads())
-        return packed
+        return pack_bf16_taps(weight, flipped_transposed)
     # vec(G g G^T) = (G kron G) vec(g): one GEMM for all filters (batched per-filter 4x3
     # products took twice as long).
     transform = torch.kron(G, G)
     if flipped_transposed:  # G flip(g) = P G g, P swapping rows 0 and 3: the flipped filter's U is P U P
         transform = transform[_FLIPPED_ELEMENTS]
+    c_out, c_in = weight.shape[:2]
     u = weight.detach().reshape(-1, 9).double() @ transform.to(weight.device).T
     if flipped_transposed:
         u = u.view(c_out, c_in, 16).transpose(0, 1)
         c_out, c_in = c_in, c_out
     return pack_pairs(u.reshape(c_out, c_in, 4, 4))
+
+
+def pack_bf16_taps(weight: torch.Tensor, flipped_transposed: bool = False) -> torch.Tensor:
+    """:func:`pack_conv_winograd_bf16_weight` of ``weight`` rounded to bfloat16 (a float32 or
+    bfloat16 CPU tensor of any strides: training's weight, which changes every step), by
+    ``_C.conv_winograd_bf16_weight_pack``: U in float32 (each product of a bfloat16 tap with
+    G's entries is exact, each sum of at most three terms, in two stages, rounds: at most
+    gamma_4 of |G||g||G^T|), rounded to bfloat16, written straight into the pair layout."""
+    _check_weight(weight)
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"weight must be a float32 or bfloat16 CPU tensor, got {weight.dtype} on {weight.device}")
+    c_out, c_in = weight.shape[:2]
+    outs, ins = (c_in, c_out) if flipped_transposed else (c_out, c_in)
+    packed = torch.empty((outs // BLOCK, 16, ins // 2, BLOCK, 2), dtype=torch.bfloat16)
+    _C.conv_winograd_bf16_weight_pack(weight.data_ptr(), list(weight.stride()), ELEMENTS[weight.dtype],
+                                      packed.data_ptr(), c_out, c_in, flipped_transposed, torch.get_num_threads())
+    return packed
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    c_out, c_in, kh, kw = weight.shape
+    if (kh, kw) != (3, 3) or c_out % BLOCK or c_in % BLOCK:
+        raise ValueError(f"weight must be [C_out, C_in, 3, 3] with C_in and C_out multiples of {BLOCK}, "
+                         f"got {tuple(weight.shape)}")
 
 
 def conv_winograd_bf16(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor, relu: bool = False,
