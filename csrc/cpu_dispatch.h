@@ -8,6 +8,7 @@
 #include "conv.h"
 #include "conv_bf16.h"
 #include "conv_winograd_bf16.h"
+#include "gemm_conv2d.h"
 #include "multitask_loss.h"
 
 namespace mtk {
@@ -39,6 +40,8 @@ void set_active_isa(Isa isa);  // throws std::invalid_argument if unsupported he
   X(conv_winograd_bf16_nhwc, ConvBf16Fn)                         \
   X(conv_winograd_bf16_weight_grad_nhwc, ConvWinogradBf16WeightGradFn) \
   X(conv_winograd_bf16_weight_pack, ConvWinogradBf16WeightPackFn) \
+  X(im2col_nhwc, Im2colFn)                                       \
+  X(col2im_nhwc, Col2imFn)                                       \
   X(bn_stats, BnStatsFn)                                         \
   X(bn_relu_forward, BnReluForwardFn)                            \
   X(bn_relu_backward_reduce, BnReluBackwardReduceFn)             \

@@ -12,6 +12,7 @@
 #include "conv_bf16.h"
 #include "conv_winograd_bf16.h"
 #include "cpu_dispatch.h"
+#include "gemm_conv2d.h"
 #include "multitask_loss.h"
 
 namespace py = pybind11;
@@ -260,6 +261,36 @@ void conv_winograd_bf16_weight_pack(uintptr_t src, const std::vector<int64_t>& s
       flipped_transposed,      std::max(1, num_threads)};
   py::gil_scoped_release release;
   mtk::kernels().conv_winograd_bf16_weight_pack(problem);
+}
+
+mtk::GemmConv2dGeometry gemm_conv2d_geometry(const std::vector<int64_t>& shape, int64_t kernel_h, int64_t kernel_w,
+                                              int64_t stride, int64_t padding) {
+  if (shape.size() != 4) throw std::invalid_argument("shape must be [N, H, W, C]");
+  const mtk::GemmConv2dGeometry g{shape[0], shape[1], shape[2], shape[3], kernel_h, kernel_w, stride, padding};
+  if (g.batch < 0 || g.height < 0 || g.width < 0 || g.channels < 0) throw std::invalid_argument("negative size");
+  if (kernel_h < 1 || kernel_w < 1 || stride < 1 || padding < 0)
+    throw std::invalid_argument("kernel sizes and stride must be >= 1 and padding >= 0");
+  if (g.height + 2 * padding < kernel_h || g.width + 2 * padding < kernel_w)
+    throw std::invalid_argument("the kernel does not fit in the padded input");
+  return g;
+}
+
+void im2col_nhwc(uintptr_t x, uintptr_t cols, const std::vector<int64_t>& shape, int64_t kernel_h, int64_t kernel_w,
+                 int64_t stride, int64_t padding, int element, int num_threads) {
+  const mtk::Im2colProblem problem{gemm_conv2d_geometry(shape, kernel_h, kernel_w, stride, padding),
+                                   as_ptr<const void>(x), as_ptr<void>(cols), activation_element(element),
+                                   std::max(1, num_threads)};
+  py::gil_scoped_release release;
+  mtk::kernels().im2col_nhwc(problem);
+}
+
+void col2im_nhwc(uintptr_t cols, uintptr_t dx, const std::vector<int64_t>& shape, int64_t kernel_h, int64_t kernel_w,
+                 int64_t stride, int64_t padding, int element, int num_threads) {
+  const mtk::Col2imProblem problem{gemm_conv2d_geometry(shape, kernel_h, kernel_w, stride, padding),
+                                   as_ptr<const void>(cols), as_ptr<void>(dx), activation_element(element),
+                                   std::max(1, num_threads)};
+  py::gil_scoped_release release;
+  mtk::kernels().col2im_nhwc(problem);
 }
 
 void conv_winograd_bf16_nhwc(uintptr_t src, uintptr_t weight, uintptr_t bias, uintptr_t dst, int64_t batch,
@@ -527,6 +558,14 @@ PYBIND11_MODULE(_C, m) {
         "[C_out / bf16_block_channels, 16, C_in / 2, bf16_block_channels, 2]; or, "
         "flipped_transposed, that of the input gradient's conv (filter (i, o) = filter (o, i) flipped), "
         "[C_in / bf16_block_channels, 16, C_out / 2, bf16_block_channels, 2].");
+  m.def("im2col_nhwc", &im2col_nhwc, py::arg("x"), py::arg("cols"), py::arg("shape"), py::arg("kernel_h"),
+        py::arg("kernel_w"), py::arg("stride"), py::arg("padding"), py::arg("element"), py::arg("num_threads"),
+        "x [N, H, W, C] (shape) -> cols [N * OH * OW, KH * KW * C], columns ordered (ky, kx, c), zero outside x; "
+        "float32 or bfloat16.");
+  m.def("col2im_nhwc", &col2im_nhwc, py::arg("cols"), py::arg("dx"), py::arg("shape"), py::arg("kernel_h"),
+        py::arg("kernel_w"), py::arg("stride"), py::arg("padding"), py::arg("element"), py::arg("num_threads"),
+        "im2col_nhwc's adjoint: dx [N, H, W, C] (shape) = the sum of the columns copied from each pixel, in "
+        "float32, rounded once.");
   m.def("grouped_linear", &grouped_linear, py::arg("src"), py::arg("weight"), py::arg("bias"), py::arg("dst"),
         py::arg("batch"), py::arg("groups"), py::arg("in_features"), py::arg("out_features"), py::arg("relu"),
         py::arg("num_threads"),

@@ -16,6 +16,8 @@ from mtkernels.ops.conv_training import (
     conv_winograd_bf16_input_grad,
     conv_winograd_bf16_weight_grad,
     gemm_conv2d,
+    gemm_conv2d_col2im,
+    gemm_conv2d_im2col,
     winograd_conv3x3,
     winograd_conv3x3_weight_grad,
 )
@@ -84,6 +86,46 @@ def test_gemm_conv_and_gradients_match_float64(shape, c_out, kernel, stride, pad
     want, scale = float64_conv_and_bounds(x, weight, b, grad_y, stride, padding)
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     assert_within(got, want, scale, DIRECT_RELATIVE_BOUND)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,kernel,stride,padding", [((2, 16, 3, 3), 3, 1, 1), ((3, 5, 7, 6), 3, 2, 1),
+                                                         ((2, 4, 6, 6), 1, 2, 0), ((1, 3, 9, 8), 5, 2, 2)])
+def test_im2col_and_col2im_against_unfold_and_fold(isa, dtype, shape, kernel, stride, padding):
+    """gemm_conv2d's one-pass copies: im2col equals F.unfold's columns (reordered (ky, kx, c))
+    exactly; col2im, its adjoint, equals F.fold in float64 within a float32 sum of the taps
+    (at most KH KW terms) rounded once to the dtype."""
+    torch.manual_seed(2)
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    n, c, h, w = shape
+    cols = gemm_conv2d_im2col(x, kernel, kernel, stride, padding)
+    unfolded = F.unfold(x.float(), kernel, padding=padding, stride=stride)  # [N, C KH KW, L], (c, ky, kx)
+    want = unfolded.view(n, c, kernel * kernel, -1).permute(0, 3, 2, 1).reshape(cols.shape)
+    assert cols.dtype == dtype and torch.equal(cols.float(), want)
+    grad_cols = torch.randn(cols.shape).to(dtype)
+    got = gemm_conv2d_col2im(grad_cols, list(shape), kernel, kernel, stride, padding)
+    as_unfolded = grad_cols.double().view(n, -1, kernel * kernel, c).permute(0, 3, 2, 1).reshape(unfolded.shape)
+    fold = dict(output_size=(h, w), kernel_size=kernel, padding=padding, stride=stride)
+    reference, magnitude = F.fold(as_unfolded, **fold), F.fold(as_unfolded.abs(), **fold)
+    u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -24
+    bound = gamma(kernel * kernel) * magnitude
+    bound = bound + u * (reference.abs() + bound)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == dtype
+    assert bool(((got.double() - reference).abs() <= bound).all())
+
+
+def test_im2col_and_col2im_ops_and_bad_arguments():
+    x = torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.mtkernels.gemm_conv2d_im2col, (x, 3, 3, 2, 1))
+    cols = torch.randn(2 * 9, 27).requires_grad_()
+    torch.library.opcheck(torch.ops.mtkernels.gemm_conv2d_col2im, (cols, [2, 3, 5, 5], 3, 3, 2, 1))
+    with pytest.raises(ValueError, match="does not fit in x of size 2x2"):
+        gemm_conv2d_im2col(x[:, :, :2, :2], 3, 3, 1, 0)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        gemm_conv2d_im2col(x, 3, 3, 0, 1)
+    with pytest.raises(ValueError, match=r"cols must be a float32 or bfloat16 CPU tensor \[18, 27\], got "
+                                         r"torch.float32 \(18, 26\)"):
+        gemm_conv2d_col2im(cols[:, :26], [2, 3, 5, 5], 3, 3, 2, 1)
 
 
 def test_opcheck():

@@ -32,11 +32,11 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.nn.functional as F
 
 from .. import _C
 from . import conv_winograd_bf16 as _winograd_bf16
 from .conv import (
+    ELEMENTS,
     WinogradBuffers,
     _check,
     winograd_conv3x3_bias_act_unchecked,
@@ -307,37 +307,96 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def _im2col(x: torch.Tensor, kh: int, kw: int, stride: int, padding: int) -> torch.Tensor:
-    """Channels-last ``x`` -> [N * OH * OW, KH * KW * C], columns ordered (ky, kx, c)."""
-    n, c, h, w = x.shape
-    oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
-    pixels = x.permute(0, 2, 3, 1)  # a view: x is channels-last
-    if (kh, kw, padding) == (1, 1, 0):
-        return pixels[:, ::stride, ::stride].reshape(n * oh * ow, c)
-    padded = F.pad(pixels, (0, 0, padding, padding, padding, padding))
-    cols = x.new_empty(n, oh, ow, kh * kw, c)
-    for ky in range(kh):
-        for kx in range(kw):
-            cols[:, :, :, ky * kw + kx] = padded[:, ky:ky + (oh - 1) * stride + 1:stride,
-                                                 kx:kx + (ow - 1) * stride + 1:stride]
-    return cols.view(n * oh * ow, kh * kw * c)
+    """Channels-last ``x`` -> [N * OH * OW, KH * KW * C], columns ordered (ky, kx, c); a 1x1 /
+    stride 1 layer's is x itself (a view)."""
+    if (kh, kw, padding, stride) == (1, 1, 0, 1):
+        n, c, h, w = x.shape
+        return x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    return gemm_conv2d_im2col(x, kh, kw, stride, padding)
 
 
 def _col2im(grad_cols: torch.Tensor, x_shape: torch.Size, kh: int, kw: int, stride: int,
             padding: int) -> torch.Tensor:
-    """The adjoint of :func:`_im2col`: each column's gradient added back to the pixel it was
-    copied from; channels-last [N, C, H, W]."""
-    n, c, h, w = x_shape
-    oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
+    """The adjoint of :func:`_im2col`: channels-last [N, C, H, W]."""
     if (kh, kw, padding, stride) == (1, 1, 0, 1):
+        n, c, h, w = x_shape
         return grad_cols.view(n, h, w, c).permute(0, 3, 1, 2)
-    padded = grad_cols.new_zeros(n, h + 2 * padding, w + 2 * padding, c)
-    grad = grad_cols.view(n, oh, ow, kh * kw, c)
-    for ky in range(kh):
-        for kx in range(kw):
-            padded[:, ky:ky + (oh - 1) * stride + 1:stride,
-                   kx:kx + (ow - 1) * stride + 1:stride] += grad[:, :, :, ky * kw + kx]
-    return padded[:, padding:padding + h, padding:padding + w].permute(0, 3, 1, 2).contiguous(
-        memory_format=torch.channels_last)
+    return gemm_conv2d_col2im(grad_cols, list(x_shape), kh, kw, stride, padding)
+
+
+def _check_geometry(shape, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
+    """(OH, OW) of a kh x kw conv with ``stride`` and ``padding`` over an input of ``shape``."""
+    if kh < 1 or kw < 1 or stride < 1 or padding < 0:
+        raise ValueError(f"kernel sizes and stride must be >= 1 and padding >= 0, got kernel {kh}x{kw}, "
+                         f"stride={stride}, padding={padding}")
+    oh, ow = conv_output_size(shape[2], kh, stride, padding), conv_output_size(shape[3], kw, stride, padding)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"a {kh}x{kw} kernel with padding {padding} does not fit in x of size {shape[2]}x{shape[3]}")
+    return oh, ow
+
+
+@torch.library.custom_op("mtkernels::gemm_conv2d_im2col", mutates_args=())
+def gemm_conv2d_im2col(x: torch.Tensor, kernel_h: int, kernel_w: int, stride: int, padding: int) -> torch.Tensor:
+    """[N, C, H, W] float32 or bfloat16 CPU ``x`` -> [N * OH * OW, KH * KW * C]: every output
+    pixel's receptive field as a row, columns ordered (ky, kx, c), zero outside x, in one pass
+    (``_C.im2col_nhwc``)."""
+    _check_conv(x, x.new_empty((1, x.shape[1] if x.dim() == 4 else 0, kernel_h, kernel_w)), None,
+                (torch.float32, torch.bfloat16))
+    oh, ow = _check_geometry(x.shape, kernel_h, kernel_w, stride, padding)
+    n, c, h, w = x.shape
+    x = x.contiguous(memory_format=torch.channels_last)
+    cols = x.new_empty(n * oh * ow, kernel_h * kernel_w * c)
+    _C.im2col_nhwc(x.data_ptr(), cols.data_ptr(), [n, h, w, c], kernel_h, kernel_w, stride, padding,
+                   ELEMENTS[x.dtype], torch.get_num_threads())
+    return cols
+
+
+@gemm_conv2d_im2col.register_fake
+def _(x, kernel_h, kernel_w, stride, padding):
+    oh, ow = _check_geometry(x.shape, kernel_h, kernel_w, stride, padding)
+    return x.new_empty(x.shape[0] * oh * ow, kernel_h * kernel_w * x.shape[1])
+
+
+@torch.library.custom_op("mtkernels::gemm_conv2d_col2im", mutates_args=())
+def gemm_conv2d_col2im(cols: torch.Tensor, x_shape: list[int], kernel_h: int, kernel_w: int, stride: int,
+                       padding: int) -> torch.Tensor:
+    """The adjoint of :func:`gemm_conv2d_im2col` for an input of ``x_shape`` [N, C, H, W]:
+    each pixel the sum of the columns copied from it, in float32 in (ky, kx) order, rounded
+    once (``_C.col2im_nhwc``); channels-last."""
+    oh, ow = _check_geometry(x_shape, kernel_h, kernel_w, stride, padding)
+    n, c, h, w = x_shape
+    if cols.device.type != "cpu" or cols.dtype not in (torch.float32, torch.bfloat16) \
+            or tuple(cols.shape) != (n * oh * ow, kernel_h * kernel_w * c):
+        raise ValueError(f"cols must be a float32 or bfloat16 CPU tensor [{n * oh * ow}, {kernel_h * kernel_w * c}], "
+                         f"got {cols.dtype} {tuple(cols.shape)} on {cols.device}")
+    cols = cols.contiguous()
+    grad = cols.new_empty((n, c, h, w)).contiguous(memory_format=torch.channels_last)
+    _C.col2im_nhwc(cols.data_ptr(), grad.data_ptr(), [n, h, w, c], kernel_h, kernel_w, stride, padding,
+                   ELEMENTS[cols.dtype], torch.get_num_threads())
+    return grad
+
+
+@gemm_conv2d_col2im.register_fake
+def _(cols, x_shape, kernel_h, kernel_w, stride, padding):
+    return cols.new_empty(x_shape).contiguous(memory_format=torch.channels_last)
+
+
+def _save_im2col_geometry(ctx, inputs, output):
+    x, *geometry = inputs
+    ctx.x_shape, ctx.geometry = list(x.shape), geometry
+
+
+def _save_col2im_geometry(ctx, inputs, output):
+    ctx.geometry = inputs[2:]  # after cols and x_shape
+
+
+# Each is linear in its tensor and the other's adjoint: this makes gemm_conv2d twice differentiable.
+gemm_conv2d_im2col.register_autograd(
+    lambda ctx, grad: (gemm_conv2d_col2im(grad, ctx.x_shape, *ctx.geometry), None, None, None, None),
+    setup_context=_save_im2col_geometry)
+gemm_conv2d_col2im.register_autograd(
+    lambda ctx, grad: (gemm_conv2d_im2col(grad, *ctx.geometry), None, None, None, None, None),
+    setup_context=_save_col2im_geometry)
 
 
 def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
