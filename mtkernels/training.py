@@ -108,7 +108,9 @@ WINOGRAD_TIMED_MIN_CHANNELS = 32
 GEMM_MAX_OUTPUT_PIXELS = 16
 # A first layer's few columns (C_in KH KW; one or three channels), in bfloat16: oneDNN's
 # bfloat16 weight gradient of BKNet's one-channel first conv ran at 11 GFLOP/s here (19 ms a
-# step against the GEMM's 7 ms).
+# step against the GEMM's 7 ms). Every bfloat16 1x1 layer is offered the GEMM too: on the
+# ResNets' at batch 128 its training step measured 1.12-1.39x oneDNN's with stride 2 and on
+# 6x6 and 3x3 maps, 0.87-0.98x with stride 1 on 24x24 and 12x12 maps (so the timing decides).
 GEMM_MAX_COLUMNS = 27
 
 
@@ -147,7 +149,8 @@ class TrainingConv2d(ComputeDtype, nn.Conv2d):
         out_w = conv_output_size(x.shape[3], kw, stride, padding)
         names = ["torch"]
         few_columns = x.dtype == torch.bfloat16 and self.in_channels * kh * kw <= GEMM_MAX_COLUMNS
-        if out_h > 0 and out_w > 0 and (out_h * out_w <= GEMM_MAX_OUTPUT_PIXELS or few_columns):
+        pointwise_bf16 = x.dtype == torch.bfloat16 and (kh, kw) == (1, 1)
+        if out_h > 0 and out_w > 0 and (out_h * out_w <= GEMM_MAX_OUTPUT_PIXELS or few_columns or pointwise_bf16):
             names.append("gemm")
         channels = min(self.in_channels, self.out_channels)
         plain_3x3 = self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)

@@ -247,6 +247,17 @@ def test_training_conv_candidates_by_shape_and_each_equals_conv2d(conv, shape, c
         torch.testing.assert_close(conv._run(algorithm, x, conv.weight, None).double(), want, rtol=1e-4, atol=1e-4)
 
 
+def test_bf16_pointwise_convs_are_offered_the_gemm():
+    """In bfloat16, every 1x1 layer may run as one GEMM (the timing decides), whatever its map
+    size; in float32 only where an image has at most 16 output pixels."""
+    conv = layer(256, 64, 1)
+    x = torch.randn(2, 256, 24, 24).to(memory_format=torch.channels_last)
+    assert conv.candidates(x) == ["torch"]
+    assert conv.candidates(x.bfloat16()) == ["torch", "gemm"]
+    assert layer(256, 512, 1, stride=2).candidates(x.bfloat16()) == ["torch", "gemm"]
+    assert layer(256, 64, 3, stride=2, padding=1).candidates(x.bfloat16()) == ["torch"]
+
+
 def test_training_conv_times_its_candidates_once_and_remembers(monkeypatch, tmp_path):
     """The choice is the timed fastest of a training step (forward + backward), stored on
     disk under the layer's key, so neither this layer nor a new one like it times again;
