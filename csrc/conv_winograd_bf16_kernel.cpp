@@ -1,12 +1,14 @@
 // Winograd F(2x2, 3x3) bfloat16 convolution (conv_winograd_bf16.h), compiled once per ISA.
 // The 2x2 output tiles of the whole batch are numbered image by image, row by row, and taken
-// 12 at a time: their input patches are transformed once (V, bfloat16, in a per-thread buffer)
+// 8 at a time: their input patches are transformed once (V, bfloat16, in a per-thread buffer)
 // and reused for every output channel. Per element of the transform and 32 output channels,
-// the 12 tiles keep their 24 float32 accumulators in registers over the input-channel pairs,
+// the 8 tiles keep their 16 float32 accumulators in registers over the input-channel pairs,
 // as the direct kernel's pixels do; the sums (M) go to a small buffer, from which the output
 // transform, bias, ReLU and the pool (a tile is exactly one 2x2 window) write the result once.
-// Larger blocks of tiles, sharing each weight load among more of them, measured slower: their
-// V no longer stays in the level-1 cache (BKNet's layers at batch 128, 2-10% a layer).
+// Block sizes, timed interleaved in one process on BKNet's layers at batch 128 (all seven,
+// summed): 6 and 8 tiles alike, 10 tiles 1-3% and 12 tiles 3-6% slower (at 12 the inner
+// loop's tile pointers no longer fit in the general registers); larger blocks were slower
+// still when measured before: V no longer stays in the level-1 cache (2-10% a layer).
 #include <omp.h>
 
 #include <algorithm>
@@ -22,7 +24,7 @@ namespace MTK_ISA {
 namespace {
 
 constexpr int kElements = 16;  // of a transformed 4x4 patch
-constexpr int kTiles = 12;     // a block: 12 tiles x 2 channel blocks = 24 accumulators
+constexpr int kTiles = 8;      // a block: 8 tiles x 2 channel blocks = 16 accumulators
 // Below this many multiply-adds a parallel region costs more than it saves.
 constexpr int64_t kParallelMacs = int64_t(1) << 20;
 

@@ -30,7 +30,7 @@ INPUT_T = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1
 WEIGHT = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
 OUTPUT_T = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
 
-# (batch, C_in, C_out, H, W, pool): one tile (a block of 12 mostly empty), 30 tiles (a partial
+# (batch, C_in, C_out, H, W, pool): one tile (a block of 8 mostly empty), 30 tiles (a partial
 # last block), BKNet's layers, an odd number of output blocks (48 channels: single blocks),
 # batch 1 on a 6x6 map (9 tiles: the threads share the output channels), a non-square map.
 SHAPES = [
