@@ -123,6 +123,14 @@ def test_im2col_and_col2im_ops_and_bad_arguments():
         gemm_conv2d_im2col(x[:, :, :2, :2], 3, 3, 1, 0)
     with pytest.raises(ValueError, match="stride must be >= 1"):
         gemm_conv2d_im2col(x, 3, 3, 0, 1)
+    with pytest.raises(ValueError, match=r"kernel sizes and stride must be >= 1 and padding >= 0, got kernel -1x3"):
+        gemm_conv2d_im2col(x, -1, 3, 1, 0)
+    with pytest.raises(ValueError, match=r"x's shape must be \[N, C, H, W\]"):
+        gemm_conv2d_im2col(x[0], 3, 3, 1, 1)
+    with pytest.raises(TypeError, match="x must be a float32 or bfloat16 CPU tensor, got torch.float64"):
+        gemm_conv2d_im2col(x.double(), 3, 3, 1, 1)
+    with pytest.raises(ValueError, match=r"x's shape must be \[N, C, H, W\] with no negative size, got \[2, 3, 5\]"):
+        gemm_conv2d_col2im(cols, [2, 3, 5], 3, 3, 2, 1)
     with pytest.raises(ValueError, match=r"cols must be a float32 or bfloat16 CPU tensor \[18, 27\], got "
                                          r"torch.float32 \(18, 26\)"):
         gemm_conv2d_col2im(cols[:, :26], [2, 3, 5, 5], 3, 3, 2, 1)

@@ -325,7 +325,10 @@ def _col2im(grad_cols: torch.Tensor, x_shape: torch.Size, kh: int, kw: int, stri
 
 
 def _check_geometry(shape, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
-    """(OH, OW) of a kh x kw conv with ``stride`` and ``padding`` over an input of ``shape``."""
+    """(OH, OW) of a kh x kw conv with ``stride`` and ``padding`` over an input of ``shape``
+    ([N, C, H, W])."""
+    if len(shape) != 4 or min(shape) < 0:
+        raise ValueError(f"x's shape must be [N, C, H, W] with no negative size, got {list(shape)}")
     if kh < 1 or kw < 1 or stride < 1 or padding < 0:
         raise ValueError(f"kernel sizes and stride must be >= 1 and padding >= 0, got kernel {kh}x{kw}, "
                          f"stride={stride}, padding={padding}")
@@ -340,8 +343,8 @@ def gemm_conv2d_im2col(x: torch.Tensor, kernel_h: int, kernel_w: int, stride: in
     """[N, C, H, W] float32 or bfloat16 CPU ``x`` -> [N * OH * OW, KH * KW * C]: every output
     pixel's receptive field as a row, columns ordered (ky, kx, c), zero outside x, in one pass
     (``_C.im2col_nhwc``)."""
-    _check_conv(x, x.new_empty((1, x.shape[1] if x.dim() == 4 else 0, kernel_h, kernel_w)), None,
-                (torch.float32, torch.bfloat16))
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"x must be a float32 or bfloat16 CPU tensor, got {x.dtype} on {x.device}")
     oh, ow = _check_geometry(x.shape, kernel_h, kernel_w, stride, padding)
     n, c, h, w = x.shape
     x = x.contiguous(memory_format=torch.channels_last)
