@@ -20,7 +20,7 @@ from test_conv_bf16 import assert_the_border_is_left_alone, non_finite_inputs
 from mtkernels import _C
 from mtkernels.ops.conv_bf16 import BLOCK, bordered_input, pack_conv_bf16_weight
 from mtkernels.ops.conv_training import conv_winograd_bf16_weight_grad
-from mtkernels.ops.conv_winograd_bf16 import conv_winograd_bf16, pack_conv_winograd_bf16_weight
+from mtkernels.ops.conv_winograd_bf16 import conv_winograd_bf16, pack_bf16_taps, pack_conv_winograd_bf16_weight
 
 EPS_FP32 = 2.0 ** -24
 U_BF16 = 2.0 ** -8
@@ -223,13 +223,13 @@ def test_packing_is_the_transformed_pair_layout():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flipped_transposed_packing_is_that_of_the_flipped_transposed_filters(dtype):
     """The input gradient's filters (each flipped, C_in and C_out swapped), packed from the
-    weight's own U, equal the packing of those filters: element by element against the
-    transform written out here."""
+    weight's own U (a float32 weight's taps rounded to bfloat16 first), equal the packing of
+    those filters: element by element against the transform written out here."""
     torch.manual_seed(4)
     weight = torch.randn(2 * BLOCK, 3 * BLOCK, 3, 3).to(dtype)
-    packed = pack_conv_winograd_bf16_weight(weight, flipped_transposed=True)
+    packed = pack_bf16_taps(weight, flipped_transposed=True)
     assert packed.shape == (3, 16, BLOCK, BLOCK, 2)
-    filters = weight.transpose(0, 1).flip(2, 3)
+    filters = weight.bfloat16().transpose(0, 1).flip(2, 3)
     for b, i, j, ci, c in [(0, 0, 0, 0, 0), (2, 2, 3, 7, 5), (1, 3, 0, 31, 15), (2, 1, 2, 16, 9)]:
         u = WEIGHT @ filters[b * BLOCK + c, ci].double() @ WEIGHT.T
         assert packed[b, 4 * i + j, ci // 2, c, ci % 2] == u[i, j].to(torch.bfloat16)
@@ -245,8 +245,7 @@ def test_bfloat16_weight_packing_within_its_bound(isa, flipped_transposed):
     weight = (torch.randn(3 * BLOCK, 2 * BLOCK, 3, 3) * torch.logspace(-3, 3, 9).view(1, 1, 3, 3)).bfloat16()
     weight[0, 0, 0, 0] = float("nan")
     # a channels-last model's weight: packed from a contiguous copy
-    packed = pack_conv_winograd_bf16_weight(weight.contiguous(memory_format=torch.channels_last),
-                                            flipped_transposed).double()
+    packed = pack_bf16_taps(weight.contiguous(memory_format=torch.channels_last), flipped_transposed).double()
     filters = weight.double().transpose(0, 1).flip(2, 3) if flipped_transposed else weight.double()
     outs, ins = filters.shape[:2]
 

@@ -415,15 +415,12 @@ def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _check_conv(x, weight, bias, (torch.float32, torch.bfloat16))
     if stride < 1 or padding < 0:
         raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
-    n, _, h, w = x.shape
     kh, kw = weight.shape[2:]
-    oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"a {kh}x{kw} kernel with padding {padding} does not fit in x of size {h}x{w}")
+    oh, ow = _check_geometry(x.shape, kh, kw, stride, padding)
     cols = _im2col(x.contiguous(memory_format=torch.channels_last), kh, kw, stride, padding)
     matrix = _weight_matrix(weight.detach())
     y = cols @ matrix.t() if bias is None else torch.addmm(bias, cols, matrix.t())
-    return y.view(n, oh, ow, -1).permute(0, 3, 1, 2)
+    return y.view(x.shape[0], oh, ow, -1).permute(0, 3, 1, 2)
 
 
 @gemm_conv2d.register_fake

@@ -25,8 +25,6 @@ from .conv_bf16 import BLOCK, bordered_input, check_arguments, fill_bordered, ou
 B_T = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
 G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
 A_T = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
-# Element 4 i + j of the flipped filter's U is element 4 P(i) + P(j) of U (P swaps 0 and 3).
-_FLIPPED_ELEMENTS = torch.tensor([4 * p + q for p in (3, 1, 2, 0) for q in (3, 1, 2, 0)])
 
 
 def supports(weight_shape: torch.Size, stride: int, padding: int, height: int, width: int) -> bool:
@@ -38,26 +36,17 @@ def supports(weight_shape: torch.Size, stride: int, padding: int, height: int, w
             and height % 2 == 0 and width % 2 == 0)
 
 
-def pack_conv_winograd_bf16_weight(weight: torch.Tensor, flipped_transposed: bool = False) -> torch.Tensor:
+def pack_conv_winograd_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
     """[C_out, C_in, 3, 3] float -> U = G g G^T rounded to bfloat16, in the pair layout
     [C_out / BLOCK, 16, C_in / 2, BLOCK, 2] (C_in, C_out multiples of BLOCK). U is computed in
-    float64; a bfloat16 CPU weight's by :func:`pack_bf16_taps`. ``flipped_transposed``: the
-    filters the input gradient is convolved with (each flipped, C_in and C_out swapped:
-    [C_in / BLOCK, 16, C_out / 2, BLOCK, 2]), from the same U."""
-    _check_weight(weight)
+    float64; a bfloat16 CPU weight's by :func:`pack_bf16_taps`."""
     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
-        return pack_bf16_taps(weight, flipped_transposed)
+        return pack_bf16_taps(weight)
+    _check_weight(weight)
     # vec(G g G^T) = (G kron G) vec(g): one GEMM for all filters (batched per-filter 4x3
     # products took twice as long).
-    transform = torch.kron(G, G)
-    if flipped_transposed:  # G flip(g) = P G g, P swapping rows 0 and 3: the flipped filter's U is P U P
-        transform = transform[_FLIPPED_ELEMENTS]
-    c_out, c_in = weight.shape[:2]
-    u = weight.detach().reshape(-1, 9).double() @ transform.to(weight.device).T
-    if flipped_transposed:
-        u = u.view(c_out, c_in, 16).transpose(0, 1)
-        c_out, c_in = c_in, c_out
-    return pack_pairs(u.reshape(c_out, c_in, 4, 4))
+    u = weight.detach().reshape(-1, 9).double() @ torch.kron(G, G).to(weight.device).T
+    return pack_pairs(u.reshape(*weight.shape[:2], 4, 4))
 
 
 def pack_bf16_taps(weight: torch.Tensor, flipped_transposed: bool = False) -> torch.Tensor:
@@ -65,7 +54,10 @@ def pack_bf16_taps(weight: torch.Tensor, flipped_transposed: bool = False) -> to
     bfloat16 CPU tensor of any strides: training's weight, which changes every step), by
     ``_C.conv_winograd_bf16_weight_pack``: U in float32 (each product of a bfloat16 tap with
     G's entries is exact, each sum of at most three terms, in two stages, rounds: at most
-    gamma_4 of |G||g||G^T|), rounded to bfloat16, written straight into the pair layout."""
+    gamma_4 of |G||g||G^T|), rounded to bfloat16, written straight into the pair layout.
+    ``flipped_transposed``: the filters the input gradient is convolved with (each flipped,
+    C_in and C_out swapped: [C_in / BLOCK, 16, C_out / 2, BLOCK, 2]), from the same U (G flip(g)
+    G^T is U with rows and columns 0 and 3 swapped)."""
     _check_weight(weight)
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"weight must be a float32 or bfloat16 CPU tensor, got {weight.dtype} on {weight.device}")
