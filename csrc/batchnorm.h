@@ -1,9 +1,10 @@
 // Training-mode BatchNorm + ReLU over channels-last activations viewed as [rows, channels]
 // (rows = N * H * W), float32 or bfloat16 (`element`, for every activation and activation
-// gradient of a problem; the per-channel terms stay float32). Arithmetic is float32, batch
-// statistics and gradient reductions accumulate in double; each reduction splits rows into
-// one fixed block per thread and adds the blocks in order, so results do not depend on
-// scheduling. bfloat16 results are rounded to nearest even once, at the store.
+// gradient of a problem; the per-channel terms stay float32). Arithmetic is float32; batch
+// statistics and gradient reductions accumulate in double, bfloat16 ones in float32 over
+// blocks of at most 64 rows first (see batchnorm_kernel.cpp); each reduction splits rows
+// into one fixed block per thread and adds the blocks in order, so results do not depend
+// on scheduling. bfloat16 results are rounded to nearest even once, at the store.
 #pragma once
 #include <cstdint>
 

@@ -1,9 +1,12 @@
 // Training-mode BatchNorm + ReLU kernels (see batchnorm.h); compiled once per ISA.
 // Channels are innermost, so every channel loop vectorises; rows are split across threads.
 // Each kernel is a template over the stored activation type (float or bfloat16 bits).
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "batchnorm.h"
@@ -18,8 +21,12 @@ constexpr int64_t kParallelValues = 1 << 16;
 int threads_for(int64_t values, int requested) { return values >= kParallelValues ? std::max(1, requested) : 1; }
 
 // The normalised, scaled and shifted input before the ReLU: one expression for the forward
-// pass and the backward mask, so both round (and contract) it the same way.
-inline float affine(float x, float scale, float shift) { return x * scale + shift; }
+// pass and the backward mask, so both round (and contract) it the same way; V is float or a
+// vector of floats.
+template <typename V>
+inline V affine(V x, V scale, V shift) {
+  return x * scale + shift;
+}
 inline float relu_affine(float x, float scale, float shift) { return std::max(affine(x, scale, shift), 0.0f); }
 
 // One 2x2 window of the pooled layers at x (channel c; the other three inputs `right`,
@@ -61,17 +68,17 @@ inline WindowMax window_max(const T* x, int64_t c, int64_t right, int64_t down, 
 // Two per-channel double sums over rows: each thread reduces one contiguous block of rows
 // into accumulators of its own (never sharing a cache line with another thread's), copies
 // them into its slot, and the slots are added in thread order (deterministic).
-template <typename RowFn>
-void reduce_rows(int64_t rows, int64_t channels, int num_threads, double* out_a, double* out_b, RowFn row_fn) {
+// thread_fn(begin, end, a, b) adds rows [begin, end) into a and b (zeroed, `channels` each).
+template <typename ThreadFn>
+void reduce_threads(int64_t rows, int64_t channels, int num_threads, double* out_a, double* out_b,
+                    ThreadFn thread_fn) {
   const int threads = threads_for(rows * channels, num_threads);
   std::vector<double> partial(static_cast<size_t>(threads) * 2 * channels, 0.0);
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), n = omp_get_num_threads();
-    const int64_t begin = rows * t / n, end = rows * (t + 1) / n;
     std::vector<double> local(2 * channels, 0.0);
-    double *a = local.data(), *b = a + channels;
-    for (int64_t r = begin; r < end; ++r) row_fn(r, a, b);
+    thread_fn(rows * t / n, rows * (t + 1) / n, local.data(), local.data() + channels);
     std::copy(local.begin(), local.end(), partial.begin() + static_cast<size_t>(t) * 2 * channels);
   }
   std::fill(out_a, out_a + channels, 0.0);
@@ -85,18 +92,114 @@ void reduce_rows(int64_t rows, int64_t channels, int num_threads, double* out_a,
   }
 }
 
+// reduce_threads one row at a time: row_fn(r, a, b) adds row r into a and b.
+template <typename RowFn>
+void reduce_rows(int64_t rows, int64_t channels, int num_threads, double* out_a, double* out_b, RowFn row_fn) {
+  reduce_threads(rows, channels, num_threads, out_a, out_b, [&](int64_t begin, int64_t end, double* a, double* b) {
+    for (int64_t r = begin; r < end; ++r) row_fn(r, a, b);
+  });
+}
+
+// The unpooled reductions keep per-thread partial sums, one pair of vectors per kLanes
+// channels, in float32 for bfloat16 activations (a square of 8 significant bits is exact,
+// and kRowBlock values carry at most kRowBlock - 1 roundings of 2^-24) and in double for
+// float32 ones, and add them into the thread's double sums every kRowBlock rows. Rows of at
+// most kShortRowBytes are summed kRowGroup at a time in registers before the sums go back
+// to memory; longer rows one at a time, in order. Measured on 2-core Zen 4, bfloat16, batch
+// 128, against per-value double sums in memory one row at a time (statistics pass; backward
+// reduction): 0.45 -> 0.16 and 0.7 -> 0.33 ms at 64 channels 24x24, 1.7 -> 0.4 and 1.9 ->
+// 0.8 ms at 32 channels 48x48 (groups of 4 rows); 2.0 -> 1.3-1.6 and 2.8 -> 2.2-2.5 ms at 256
+// channels 24x24 (single rows: groups of 4, eight interleaved streams from memory, took
+// 2.5 and 4.0 ms).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+constexpr int64_t kRowGroup = 4, kRowBlock = 64, kShortRowBytes = 128;
+typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
+typedef double Doubles __attribute__((vector_size(kLanes * sizeof(double))));
+typedef uint16_t Halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// The first `count` (<= kLanes) values at p, widened to float32; the other lanes are zero.
+inline Floats load_lanes(const float* p, int count) {
+  Floats v = {};
+  std::memcpy(&v, p, count * sizeof(float));
+  return v;
+}
+inline Floats load_lanes(const uint16_t* p, int count) {
+#if defined(__AVX512F__)
+  // One zero-extending load; GCC lowers the generic conversion below to two halves and an
+  // insert, which made the bfloat16 widening most of these loops' instructions.
+  if (count == kLanes) {
+    return reinterpret_cast<Floats>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(p))), 16));
+  }
+#endif
+  Halves h = {};
+  std::memcpy(&h, p, count * sizeof(uint16_t));
+  return reinterpret_cast<Floats>(__builtin_convertvector(h, Words) << 16);
+}
+
+template <typename T>
+using LaneSums = std::conditional_t<std::is_same_v<T, float>, Doubles, Floats>;
+
+// Rows [first, first + Rows) added into the partial sums (one pair of vectors per kLanes
+// channels): visit(r, c, count, sum_a, sum_b) adds the `count` channels from c of row r.
+template <int64_t Rows, typename Sums, typename Visit>
+void sweep_rows(int64_t first, int64_t channels, Sums* sums_a, Sums* sums_b, Visit& visit) {
+  const auto step = [&](int64_t c, int count) {
+    Sums a = sums_a[c / kLanes], b = sums_b[c / kLanes];
+    for (int64_t k = 0; k < Rows; ++k) visit(first + k, c, count, a, b);
+    sums_a[c / kLanes] = a;
+    sums_b[c / kLanes] = b;
+  };
+  int64_t c = 0;
+  for (; c + kLanes <= channels; c += kLanes) step(c, kLanes);
+  if (c < channels) step(c, int(channels - c));
+}
+
+template <typename T, typename Visit>
+void reduce_rows_vectorised(int64_t rows, int64_t channels, int num_threads, double* out_a, double* out_b,
+                            Visit visit) {
+  using Sums = LaneSums<T>;
+  reduce_threads(rows, channels, num_threads, out_a, out_b, [&](int64_t begin, int64_t end, double* a, double* b) {
+    const int64_t vectors = (channels + kLanes - 1) / kLanes;
+    const bool short_rows = channels * int64_t(sizeof(T)) <= kShortRowBytes;
+    std::vector<Sums> partial(2 * vectors);
+    Sums *sums_a = partial.data(), *sums_b = sums_a + vectors;
+    for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+      std::fill(partial.begin(), partial.end(), Sums{});
+      const int64_t r1 = std::min(end, r0 + kRowBlock);
+      int64_t r = r0;
+      if (short_rows) {
+        for (; r + kRowGroup <= r1; r += kRowGroup) sweep_rows<kRowGroup>(r, channels, sums_a, sums_b, visit);
+      }
+      for (; r < r1; ++r) sweep_rows<1>(r, channels, sums_a, sums_b, visit);
+      for (int64_t v = 0; v < vectors; ++v) {
+        const Doubles da = __builtin_convertvector(sums_a[v], Doubles), db = __builtin_convertvector(sums_b[v], Doubles);
+        for (int64_t k = 0; k < kLanes && v * kLanes + k < channels; ++k) {
+          a[v * kLanes + k] += da[k];
+          b[v * kLanes + k] += db[k];
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 void stats(const BnStatsProblem& p) {
   const int64_t C = p.channels;
-  reduce_rows(p.rows, C, p.num_threads, p.sum, p.sum_sq, [&](int64_t r, double* sum, double* sum_sq) {
-    const T* x = static_cast<const T*>(p.x) + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const double v = widen(x[c]);
-      sum[c] += v;
-      sum_sq[c] += v * v;
-    }
-  });
+  const T* x = static_cast<const T*>(p.x);
+  reduce_rows_vectorised<T>(p.rows, C, p.num_threads, p.sum, p.sum_sq,
+                            [&](int64_t r, int64_t c, int count, LaneSums<T>& sum, LaneSums<T>& sum_sq) {
+                              const auto v = __builtin_convertvector(load_lanes(x + r * C + c, count), LaneSums<T>);
+                              sum += v;
+                              sum_sq += v * v;
+                            });
 }
 
 template <typename T>
@@ -115,18 +218,20 @@ void relu_forward(const BnReluForwardProblem& p) {
 // GCC emitted masked loads and the bfloat16 loops ran 2.5x slower.
 template <typename T>
 void relu_backward_reduce(const BnReluBackwardReduceProblem& p) {
+  using Sums = LaneSums<T>;
   const int64_t C = p.channels;
-  const float *scale = p.scale, *shift = p.shift, *mean = p.mean;
-  reduce_rows(p.rows, C, p.num_threads, p.sum_g, p.sum_gx, [&](int64_t r, double* sum_g, double* sum_gx) {
-    const T *__restrict dy = static_cast<const T*>(p.dy) + r * C, *__restrict x = static_cast<const T*>(p.x) + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const float xc = widen(x[c]), gy = widen(dy[c]);
-      const float g = affine(xc, scale[c], shift[c]) > 0.0f ? gy : 0.0f;
-      sum_g[c] += g;
-      sum_gx[c] += static_cast<double>(g) * (xc - mean[c]);
-    }
-  });
+  const T *dy = static_cast<const T*>(p.dy), *x = static_cast<const T*>(p.x);
+  reduce_rows_vectorised<T>(p.rows, C, p.num_threads, p.sum_g, p.sum_gx,
+                            [&](int64_t r, int64_t c, int count, Sums& sum_g, Sums& sum_gx) {
+                              const Floats xc = load_lanes(x + r * C + c, count);
+                              const Floats gy = load_lanes(dy + r * C + c, count);
+                              const Floats pre = affine(xc, load_lanes(p.scale + c, count),
+                                                        load_lanes(p.shift + c, count));
+                              const Floats g = pre > Floats{} ? gy : Floats{};
+                              const Sums wide_g = __builtin_convertvector(g, Sums);
+                              sum_g += wide_g;
+                              sum_gx += wide_g * __builtin_convertvector(xc - load_lanes(p.mean + c, count), Sums);
+                            });
 }
 
 template <typename T>

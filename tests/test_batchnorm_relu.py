@@ -63,12 +63,49 @@ def test_pooled_forward_and_gradients_match_float64(isa, shape):
     torch.testing.assert_close(var.double(), x.double().var([0, 2, 3], unbiased=False), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(5, 37, 7, 3), (3, 200, 5, 7), (130, 16, 4, 4), (64, 64, 6, 6)])
+def test_bfloat16_sums_within_their_bound(isa, shape):
+    """bfloat16 activations sum in float32 over blocks of at most 64 rows (then double):
+    rows of up to 128 bytes four at a time, longer ones singly, channel counts off the
+    vector width included. Against float64 sums of the same bfloat16 values, each sum is
+    off by at most 63 float32 roundings (u = 2^-24) of its sum of magnitudes, plus one
+    rounding to float32; the variance adds the mean's error through mean^2. The bias is
+    large enough that the ReLU passes everything, so d bias is the plain sum of d y and
+    d weight the sum of d y (x - mean) * invstd (with the op's own mean and variance)."""
+    u = 2.0 ** -24
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=g) * 3 + 5).bfloat16().contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(shape, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    channels = shape[1]
+    weight, bias = torch.rand(channels, generator=g) + 0.5, torch.full((channels,), 1000.0)
+    x_ = x.clone().requires_grad_()
+    weight_ = weight.clone().requires_grad_()
+    bias_ = bias.clone().requires_grad_()
+    y, mean, var = batchnorm_relu(x_, weight_, bias_, EPS)
+    grad_x, grad_weight, grad_bias = torch.autograd.grad(y, (x_, weight_, bias_), grad_y)
+    dims = [0, 2, 3]
+    x64, dy64 = x.double(), grad_y.double()
+    abs_mean, sq_mean = x64.abs().mean(dims), (x64 * x64).mean(dims)
+    mean_error = 64 * u * abs_mean
+    assert bool(((mean.double() - x64.mean(dims)).abs() <= mean_error).all())
+    want_var = x64.var(dims, unbiased=False)
+    var_bound = 63 * u * sq_mean + 2 * x64.mean(dims).abs() * mean_error + mean_error ** 2 + u * want_var
+    assert bool(((var.double() - want_var).abs() <= var_bound).all())
+    assert bool(((grad_bias.double() - dy64.sum(dims)).abs() <= 64 * u * dy64.abs().sum(dims)).all())
+    centred = x64 - mean.double()[None, :, None, None]
+    invstd = torch.rsqrt(var.double() + EPS)
+    products = (dy64 * centred).sum(dims) * invstd
+    product_bound = 66 * u * (dy64 * centred).abs().sum(dims) * invstd
+    assert bool(((grad_weight.double() - products).abs() <= product_bound).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pooled_picks_the_maximum_the_unfused_layers_pick(isa, dtype):
     """Inputs full of exact ties (integers, and in bfloat16 values that round together):
     the pooled op routes each window's gradient where PyTorch's max_pool2d after the
     unfused op does (the first of equal maxima, zeros of the ReLU included). The two differ
-    only in the order of their double sums, which can move a float32 coefficient by an ulp:
+    only in how they sum (the pooled op value by value in double, the unpooled one in
+    blocks, in float32 for bfloat16), which can move a float32 coefficient by a few ulps:
     float32 results agree to 1e-6, bfloat16 ones within one bfloat16 rounding."""
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-2, 3, (16, 8, 7, 6), generator=g).float() * (1 + 2 ** -10 * torch.rand(16, 8, 7, 6, generator=g))

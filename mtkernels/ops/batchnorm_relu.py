@@ -9,7 +9,8 @@ centred input) per channel, one pass writes the input gradient: 8 passes over th
 activation in all, against 10 here for PyTorch's BatchNorm then ReLU (whose float32
 statistics are also less accurate: tests/test_batchnorm_relu.py). bfloat16 activations
 (and their gradients) are read and written as bfloat16 and halve that traffic; the
-arithmetic stays float32, the sums double, and each stored value is rounded once.
+arithmetic stays float32, the sums double (bfloat16 values in float32 over blocks of at
+most 64 rows first), and each stored value is rounded once.
 
 With ``pool=True`` the ReLU's output is also 2x2 / stride 2 max-pooled (``nn.MaxPool2d(2,
 2)``) in the same pass, and only the pooled output is written: the full-size activation,
