@@ -76,7 +76,7 @@ def _output_like(x: torch.Tensor, pool: bool) -> torch.Tensor:
     """An empty y for x: x's shape (channels-last for 4-D), or pooled 2x2 / stride 2."""
     if pool:
         n, c, h, w = x.shape
-        return x.new_empty((n, c, h // 2, w // 2)).contiguous(memory_format=torch.channels_last)
+        return torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     return torch.empty_like(x, memory_format=torch.channels_last) if x.dim() == 4 else torch.empty_like(x)
 
 

@@ -373,7 +373,7 @@ def gemm_conv2d_col2im(cols: torch.Tensor, x_shape: list[int], kernel_h: int, ke
         raise ValueError(f"cols must be a float32 or bfloat16 CPU tensor [{n * oh * ow}, {kernel_h * kernel_w * c}], "
                          f"got {cols.dtype} {tuple(cols.shape)} on {cols.device}")
     cols = cols.contiguous()
-    grad = cols.new_empty((n, c, h, w)).contiguous(memory_format=torch.channels_last)
+    grad = torch.empty((n, c, h, w), dtype=cols.dtype, memory_format=torch.channels_last)
     _C.col2im_nhwc(cols.data_ptr(), grad.data_ptr(), [n, h, w, c], kernel_h, kernel_w, stride, padding,
                    ELEMENTS[cols.dtype], torch.get_num_threads())
     return grad
