@@ -21,7 +21,10 @@ struct Pool2x2 {
   int64_t images = 0, height = 0, width = 0;
 };
 
-// sum[c] = sum_r x[r, c], sum_sq[c] = sum_r x[r, c]^2.
+// sum[c] = sum_r x[r, c], sum_sq[c] = sum_r x[r, c]^2. With a residual, the statistics are
+// those of x + residual (added in float32 and rounded once to the element type, as
+// PyTorch's add), which is written to `total`: a residual network's sum and the next
+// BatchNorm's statistics in one pass.
 struct BnStatsProblem {
   const void* x;
   int64_t rows, channels;
@@ -29,6 +32,8 @@ struct BnStatsProblem {
   double* sum_sq;
   Element element;
   int num_threads;
+  const void* residual = nullptr;
+  void* total = nullptr;
 };
 
 // y[r, c] = max(0, x[r, c] * scale[c] + shift[c]), then pooled with `pool`.
@@ -61,8 +66,10 @@ struct BnReluBackwardReduceProblem {
   int num_threads;
 };
 
-// dx[r, c] = p[c] * g + q[c] - s[c] * x[r, c], g as above: the BatchNorm input gradient
-// with its per-channel terms folded into three coefficients.
+// dx[r, c] = p[c] * g + q[c] - s[c] * x[r, c] (+ grad_add[r, c] where given: the gradient
+// that reaches x through a residual connection, added before the one rounding), g as
+// above: the BatchNorm input gradient with its per-channel terms folded into three
+// coefficients. grad_add is for unpooled problems only.
 struct BnReluBackwardApplyProblem {
   const void* dy;
   const void* x;
@@ -76,6 +83,7 @@ struct BnReluBackwardApplyProblem {
   Pool2x2 pool;
   Element element;
   int num_threads;
+  const void* grad_add = nullptr;
 };
 
 using BnStatsFn = void (*)(const BnStatsProblem&);

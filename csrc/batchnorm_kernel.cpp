@@ -190,15 +190,45 @@ void reduce_rows_vectorised(int64_t rows, int64_t channels, int num_threads, dou
   });
 }
 
+// v rounded to T (narrow's rounding, lane by lane) and its first `count` lanes stored at
+// p; returns v as stored, widened again.
+inline Floats store_lanes(float* p, Floats v, int count) {
+  std::memcpy(p, &v, count * sizeof(float));
+  return v;
+}
+inline Floats store_lanes(uint16_t* p, Floats v, int count) {
+  const Words bits = reinterpret_cast<Words>(v);
+  const Words rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const Words stored = v != v ? (bits >> 16) | 0x40u : rounded;
+  const Halves halves = __builtin_convertvector(stored, Halves);
+  std::memcpy(p, &halves, count * sizeof(uint16_t));
+  return reinterpret_cast<Floats>(stored << 16);
+}
+
 template <typename T>
 void stats(const BnStatsProblem& p) {
   const int64_t C = p.channels;
   const T* x = static_cast<const T*>(p.x);
+  const auto add = [](LaneSums<T>& sum, LaneSums<T>& sum_sq, Floats value) {
+    const auto v = __builtin_convertvector(value, LaneSums<T>);
+    sum += v;
+    sum_sq += v * v;
+  };
+  if (p.residual == nullptr) {
+    reduce_rows_vectorised<T>(p.rows, C, p.num_threads, p.sum, p.sum_sq,
+                              [&](int64_t r, int64_t c, int count, LaneSums<T>& sum, LaneSums<T>& sum_sq) {
+                                add(sum, sum_sq, load_lanes(x + r * C + c, count));
+                              });
+    return;
+  }
+  const T* residual = static_cast<const T*>(p.residual);
+  T* total = static_cast<T*>(p.total);
   reduce_rows_vectorised<T>(p.rows, C, p.num_threads, p.sum, p.sum_sq,
                             [&](int64_t r, int64_t c, int count, LaneSums<T>& sum, LaneSums<T>& sum_sq) {
-                              const auto v = __builtin_convertvector(load_lanes(x + r * C + c, count), LaneSums<T>);
-                              sum += v;
-                              sum_sq += v * v;
+                              const int64_t at = r * C + c;
+                              add(sum, sum_sq, store_lanes(total + at, load_lanes(x + at, count) +
+                                                                           load_lanes(residual + at, count),
+                                                           count));
                             });
 }
 
@@ -234,21 +264,29 @@ void relu_backward_reduce(const BnReluBackwardReduceProblem& p) {
                             });
 }
 
-template <typename T>
-void relu_backward_apply(const BnReluBackwardApplyProblem& p) {
+template <typename T, bool GradAdd>
+void apply_input_grad(const BnReluBackwardApplyProblem& p) {
   const int64_t C = p.channels;
   const float *scale = p.scale, *shift = p.shift, *gain = p.p, *offset = p.q, *slope = p.s;
 #pragma omp parallel for num_threads(threads_for(p.rows * C, p.num_threads)) schedule(static)
   for (int64_t r = 0; r < p.rows; ++r) {
     const T *__restrict dy = static_cast<const T*>(p.dy) + r * C, *__restrict x = static_cast<const T*>(p.x) + r * C;
+    const T* __restrict add = GradAdd ? static_cast<const T*>(p.grad_add) + r * C : nullptr;
     T* __restrict dx = static_cast<T*>(p.dx) + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const float xc = widen(x[c]), gy = widen(dy[c]);
       const float g = affine(xc, scale[c], shift[c]) > 0.0f ? gy : 0.0f;
-      narrow(dx + c, gain[c] * g + offset[c] - slope[c] * xc);
+      const float grad = gain[c] * g + offset[c] - slope[c] * xc;
+      narrow(dx + c, GradAdd ? grad + widen(add[c]) : grad);
     }
   }
+}
+
+template <typename T>
+void relu_backward_apply(const BnReluBackwardApplyProblem& p) {
+  if (p.grad_add != nullptr) return apply_input_grad<T, true>(p);
+  apply_input_grad<T, false>(p);
 }
 
 // The pooled layers visit x one row of windows at a time: image n, output row oh.

@@ -442,10 +442,14 @@ mtk::Pool2x2 pool_of(const std::vector<int64_t>& pool, int64_t rows) {
 }
 
 void bn_stats(uintptr_t x, int64_t rows, int64_t channels, uintptr_t sum, uintptr_t sum_sq, int element,
-              int num_threads) {
+              int num_threads, uintptr_t residual, uintptr_t total) {
   check_rows(rows, channels);
-  const mtk::BnStatsProblem problem{as_ptr<const void>(x), rows, channels, as_ptr<double>(sum),
-                                    as_ptr<double>(sum_sq), activation_element(element), std::max(1, num_threads)};
+  if ((residual == 0) != (total == 0)) throw std::invalid_argument("residual and total go together");
+  const mtk::BnStatsProblem problem{as_ptr<const void>(x),      rows,
+                                    channels,                   as_ptr<double>(sum),
+                                    as_ptr<double>(sum_sq),     activation_element(element),
+                                    std::max(1, num_threads),   as_ptr<const void>(residual),
+                                    as_ptr<void>(total)};
   py::gil_scoped_release release;
   mtk::kernels().bn_stats(problem);
 }
@@ -477,14 +481,15 @@ void bn_relu_backward_reduce(uintptr_t dy, uintptr_t x, uintptr_t scale, uintptr
 
 void bn_relu_backward_apply(uintptr_t dy, uintptr_t x, uintptr_t scale, uintptr_t shift, uintptr_t p, uintptr_t q,
                             uintptr_t s, uintptr_t dx, int64_t rows, int64_t channels,
-                            const std::vector<int64_t>& pool, int element, int num_threads) {
+                            const std::vector<int64_t>& pool, int element, int num_threads, uintptr_t grad_add) {
   check_rows(rows, channels);
+  if (grad_add != 0 && !pool.empty()) throw std::invalid_argument("grad_add needs an unpooled problem");
   const mtk::BnReluBackwardApplyProblem problem{as_ptr<const void>(dy), as_ptr<const void>(x),
                                                 as_ptr<const float>(scale), as_ptr<const float>(shift),
                                                 as_ptr<const float>(p), as_ptr<const float>(q),
                                                 as_ptr<const float>(s), as_ptr<void>(dx), rows, channels,
                                                 pool_of(pool, rows), activation_element(element),
-                                                std::max(1, num_threads)};
+                                                std::max(1, num_threads), as_ptr<const void>(grad_add)};
   py::gil_scoped_release release;
   mtk::kernels().bn_relu_backward_apply(problem);
 }
@@ -595,9 +600,10 @@ PYBIND11_MODULE(_C, m) {
       .def("run", &LayerChain::run, py::arg("src"), py::arg("dst"), py::arg("num_threads"),
            "Run the layers in order from src into dst.");
   m.def("bn_stats", &bn_stats, py::arg("x"), py::arg("rows"), py::arg("channels"), py::arg("sum"),
-        py::arg("sum_sq"), py::arg("element"), py::arg("num_threads"),
+        py::arg("sum_sq"), py::arg("element"), py::arg("num_threads"), py::arg("residual") = 0, py::arg("total") = 0,
         "Per-channel sum and sum of squares (float64) of a [rows, channels] buffer of element 0 (float32) or "
-        "1 (bfloat16); the element argument of the bn_ functions below means the same.");
+        "1 (bfloat16); the element argument of the bn_ functions below means the same. With residual (an address, "
+        "0 for none), of x + residual rounded to the element, which is written to total.");
   m.def("bn_relu_forward", &bn_relu_forward, py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("y"),
         py::arg("rows"), py::arg("channels"), py::arg("pool"), py::arg("element"), py::arg("num_threads"),
         "y = max(0, x * scale + shift) per channel, then 2x2 max-pooled if pool is [images, height, width] of x "
@@ -608,8 +614,9 @@ PYBIND11_MODULE(_C, m) {
         "Per-channel sums of the ReLU-masked (and pool-routed) gradient g and of g * (x - mean) (float64).");
   m.def("bn_relu_backward_apply", &bn_relu_backward_apply, py::arg("dy"), py::arg("x"), py::arg("scale"),
         py::arg("shift"), py::arg("p"), py::arg("q"), py::arg("s"), py::arg("dx"), py::arg("rows"), py::arg("channels"),
-        py::arg("pool"), py::arg("element"), py::arg("num_threads"),
-        "dx = p * g + q - s * x per channel, g the ReLU-masked (and pool-routed) gradient.");
+        py::arg("pool"), py::arg("element"), py::arg("num_threads"), py::arg("grad_add") = 0,
+        "dx = p * g + q - s * x (+ grad_add, an address, 0 for none; unpooled only) per channel, g the "
+        "ReLU-masked (and pool-routed) gradient.");
   m.def("cpu_features", &mtk::cpu_features, "Instruction-set extensions this CPU and OS support.");
   m.def("isa", []() { return std::string(mtk::isa_name(mtk::active_isa())); },
         "The kernel variant in use: 'baseline', 'avx2', 'avx512' or 'avx512bf16'.");

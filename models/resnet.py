@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from mtkernels.training import as_bn_relu, bn_relu
+from mtkernels.training import add_bn_relu, as_bn_relu, bn_relu
 
 from .common import MultiTaskNet, fc_branch, init_he
 from .tasks import PAPER1_TASKS
@@ -46,12 +46,17 @@ class PreActBottleneck(nn.Module):
                          if stride != 1 or in_channels != out_channels else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = bn_relu(self.bn1, x)
+        out, skip = self.residual_terms(x, bn_relu(self.bn1, x))
+        return out + skip
+
+    def residual_terms(self, x: torch.Tensor, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two terms of this block's output for input ``x`` whose pre-activation
+        ``relu(bn1(x))`` is ``pre``: the bottleneck's and the shortcut's."""
         skip = x if self.shortcut is None else self.shortcut(pre)
         out = self.conv1(pre)
         out = self.conv2(bn_relu(self.bn2, out))
         out = self.conv3(bn_relu(self.bn3, out))
-        return out + skip
+        return out, skip
 
     def fuse_for_training(self) -> None:
         """Each BatchNorm here is followed by a ReLU: one op each in training."""
@@ -79,10 +84,24 @@ class FusedPreActBottleneck(nn.Module):
         return self.conv3.forward_add(self.conv2(self.conv1(pre)), skip)
 
 
-def stage(in_channels: int, depth: int, blocks: int, stride: int) -> nn.Sequential:
+class Stage(nn.Sequential):
+    """Bottleneck blocks in sequence. Each block's sum and the next block's pre-activation
+    are one step (:func:`add_bn_relu`: one op in fused training), so the sum is not read
+    back for the statistics and its gradients are not added up apart."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = list(self)
+        pre = bn_relu(blocks[0].bn1, x)
+        for block, following in zip(blocks, blocks[1:]):
+            x, pre = add_bn_relu(following.bn1, *block.residual_terms(x, pre))
+        out, skip = blocks[-1].residual_terms(x, pre)
+        return out + skip
+
+
+def stage(in_channels: int, depth: int, blocks: int, stride: int) -> Stage:
     layers = [PreActBottleneck(in_channels, depth, stride)]
     layers += [PreActBottleneck(depth * EXPANSION, depth, 1) for _ in range(blocks - 1)]
-    return nn.Sequential(*layers)
+    return Stage(*layers)
 
 
 def head_pool(channels: int) -> list[nn.Module]:

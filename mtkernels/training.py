@@ -50,6 +50,12 @@ class BatchNormReLU2d(nn.BatchNorm2d):
             self._update_running_stats(mean, var, x.numel() // x.shape[1])
         return y
 
+    def _fused_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total, y, mean, var = torch.ops.mtkernels.add_batchnorm_relu(x, residual, self.weight, self.bias, self.eps)
+        if self.track_running_stats:
+            self._update_running_stats(mean, var, x.numel() // x.shape[1])
+        return total, y
+
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         # as nn.BatchNorm2d: the running variance is the unbiased one; momentum None means
@@ -93,6 +99,17 @@ def as_bn_relu(bn: nn.BatchNorm2d, pool: bool = False) -> BatchNormReLU2d:
 def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """``relu(bn(x))`` for a model's forward: one op once ``bn`` is a BatchNormReLU2d."""
     return bn(x) if isinstance(bn, BatchNormReLU2d) else torch.relu(bn(x))
+
+
+def add_bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + residual, relu(bn(x + residual)))`` for a residual network's forward: one op
+    (``mtkernels::add_batchnorm_relu``) where ``bn`` is an unpooled BatchNormReLU2d that
+    fuses ``x`` and ``residual`` is laid out as ``x``."""
+    if (type(bn) is BatchNormReLU2d and bn._fusable(x) and residual.shape == x.shape and residual.dtype == x.dtype
+            and residual.is_contiguous(memory_format=torch.channels_last)):
+        return bn._fused_add(x, residual)
+    total = x + residual
+    return total, bn_relu(bn, total)
 
 
 # Which layers time an algorithm against oneDNN's own convolution (forward + backward, once

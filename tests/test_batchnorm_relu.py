@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import models
 import mtkernels
-from mtkernels.ops.batchnorm_relu import batchnorm_relu
+from mtkernels.ops.batchnorm_relu import add_batchnorm_relu, batchnorm_relu
 
 EPS = 1e-5
 
@@ -99,6 +99,71 @@ def test_bfloat16_sums_within_their_bound(isa, shape):
     assert bool(((grad_weight.double() - products).abs() <= product_bound).all())
 
 
+def float64_add_reference(x, residual, weight, bias, grad_total, grad_y):
+    """float64 (total, y, d x, d residual, d weight, d bias) of total = x + residual,
+    y = relu(batch_norm(total)), with gradients grad_total and grad_y reaching the outputs."""
+    x64, r64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, residual, weight, bias))
+    total = x64 + r64
+    y = F.relu(F.batch_norm(total, None, None, w64, b64, training=True, eps=EPS))
+    grads = torch.autograd.grad((total, y), (x64, r64, w64, b64), (grad_total.double(), grad_y.double()))
+    return (total, y, *grads)
+
+
+@pytest.mark.parametrize("shape", [(128, 32, 12, 12), (3, 5, 7, 9), (2, 256, 3, 3), (64, 19)])
+def test_add_forward_and_gradients_match_float64(isa, shape):
+    """add_batchnorm_relu: the sum, the pre-activation and all four gradients, with a
+    gradient reaching the sum from later layers (a residual network's identity shortcut)
+    and without one (the sum used only by the BatchNorm)."""
+    x, weight, bias, grad_y = inputs(shape)
+    residual, _, _, grad_total = inputs(shape, seed=1)
+    leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+    total, y, mean, var = add_batchnorm_relu(*leaves, EPS)
+    got = (total, y, *torch.autograd.grad((total, y), leaves, (grad_total, grad_y), retain_graph=True))
+    want = float64_add_reference(x, residual, weight, bias, grad_total, grad_y)
+    names = ("total", "y", "grad_x", "grad_residual", "grad_weight", "grad_bias")
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=name)
+    dims = [0, 2, 3] if x.dim() == 4 else [0]
+    torch.testing.assert_close(var.double(), want[0].var(dims, unbiased=False), rtol=1e-5, atol=1e-6)
+    only_y = torch.autograd.grad(y, leaves, grad_y)
+    want = float64_add_reference(x, residual, weight, bias, torch.zeros(shape), grad_y)
+    for name, g, w in zip(names[2:], only_y, want[2:]):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_add_in_bfloat16_is_eager_addition_then_the_op():
+    """bfloat16: the sum is PyTorch's bfloat16 addition bit for bit (ties, NaN and inf
+    included), its statistics and output those of batchnorm_relu on that sum; d x is the
+    BatchNorm gradient plus the shortcut's, rounded once: within half a bfloat16 ulp
+    (at most 2^-8 relative) of the float64 value, plus the float32 op's own tolerance (that of
+    test_forward_and_gradients_match_float64)."""
+    shape = (16, 40, 6, 5)
+    x, weight, bias, grad_y = inputs(shape)
+    residual, _, _, grad_total = inputs(shape, seed=1)
+    x, residual = x.bfloat16(), (residual * 2 ** -8).bfloat16()  # sums that round, ties among them
+    grad_y, grad_total = grad_y.bfloat16(), grad_total.bfloat16()
+    total, y, mean, var = add_batchnorm_relu(x, residual, weight, bias, EPS)
+    assert torch.equal(total, x + residual)
+    assert all(torch.equal(a, b) for a, b in zip((y, mean, var), batchnorm_relu(x + residual, weight, bias, EPS)))
+    leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+    grads = torch.autograd.grad(add_batchnorm_relu(*leaves, EPS)[:2], leaves, (grad_total, grad_y))
+    total64 = total.double().requires_grad_()
+    w64, b64 = weight.double().requires_grad_(), bias.double().requires_grad_()
+    y64 = F.relu(F.batch_norm(total64, None, None, w64, b64, training=True, eps=EPS))
+    bn_dx, = torch.autograd.grad(y64, total64, grad_y.double())
+    want = bn_dx + grad_total.double()
+    bound = 2.0 ** -8 * want.abs() + 1e-5 * (bn_dx.abs() + grad_total.double().abs()) + 1e-5
+    for got in grads[:2]:
+        assert bool(((got.double() - want).abs() <= bound).all())
+
+    special = x.clone()
+    special[0, 0, 0, 0], special[1, 2, 3, 4] = float("nan"), float("inf")
+    total, y, _, _ = add_batchnorm_relu(special, residual, weight, bias, EPS)
+    assert torch.equal(total.isnan(), (special + residual).isnan())
+    torch.testing.assert_close(total, special + residual, rtol=0, atol=0, equal_nan=True)
+    assert bool(y[:, 0].isnan().all()) and bool(y[:, 2].isnan().all())  # as eager: NaN statistics
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pooled_picks_the_maximum_the_unfused_layers_pick(isa, dtype):
     """Inputs full of exact ties (integers, and in bfloat16 values that round together):
@@ -140,8 +205,19 @@ def test_opcheck(pool):
                           (x, weight.requires_grad_(), bias.requires_grad_(), EPS, pool))
 
 
+def test_add_opcheck():
+    x, weight, bias, _ = inputs((4, 6, 5, 5))
+    residual, _, _, _ = inputs((4, 6, 5, 5), seed=1)
+    torch.library.opcheck(torch.ops.mtkernels.add_batchnorm_relu,
+                          (x.requires_grad_(), residual.requires_grad_(), weight.requires_grad_(),
+                           bias.requires_grad_(), EPS))
+
+
 def test_bad_inputs_are_named():
     x, weight, bias, _ = inputs((2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"residual must match x \(torch.float32 \(2, 3, 4, 4\) on cpu\), got "
+                                         r"torch.float32 \(2, 3, 4, 3\)"):
+        add_batchnorm_relu(x, x[..., :3], weight, bias, EPS)
     with pytest.raises(TypeError, match="x must be a float32 or bfloat16 CPU tensor"):
         batchnorm_relu(x.double(), weight, bias, EPS)
     with pytest.raises(ValueError, match=r"weight must be a float32 CPU tensor of shape \(3,\)"):
@@ -213,3 +289,32 @@ def test_a_model_fused_for_training_fuses_for_inference_to_the_same_outputs(name
         assert any(isinstance(m, mtkernels.BatchNormReLU2d) for m in trained.modules())
         torch.testing.assert_close(trained(x), want, rtol=1e-5, atol=1e-5)  # eval: PyTorch's own BN + ReLU
         torch.testing.assert_close(mtkernels.fuse_for_inference(trained)(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_stages_fuse_each_sum_with_the_next_pre_activation():
+    """ResNet ver1 after fuse_for_training: every block's sum but each stage's last one is
+    computed with the next block's pre-activation by add_batchnorm_relu (3 + 4 + 6 + 3
+    blocks: 12 fused sums), and the training step is at least as close to float64 as the
+    plain float32 network's."""
+    torch.manual_seed(0)
+    plain = models.MultiTaskResNet(1, dropout=0.0).train()
+    fused, reference = models.MultiTaskResNet(1, dropout=0.0).train(), models.MultiTaskResNet(1, dropout=0.0).train()
+    fused.load_state_dict(plain.state_dict())
+    reference.load_state_dict(plain.state_dict())
+    reference.double()
+    mtkernels.fuse_for_training(fused)
+    x, labels = torch.rand(8, 1, 48, 48), torch.randint(0, 2, (8, 3))
+    results = []
+    for model, inputs_ in ((reference, x.double()), (plain.to(memory_format=torch.channels_last), x),
+                           (fused.to(memory_format=torch.channels_last), x)):
+        with torch.profiler.profile() as profile:
+            loss = mtkernels.reference.multitask_loss(model(inputs_), labels, model.num_classes)
+            loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.double().flatten() for p in model.parameters()])))
+    calls = {e.key: e.count for e in profile.key_averages()}
+    assert calls.get("mtkernels::add_batchnorm_relu") == 12
+    (want_loss, want_grad), (_, plain_grad), (fused_loss, fused_grad) = results
+    assert fused_loss == pytest.approx(want_loss, rel=1e-5)
+    plain_error = (plain_grad - want_grad).norm() / want_grad.norm()
+    fused_error = (fused_grad - want_grad).norm() / want_grad.norm()
+    assert fused_error <= 1.5 * plain_error and fused_error < 1e-2

@@ -80,17 +80,20 @@ def _output_like(x: torch.Tensor, pool: bool) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last) if x.dim() == 4 else torch.empty_like(x)
 
 
-@torch.library.custom_op("mtkernels::batchnorm_relu", mutates_args=())
-def batchnorm_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                   pool: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """relu(batch_norm(x, weight, bias, eps)) with batch statistics, then with ``pool``
-    ``max_pool2d(., 2, 2)``. Returns (y, mean, biased variance); y is channels-last for 4-D
-    x."""
-    _check(x, weight, bias, pool)
+def _statistics_and_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, pool: bool,
+                          residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The forward of both ops: (x + residual where given, y, mean, variance)."""
     x, rows, channels = _rows(x)
     threads = torch.get_num_threads()
     sums = torch.empty(2, channels, dtype=torch.float64)
-    _C.bn_stats(x.data_ptr(), rows, channels, sums[0].data_ptr(), sums[1].data_ptr(), ELEMENTS[x.dtype], threads)
+    if residual is None:
+        _C.bn_stats(x.data_ptr(), rows, channels, sums[0].data_ptr(), sums[1].data_ptr(), ELEMENTS[x.dtype], threads)
+    else:
+        residual, _, _ = _rows(residual)
+        total = _output_like(x, False)
+        _C.bn_stats(x.data_ptr(), rows, channels, sums[0].data_ptr(), sums[1].data_ptr(), ELEMENTS[x.dtype], threads,
+                    residual.data_ptr(), total.data_ptr())
+        x = total
     mean = sums[0] / rows
     var = (sums[1] / rows - mean * mean).clamp_(min=0.0).float()
     mean = mean.float()
@@ -98,7 +101,17 @@ def batchnorm_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     y = _output_like(x, pool)
     _C.bn_relu_forward(x.data_ptr(), scale.data_ptr(), shift.data_ptr(), y.data_ptr(), rows, channels,
                        _pool_geometry(x, pool), ELEMENTS[x.dtype], threads)
-    return y, mean, var
+    return (y, mean, var) if residual is None else (x, y, mean, var)
+
+
+@torch.library.custom_op("mtkernels::batchnorm_relu", mutates_args=())
+def batchnorm_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   pool: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """relu(batch_norm(x, weight, bias, eps)) with batch statistics, then with ``pool``
+    ``max_pool2d(., 2, 2)``. Returns (y, mean, biased variance); y is channels-last for 4-D
+    x."""
+    _check(x, weight, bias, pool)
+    return _statistics_and_apply(x, weight, bias, eps, pool)
 
 
 @batchnorm_relu.register_fake
@@ -106,11 +119,37 @@ def _(x, weight, bias, eps, pool=False):
     return _output_like(x, pool), weight.new_empty(x.shape[1]), weight.new_empty(x.shape[1])  # float32 statistics
 
 
+@torch.library.custom_op("mtkernels::add_batchnorm_relu", mutates_args=())
+def add_batchnorm_relu(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A residual network's sum and the pre-activation after it: total = x + residual
+    (rounded once to x's dtype, as PyTorch's add), then :func:`batchnorm_relu` of total.
+    Returns (total, y, mean, biased variance). The sum is written in the statistics pass
+    (not read back for them), and the backward adds the gradient that reaches total from
+    later layers into the input gradient's pass (no separate accumulation)."""
+    _check(x, weight, bias, False)
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual must match x ({x.dtype} {tuple(x.shape)} on {x.device}), got "
+                         f"{residual.dtype} {tuple(residual.shape)} on {residual.device}")
+    return _statistics_and_apply(x, weight, bias, eps, False, residual)
+
+
+@add_batchnorm_relu.register_fake
+def _(x, residual, weight, bias, eps):
+    statistics = weight.new_empty(x.shape[1])
+    return _output_like(x, False), _output_like(x, False), statistics, statistics.clone()
+
+
 @torch.library.custom_op("mtkernels::batchnorm_relu_backward", mutates_args=())
 def batchnorm_relu_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                            mean: torch.Tensor, var: torch.Tensor, eps: float,
-                            pool: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d x, d weight, d bias) of :func:`batchnorm_relu` given d y and its saved statistics."""
+                            mean: torch.Tensor, var: torch.Tensor, eps: float, pool: bool = False,
+                            grad_add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d x, d weight, d bias) of :func:`batchnorm_relu` given d y and its saved statistics;
+    ``grad_add`` (unpooled only), a gradient that reaches x another way, is added into d x
+    before its one rounding."""
+    if grad_add is not None and (pool or grad_add.shape != x.shape):
+        raise ValueError(f"grad_add must have x's shape {tuple(x.shape)} and pool be False, got "
+                         f"{tuple(grad_add.shape)} with pool={pool}")
     x, rows, channels = _rows(x)
     grad_y, _, _ = _rows(grad_y.to(x.dtype))
     geometry = _pool_geometry(x, pool)
@@ -129,14 +168,16 @@ def batchnorm_relu_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
     q, s = p * (k * mean.double() - sum_g / rows), p * k
     p, q, s = p.float(), q.float(), s.float()
     grad_x = torch.empty_like(x)
+    if grad_add is not None:
+        grad_add, _, _ = _rows(grad_add.to(x.dtype))  # held until the kernel has run
     _C.bn_relu_backward_apply(grad_y.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(), p.data_ptr(),
                               q.data_ptr(), s.data_ptr(), grad_x.data_ptr(), rows, channels, geometry,
-                              ELEMENTS[x.dtype], threads)
+                              ELEMENTS[x.dtype], threads, 0 if grad_add is None else grad_add.data_ptr())
     return grad_x, (sum_gx * invstd).float(), sum_g.float()
 
 
 @batchnorm_relu_backward.register_fake
-def _(grad_y, x, weight, bias, mean, var, eps, pool=False):
+def _(grad_y, x, weight, bias, mean, var, eps, pool=False, grad_add=None):
     return _output_like(x, False), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
@@ -156,3 +197,21 @@ def _backward(ctx, grad_y, _grad_mean, _grad_var):
 
 
 batchnorm_relu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_add_context(ctx, inputs, output):
+    _, _, weight, bias, eps = inputs
+    total, _, mean, var = output
+    ctx.save_for_backward(total, weight, bias, mean, var)
+    ctx.mark_non_differentiable(mean, var)
+    ctx.eps = eps
+
+
+def _add_backward(ctx, grad_total, grad_y, _grad_mean, _grad_var):
+    total, weight, bias, mean, var = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = torch.ops.mtkernels.batchnorm_relu_backward(
+        grad_y, total, weight, bias, mean, var, ctx.eps, False, grad_total)
+    return grad_x, grad_x, grad_weight, grad_bias, None
+
+
+add_batchnorm_relu.register_autograd(_add_backward, setup_context=_setup_add_context)
