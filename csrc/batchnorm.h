@@ -86,6 +86,50 @@ struct BnReluBackwardApplyProblem {
   const void* grad_add = nullptr;
 };
 
+// A training step's forward: the batch statistics of x (x + residual, written to total,
+// where a residual is given), mean and biased variance (double, rounded once to float32),
+// the per-channel scale and shift (double, rounded once), and y = relu(x * scale + shift)
+// (then pooled). Composed in C++ (batchnorm_step.cpp) so the per-channel work costs no
+// framework calls.
+struct BnReluStepForward {
+  const void* x;
+  const void* residual;  // nullptr for none
+  void* total;
+  const float* weight;
+  const float* bias;
+  double eps;
+  void* y;
+  float* mean;
+  float* var;
+  int64_t rows, channels;
+  Pool2x2 pool;
+  Element element;
+  int num_threads;
+};
+
+// Its backward from the saved mean and variance: dx (plus grad_add where given: unpooled
+// only), d weight and d bias (float32), through the reduction and apply kernels above.
+struct BnReluStepBackward {
+  const void* dy;
+  const void* x;
+  const void* grad_add;  // nullptr for none
+  const float* weight;
+  const float* bias;
+  const float* mean;
+  const float* var;
+  double eps;
+  void* dx;
+  float* grad_weight;
+  float* grad_bias;
+  int64_t rows, channels;
+  Pool2x2 pool;
+  Element element;
+  int num_threads;
+};
+
+void bn_relu_step_forward(const BnReluStepForward& p);
+void bn_relu_step_backward(const BnReluStepBackward& p);
+
 using BnStatsFn = void (*)(const BnStatsProblem&);
 using BnReluForwardFn = void (*)(const BnReluForwardProblem&);
 using BnReluBackwardReduceFn = void (*)(const BnReluBackwardReduceProblem&);

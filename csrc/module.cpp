@@ -441,19 +441,6 @@ mtk::Pool2x2 pool_of(const std::vector<int64_t>& pool, int64_t rows) {
   return mtk::Pool2x2{pool[0], pool[1], pool[2]};
 }
 
-void bn_stats(uintptr_t x, int64_t rows, int64_t channels, uintptr_t sum, uintptr_t sum_sq, int element,
-              int num_threads, uintptr_t residual, uintptr_t total) {
-  check_rows(rows, channels);
-  if ((residual == 0) != (total == 0)) throw std::invalid_argument("residual and total go together");
-  const mtk::BnStatsProblem problem{as_ptr<const void>(x),      rows,
-                                    channels,                   as_ptr<double>(sum),
-                                    as_ptr<double>(sum_sq),     activation_element(element),
-                                    std::max(1, num_threads),   as_ptr<const void>(residual),
-                                    as_ptr<void>(total)};
-  py::gil_scoped_release release;
-  mtk::kernels().bn_stats(problem);
-}
-
 void bn_relu_forward(uintptr_t x, uintptr_t scale, uintptr_t shift, uintptr_t y, int64_t rows, int64_t channels,
                      const std::vector<int64_t>& pool, int element, int num_threads) {
   check_rows(rows, channels);
@@ -466,32 +453,36 @@ void bn_relu_forward(uintptr_t x, uintptr_t scale, uintptr_t shift, uintptr_t y,
   mtk::kernels().bn_relu_forward(problem);
 }
 
-void bn_relu_backward_reduce(uintptr_t dy, uintptr_t x, uintptr_t scale, uintptr_t shift, uintptr_t mean,
-                             int64_t rows, int64_t channels, const std::vector<int64_t>& pool, uintptr_t sum_g,
-                             uintptr_t sum_gx, int element, int num_threads) {
+void bn_relu_step_forward(uintptr_t x, uintptr_t residual, uintptr_t total, uintptr_t weight, uintptr_t bias,
+                          double eps, uintptr_t y, uintptr_t mean, uintptr_t var, int64_t rows, int64_t channels,
+                          const std::vector<int64_t>& pool, int element, int num_threads) {
   check_rows(rows, channels);
-  const mtk::BnReluBackwardReduceProblem problem{as_ptr<const void>(dy), as_ptr<const void>(x),
-                                                 as_ptr<const float>(scale), as_ptr<const float>(shift),
-                                                 as_ptr<const float>(mean), rows, channels, pool_of(pool, rows),
-                                                 as_ptr<double>(sum_g), as_ptr<double>(sum_gx),
-                                                 activation_element(element), std::max(1, num_threads)};
+  if ((residual == 0) != (total == 0)) throw std::invalid_argument("residual and total go together");
+  if (residual != 0 && !pool.empty()) throw std::invalid_argument("a residual needs an unpooled problem");
+  const mtk::BnReluStepForward problem{as_ptr<const void>(x),    as_ptr<const void>(residual), as_ptr<void>(total),
+                                       as_ptr<const float>(weight), as_ptr<const float>(bias),   eps,
+                                       as_ptr<void>(y),           as_ptr<float>(mean),           as_ptr<float>(var),
+                                       rows,                      channels,                      pool_of(pool, rows),
+                                       activation_element(element), std::max(1, num_threads)};
   py::gil_scoped_release release;
-  mtk::kernels().bn_relu_backward_reduce(problem);
+  mtk::bn_relu_step_forward(problem);
 }
 
-void bn_relu_backward_apply(uintptr_t dy, uintptr_t x, uintptr_t scale, uintptr_t shift, uintptr_t p, uintptr_t q,
-                            uintptr_t s, uintptr_t dx, int64_t rows, int64_t channels,
-                            const std::vector<int64_t>& pool, int element, int num_threads, uintptr_t grad_add) {
+void bn_relu_step_backward(uintptr_t dy, uintptr_t x, uintptr_t grad_add, uintptr_t weight, uintptr_t bias,
+                           uintptr_t mean, uintptr_t var, double eps, uintptr_t dx, uintptr_t grad_weight,
+                           uintptr_t grad_bias, int64_t rows, int64_t channels, const std::vector<int64_t>& pool,
+                           int element, int num_threads) {
   check_rows(rows, channels);
   if (grad_add != 0 && !pool.empty()) throw std::invalid_argument("grad_add needs an unpooled problem");
-  const mtk::BnReluBackwardApplyProblem problem{as_ptr<const void>(dy), as_ptr<const void>(x),
-                                                as_ptr<const float>(scale), as_ptr<const float>(shift),
-                                                as_ptr<const float>(p), as_ptr<const float>(q),
-                                                as_ptr<const float>(s), as_ptr<void>(dx), rows, channels,
-                                                pool_of(pool, rows), activation_element(element),
-                                                std::max(1, num_threads), as_ptr<const void>(grad_add)};
+  const mtk::BnReluStepBackward problem{
+      as_ptr<const void>(dy),    as_ptr<const void>(x),      as_ptr<const void>(grad_add),
+      as_ptr<const float>(weight), as_ptr<const float>(bias), as_ptr<const float>(mean),
+      as_ptr<const float>(var),  eps,                         as_ptr<void>(dx),
+      as_ptr<float>(grad_weight), as_ptr<float>(grad_bias),   rows,
+      channels,                  pool_of(pool, rows),         activation_element(element),
+      std::max(1, num_threads)};
   py::gil_scoped_release release;
-  mtk::kernels().bn_relu_backward_apply(problem);
+  mtk::bn_relu_step_backward(problem);
 }
 
 }  // namespace
@@ -599,24 +590,22 @@ PYBIND11_MODULE(_C, m) {
       .def("__len__", &LayerChain::size)
       .def("run", &LayerChain::run, py::arg("src"), py::arg("dst"), py::arg("num_threads"),
            "Run the layers in order from src into dst.");
-  m.def("bn_stats", &bn_stats, py::arg("x"), py::arg("rows"), py::arg("channels"), py::arg("sum"),
-        py::arg("sum_sq"), py::arg("element"), py::arg("num_threads"), py::arg("residual") = 0, py::arg("total") = 0,
-        "Per-channel sum and sum of squares (float64) of a [rows, channels] buffer of element 0 (float32) or "
-        "1 (bfloat16); the element argument of the bn_ functions below means the same. With residual (an address, "
-        "0 for none), of x + residual rounded to the element, which is written to total.");
   m.def("bn_relu_forward", &bn_relu_forward, py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("y"),
         py::arg("rows"), py::arg("channels"), py::arg("pool"), py::arg("element"), py::arg("num_threads"),
-        "y = max(0, x * scale + shift) per channel, then 2x2 max-pooled if pool is [images, height, width] of x "
-        "(the pool argument of the bn_relu_ functions below means the same; [] for none).");
-  m.def("bn_relu_backward_reduce", &bn_relu_backward_reduce, py::arg("dy"), py::arg("x"), py::arg("scale"),
-        py::arg("shift"), py::arg("mean"), py::arg("rows"), py::arg("channels"), py::arg("pool"), py::arg("sum_g"),
-        py::arg("sum_gx"), py::arg("element"), py::arg("num_threads"),
-        "Per-channel sums of the ReLU-masked (and pool-routed) gradient g and of g * (x - mean) (float64).");
-  m.def("bn_relu_backward_apply", &bn_relu_backward_apply, py::arg("dy"), py::arg("x"), py::arg("scale"),
-        py::arg("shift"), py::arg("p"), py::arg("q"), py::arg("s"), py::arg("dx"), py::arg("rows"), py::arg("channels"),
-        py::arg("pool"), py::arg("element"), py::arg("num_threads"), py::arg("grad_add") = 0,
-        "dx = p * g + q - s * x (+ grad_add, an address, 0 for none; unpooled only) per channel, g the "
-        "ReLU-masked (and pool-routed) gradient.");
+        "y = max(0, x * scale + shift) per channel of [rows, channels] activations of element 0 (float32) or 1 "
+        "(bfloat16), then 2x2 max-pooled if pool is [images, height, width] of x (the element and pool arguments "
+        "of the bn_relu_ functions below mean the same; [] for no pool).");
+  m.def("bn_relu_step_forward", &bn_relu_step_forward, py::arg("x"), py::arg("residual"), py::arg("total"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("y"), py::arg("mean"), py::arg("var"),
+        py::arg("rows"), py::arg("channels"), py::arg("pool"), py::arg("element"), py::arg("num_threads"),
+        "A training step's BatchNorm + ReLU forward: batch statistics (of x + residual, written to total, where residual is an address; 0 for "
+        "none), float32 mean and biased variance, y (pooled where pool is [images, height, width]).");
+  m.def("bn_relu_step_backward", &bn_relu_step_backward, py::arg("dy"), py::arg("x"), py::arg("grad_add"),
+        py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("var"), py::arg("eps"), py::arg("dx"),
+        py::arg("grad_weight"), py::arg("grad_bias"), py::arg("rows"), py::arg("channels"), py::arg("pool"),
+        py::arg("element"), py::arg("num_threads"),
+        "Its backward from the saved mean and variance: dx (+ grad_add where it is an address; unpooled only), "
+        "float32 d weight and d bias.");
   m.def("cpu_features", &mtk::cpu_features, "Instruction-set extensions this CPU and OS support.");
   m.def("isa", []() { return std::string(mtk::isa_name(mtk::active_isa())); },
         "The kernel variant in use: 'baseline', 'avx2', 'avx512' or 'avx512bf16'.");

@@ -59,14 +59,6 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pool: bool
         raise ValueError(f"batch statistics need more than one value per channel, got x of shape {tuple(x.shape)}")
 
 
-def _scale_shift(weight, bias, mean, var, eps) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 per-channel (scale, shift) with y = relu(x * scale + shift); forward and
-    backward take them from here so the ReLU mask is recomputed bit for bit."""
-    scale = weight.double() * torch.rsqrt(var.double() + eps)
-    shift = bias.double() - mean.double() * scale
-    return scale.float().contiguous(), shift.float().contiguous()
-
-
 def _pool_geometry(x: torch.Tensor, pool: bool) -> list[int]:
     """The kernels' pool argument: [images, height, width] of x, or [] for no pool."""
     return [x.shape[0], x.shape[2], x.shape[3]] if pool else []
@@ -84,24 +76,17 @@ def _statistics_and_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                           residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The forward of both ops: (x + residual where given, y, mean, variance)."""
     x, rows, channels = _rows(x)
-    threads = torch.get_num_threads()
-    sums = torch.empty(2, channels, dtype=torch.float64)
-    if residual is None:
-        _C.bn_stats(x.data_ptr(), rows, channels, sums[0].data_ptr(), sums[1].data_ptr(), ELEMENTS[x.dtype], threads)
-    else:
+    total = None
+    if residual is not None:
         residual, _, _ = _rows(residual)
         total = _output_like(x, False)
-        _C.bn_stats(x.data_ptr(), rows, channels, sums[0].data_ptr(), sums[1].data_ptr(), ELEMENTS[x.dtype], threads,
-                    residual.data_ptr(), total.data_ptr())
-        x = total
-    mean = sums[0] / rows
-    var = (sums[1] / rows - mean * mean).clamp_(min=0.0).float()
-    mean = mean.float()
-    scale, shift = _scale_shift(weight, bias, mean, var, eps)
-    y = _output_like(x, pool)
-    _C.bn_relu_forward(x.data_ptr(), scale.data_ptr(), shift.data_ptr(), y.data_ptr(), rows, channels,
-                       _pool_geometry(x, pool), ELEMENTS[x.dtype], threads)
-    return (y, mean, var) if residual is None else (x, y, mean, var)
+    y, mean, var = _output_like(x, pool), weight.new_empty(channels), weight.new_empty(channels)
+    weight, bias = weight.contiguous(), bias.contiguous()
+    _C.bn_relu_step_forward(x.data_ptr(), 0 if residual is None else residual.data_ptr(),
+                            0 if total is None else total.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps,
+                            y.data_ptr(), mean.data_ptr(), var.data_ptr(), rows, channels, _pool_geometry(x, pool),
+                            ELEMENTS[x.dtype], torch.get_num_threads())
+    return (y, mean, var) if total is None else (total, y, mean, var)
 
 
 @torch.library.custom_op("mtkernels::batchnorm_relu", mutates_args=())
@@ -152,28 +137,15 @@ def batchnorm_relu_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
                          f"{tuple(grad_add.shape)} with pool={pool}")
     x, rows, channels = _rows(x)
     grad_y, _, _ = _rows(grad_y.to(x.dtype))
-    geometry = _pool_geometry(x, pool)
-    threads = torch.get_num_threads()
-    scale, shift = _scale_shift(weight, bias, mean, var, eps)
-    mean = mean.contiguous()
-    sums = torch.empty(2, channels, dtype=torch.float64)
-    _C.bn_relu_backward_reduce(grad_y.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(), mean.data_ptr(),
-                               rows, channels, geometry, sums[0].data_ptr(), sums[1].data_ptr(), ELEMENTS[x.dtype],
-                               threads)
-    sum_g, sum_gx = sums[0], sums[1]
-    invstd = torch.rsqrt(var.double() + eps)
-    # dx = w invstd (g - sum_g / n - (x - mean) invstd^2 sum_gx / n) = p g + q - s x
-    p = weight.double() * invstd
-    k = invstd * invstd * sum_gx / rows
-    q, s = p * (k * mean.double() - sum_g / rows), p * k
-    p, q, s = p.float(), q.float(), s.float()
-    grad_x = torch.empty_like(x)
     if grad_add is not None:
-        grad_add, _, _ = _rows(grad_add.to(x.dtype))  # held until the kernel has run
-    _C.bn_relu_backward_apply(grad_y.data_ptr(), x.data_ptr(), scale.data_ptr(), shift.data_ptr(), p.data_ptr(),
-                              q.data_ptr(), s.data_ptr(), grad_x.data_ptr(), rows, channels, geometry,
-                              ELEMENTS[x.dtype], threads, 0 if grad_add is None else grad_add.data_ptr())
-    return grad_x, (sum_gx * invstd).float(), sum_g.float()
+        grad_add, _, _ = _rows(grad_add.to(x.dtype))
+    grad_x, grad_weight, grad_bias = torch.empty_like(x), weight.new_empty(channels), weight.new_empty(channels)
+    weight, bias, mean, var = (t.contiguous() for t in (weight, bias, mean, var))
+    _C.bn_relu_step_backward(grad_y.data_ptr(), x.data_ptr(), 0 if grad_add is None else grad_add.data_ptr(),
+                             weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), var.data_ptr(), eps,
+                             grad_x.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(), rows, channels,
+                             _pool_geometry(x, pool), ELEMENTS[x.dtype], torch.get_num_threads())
+    return grad_x, grad_weight, grad_bias
 
 
 @batchnorm_relu_backward.register_fake
