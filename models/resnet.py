@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from mtkernels.projection import conv_and_projection
 from mtkernels.training import add_bn_relu, as_bn_relu, bn_relu
 
 from .common import MultiTaskNet, fc_branch, init_he
@@ -52,8 +53,10 @@ class PreActBottleneck(nn.Module):
     def residual_terms(self, x: torch.Tensor, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two terms of this block's output for input ``x`` whose pre-activation
         ``relu(bn1(x))`` is ``pre``: the bottleneck's and the shortcut's."""
-        skip = x if self.shortcut is None else self.shortcut(pre)
-        out = self.conv1(pre)
+        if self.shortcut is None:
+            out, skip = self.conv1(pre), x
+        else:
+            out, skip = conv_and_projection(self.conv1, self.shortcut, pre)
         out = self.conv2(bn_relu(self.bn2, out))
         out = self.conv3(bn_relu(self.bn3, out))
         return out, skip
