@@ -218,6 +218,10 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"residual must match x \(torch.float32 \(2, 3, 4, 4\) on cpu\), got "
                                          r"torch.float32 \(2, 3, 4, 3\)"):
         add_batchnorm_relu(x, x[..., :3], weight, bias, EPS)
+    _, mean, var = batchnorm_relu(x, weight, bias, EPS)
+    with pytest.raises(ValueError, match=r"grad_add must have x's shape \(2, 3, 4, 4\) and device \(cpu\) and pool "
+                                         r"be False, got \(2, 3, 4, 4\) on cpu with pool=True"):
+        torch.ops.mtkernels.batchnorm_relu_backward(x, x, weight, bias, mean, var, EPS, True, x)
     with pytest.raises(TypeError, match="x must be a float32 or bfloat16 CPU tensor"):
         batchnorm_relu(x.double(), weight, bias, EPS)
     with pytest.raises(ValueError, match=r"weight must be a float32 CPU tensor of shape \(3,\)"):

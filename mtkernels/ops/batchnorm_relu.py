@@ -132,9 +132,9 @@ def batchnorm_relu_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
     """(d x, d weight, d bias) of :func:`batchnorm_relu` given d y and its saved statistics;
     ``grad_add`` (unpooled only), a gradient that reaches x another way, is added into d x
     before its one rounding."""
-    if grad_add is not None and (pool or grad_add.shape != x.shape):
-        raise ValueError(f"grad_add must have x's shape {tuple(x.shape)} and pool be False, got "
-                         f"{tuple(grad_add.shape)} with pool={pool}")
+    if grad_add is not None and (pool or grad_add.shape != x.shape or grad_add.device != x.device):
+        raise ValueError(f"grad_add must have x's shape {tuple(x.shape)} and device ({x.device}) and pool be False, "
+                         f"got {tuple(grad_add.shape)} on {grad_add.device} with pool={pool}")
     x, rows, channels = _rows(x)
     grad_y, _, _ = _rows(grad_y.to(x.dtype))
     if grad_add is not None:
