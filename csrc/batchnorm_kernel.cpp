@@ -197,9 +197,7 @@ inline Floats store_lanes(float* p, Floats v, int count) {
   return v;
 }
 inline Floats store_lanes(uint16_t* p, Floats v, int count) {
-  const Words bits = reinterpret_cast<Words>(v);
-  const Words rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const Words stored = v != v ? (bits >> 16) | 0x40u : rounded;
+  const Words stored = bfloat16_bits(reinterpret_cast<Words>(v), v != v);
   const Halves halves = __builtin_convertvector(stored, Halves);
   std::memcpy(p, &halves, count * sizeof(uint16_t));
   return reinterpret_cast<Floats>(stored << 16);

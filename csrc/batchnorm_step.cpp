@@ -43,25 +43,25 @@ void bn_relu_step_forward(const BnReluStepForward& p) {
 void bn_relu_step_backward(const BnReluStepBackward& p) {
   const int64_t C = p.channels;
   const double rows = double(p.rows);
-  std::vector<float> coefficients(5 * C);
-  float *scale = coefficients.data(), *shift = scale + C, *gain = shift + C, *offset = gain + C, *slope = offset + C;
+  std::vector<float> coefficients(4 * C);
+  float *scale = coefficients.data(), *shift = scale + C, *offset = shift + C, *slope = offset + C;
   scale_shift(p.weight, p.bias, p.mean, p.var, p.eps, C, scale, shift);
   std::vector<double> sums(2 * C);
   const double *sum_g = sums.data(), *sum_gx = sum_g + C;
   kernels().bn_relu_backward_reduce(BnReluBackwardReduceProblem{p.dy, p.x, scale, shift, p.mean, p.rows, C, p.pool,
                                                                 sums.data(), sums.data() + C, p.element,
                                                                 p.num_threads});
-  // dx = w invstd (g - sum_g / n - (x - mean) invstd^2 sum_gx / n) = gain g + offset - slope x
+  // dx = w invstd (g - sum_g / n - (x - mean) invstd^2 sum_gx / n) = scale g + offset - slope x:
+  // the gain on g, w invstd, is the forward's scale
   for (int64_t c = 0; c < C; ++c) {
     const double invstd = 1.0 / std::sqrt(double(p.var[c]) + p.eps);
     const double g = double(p.weight[c]) * invstd, k = invstd * invstd * sum_gx[c] / rows;
-    gain[c] = float(g);
     offset[c] = float(g * (k * double(p.mean[c]) - sum_g[c] / rows));
     slope[c] = float(g * k);
     p.grad_weight[c] = float(sum_gx[c] * invstd);
     p.grad_bias[c] = float(sum_g[c]);
   }
-  kernels().bn_relu_backward_apply(BnReluBackwardApplyProblem{p.dy, p.x, scale, shift, gain, offset, slope, p.dx,
+  kernels().bn_relu_backward_apply(BnReluBackwardApplyProblem{p.dy, p.x, scale, shift, scale, offset, slope, p.dx,
                                                               p.rows, C, p.pool, p.element, p.num_threads,
                                                               p.grad_add});
 }

@@ -16,13 +16,19 @@ inline float widen(uint16_t v) {
   return out;
 }
 inline void narrow(float* dst, float v) { *dst = v; }
-// Round to nearest, ties to even, as PyTorch's float -> bfloat16 conversion; a NaN stays a
-// (quiet) NaN rather than rounding into inf. Written without branches so loops vectorise.
+// The bfloat16 bits (in the low half) of a float32's `bits`: round to nearest, ties to even,
+// as PyTorch's float -> bfloat16 conversion; a NaN (`is_nan`) stays a (quiet) NaN rather
+// than rounding into inf. Written without branches so loops vectorise; Bits is uint32_t or a
+// vector of them, with is_nan a bool or the matching vector mask.
+template <typename Bits, typename Mask>
+inline Bits bfloat16_bits(Bits bits, Mask is_nan) {
+  const Bits rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return is_nan ? (bits >> 16) | 0x40u : rounded;
+}
 inline void narrow(uint16_t* dst, float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  *dst = uint16_t(v != v ? (bits >> 16) | 0x40u : rounded);
+  *dst = uint16_t(bfloat16_bits(bits, v != v));
 }
 
 // v as it reads back after a store in T.
