@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.conv_training import gemm_conv2d_im2col
+from .ops.conv_training import conv_output_size, gemm_conv2d_im2col
 from .training import TrainingConv2d
 
 
@@ -51,7 +51,8 @@ class _ConvAndProjection(torch.autograd.Function):
         else:
             y = torch.nn.functional.conv2d(x, w)
         strided = gemm_conv2d_im2col(x, 1, 1, stride, 0)
-        skip = _from_rows(strided @ ws.flatten(1).t(), n, (h - 1) // stride + 1, (wd - 1) // stride + 1)
+        skip = _from_rows(strided @ ws.flatten(1).t(), n, conv_output_size(h, 1, stride, 0),
+                          conv_output_size(wd, 1, stride, 0))
         ctx.save_for_backward(x, w, ws, strided)  # the strided pixels (a quarter of x at stride 2), not gathered again
         ctx.algorithm, ctx.stride = algorithm, stride
         return y, skip
